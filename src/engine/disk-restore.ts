@@ -1,0 +1,141 @@
+/**
+ * Restores one disk of a snapshot into a DiskWriter.
+ *
+ * Works piece by piece of the disk map (pieceSlots slots, e.g. 64 MiB of disk): the distinct
+ * chunks of a piece are located in the index, grouped by pack and sorted by offset, adjacent
+ * ones are fetched with one ranged read, decoded (decrypted, decompressed, identity-checked) in
+ * the worker pool, and written to every slot that uses them. Holes are never written, so raw
+ * output stays sparse. Several pieces are in flight to keep storage and both cores busy.
+ */
+import { ZERO_ID, BlobType } from '../repo/codec.ts';
+import type { CodecPool } from '../repo/codec-pool.ts';
+import type { DecodeItem } from '../repo/codec-worker.ts';
+import { DiskMapReader, slotLength } from '../repo/disk-map.ts';
+import type { DiskRecord } from '../repo/manifest.ts';
+import { packName } from '../repo/pack.ts';
+import type { Repository } from '../repo/repository.ts';
+import type { DiskWriter } from '../image/disk.ts';
+import { DamageError, TresorError } from '../util/errors.ts';
+import { mapLimit } from '../util/concurrency.ts';
+import type { BlobLocation } from '../repo/blob-index.ts';
+
+export interface DiskRestoreOptions {
+  progress?: (doneBytes: number) => void;
+  signal?: AbortSignal;
+  /** Max gap between two blobs of a pack that is still read in one request. */
+  coalesceGap?: number;
+  /** Max bytes of one ranged read. */
+  maxReadBytes?: number;
+}
+
+export interface DiskRestoreStats {
+  bytesWritten: number;
+  bytesFetched: number;
+  chunks: number;
+}
+
+interface Wanted {
+  id: Buffer;
+  loc: BlobLocation;
+  slots: number[];
+}
+
+export async function restoreDisk(
+  repo: Repository, pool: CodecPool, snapshot: string, disk: DiskRecord, out: DiskWriter, opts: DiskRestoreOptions = {},
+): Promise<DiskRestoreStats> {
+  const map = new DiskMapReader(repo, snapshot, disk, 8);
+  const index = await repo.index();
+  const stats: DiskRestoreStats = { bytesWritten: 0, bytesFetched: 0, chunks: 0 };
+  const gap = opts.coalesceGap ?? 256 * 1024;
+  const maxRead = opts.maxReadBytes ?? 8 << 20;
+  let done = 0;
+
+  const restorePiece = async (p: number): Promise<void> => {
+    if (opts.signal?.aborted) throw opts.signal.reason ?? new TresorError('aborted', 'restore cancelled');
+    const ids = await map.piece(p);
+    const firstSlot = p * disk.pieceSlots;
+    const wanted = new Map<string, Wanted>();
+    for (let k = 0; k < ids.length / 32; k++) {
+      const id = ids.subarray(k * 32, k * 32 + 32);
+      if (ZERO_ID.equals(id)) continue;
+      const hex = id.toString('hex');
+      let w = wanted.get(hex);
+      if (!w) {
+        const loc = index.get(id);
+        if (!loc) {
+          throw new DamageError('missing-chunk', `snapshot ${snapshot} cannot be restored: the chunk for disk ${disk.name} at offset ${(firstSlot + k) * disk.chunkSize} (chunk ${hex}) is missing from the repository`, {
+            context: { snapshot, disk: disk.name, offset: (firstSlot + k) * disk.chunkSize, chunk: hex },
+          });
+        }
+        if (loc.type !== BlobType.chunk) {
+          throw new DamageError('wrong-blob-type', `snapshot ${snapshot}: disk ${disk.name} at offset ${(firstSlot + k) * disk.chunkSize} refers to blob ${hex}, which is not a data chunk`, { context: { snapshot, disk: disk.name, chunk: hex } });
+        }
+        w = { id: Buffer.from(id), loc, slots: [] };
+        wanted.set(hex, w);
+      }
+      w.slots.push(firstSlot + k);
+    }
+    const runs = coalesce([...wanted.values()], gap, maxRead);
+    await mapLimit(runs, 4, async (run) => {
+      const pack = packName(run.packId);
+      const data = await repo.store.read(pack, { offset: run.offset, length: run.length });
+      stats.bytesFetched += data.length;
+      const items: DecodeItem[] = run.blobs.map((w) => ({
+        type: BlobType.chunk, id: w.id, rawLength: w.loc.rawLength,
+        stored: data.subarray(w.loc.offset - run.offset, w.loc.offset - run.offset + w.loc.length),
+        label: `chunk ${w.id.toString('hex')} in ${pack}`,
+      }));
+      const results = await pool.decode(items);
+      for (let n = 0; n < results.length; n++) {
+        const r = results[n];
+        const w = run.blobs[n];
+        if (!r.ok) {
+          const offsets = w.slots.map((s) => s * disk.chunkSize);
+          throw new DamageError('damaged-chunk', `snapshot ${snapshot} cannot be restored: ${r.message}; it holds disk ${disk.name} at offset${offsets.length > 1 ? 's' : ''} ${offsets.slice(0, 8).join(', ')}${offsets.length > 8 ? ', …' : ''}`, {
+            context: { snapshot, disk: disk.name, chunk: w.id.toString('hex'), pack, offsets: offsets.slice(0, 64) },
+          });
+        }
+        const plain = Buffer.from(r.plain.buffer, r.plain.byteOffset, r.plain.byteLength);
+        for (const s of w.slots) {
+          if (plain.length !== slotLength(disk.size, disk.chunkSize, s)) {
+            throw new DamageError('damaged-chunk', `chunk ${w.id.toString('hex')} has ${plain.length} bytes but disk ${disk.name} of snapshot ${snapshot} needs ${slotLength(disk.size, disk.chunkSize, s)} at offset ${s * disk.chunkSize}`, { context: { snapshot, disk: disk.name } });
+          }
+          await out.write(s * disk.chunkSize, plain);
+          stats.bytesWritten += plain.length;
+        }
+        stats.chunks++;
+      }
+    });
+    done += Math.min(disk.pieceSlots * disk.chunkSize, disk.size - firstSlot * disk.chunkSize);
+    opts.progress?.(done);
+  };
+
+  // Pieces in flight: enough to overlap fetching and decoding, bounded for memory.
+  const pieces = Array.from({ length: map.pieceCount() }, (_, p) => p);
+  await mapLimit(pieces, 2, restorePiece);
+  return stats;
+}
+
+interface ReadRun {
+  packId: Buffer;
+  offset: number;
+  length: number;
+  blobs: Wanted[];
+}
+
+function coalesce(wanted: Wanted[], gap: number, maxRead: number): ReadRun[] {
+  wanted.sort((a, b) => Buffer.compare(a.loc.packId, b.loc.packId) || a.loc.offset - b.loc.offset);
+  const runs: ReadRun[] = [];
+  let cur: ReadRun | undefined;
+  for (const w of wanted) {
+    const end = w.loc.offset + w.loc.length;
+    if (cur && cur.packId.equals(w.loc.packId) && w.loc.offset - (cur.offset + cur.length) <= gap && end - cur.offset <= maxRead) {
+      cur.length = end - cur.offset;
+      cur.blobs.push(w);
+    } else {
+      cur = { packId: w.loc.packId, offset: w.loc.offset, length: w.loc.length, blobs: [w] };
+      runs.push(cur);
+    }
+  }
+  return runs;
+}

@@ -1,0 +1,162 @@
+/**
+ * The in-memory blob index: blob id → (pack, offset, length, raw length, type).
+ *
+ * Held compactly in typed arrays with open addressing (about 70 bytes per blob, against several
+ * hundred for a Map of objects), because it holds every blob of the repository: 16 M chunks
+ * (1 TiB of unique 64 KiB chunks) take ~1.1 GiB; 1 M chunks (64 GiB unique) ~70 MiB.
+ * Ids are uniformly random (SHA-256/HMAC), so their first 32 bits are a perfect hash.
+ */
+import type { BlobTypeValue } from './codec.ts';
+
+export interface BlobLocation {
+  packId: Buffer;
+  type: BlobTypeValue;
+  offset: number;
+  length: number;
+  rawLength: number;
+}
+
+const MIN_CAPACITY = 1024;
+
+export class BlobIndex {
+  #cap = 0;
+  #mask = 0;
+  #count = 0;
+  #ids = new Uint32Array(0); // 8 words per slot
+  #pack = new Uint32Array(0); // pack number + 1; 0 = empty slot
+  #off = new Uint32Array(0);
+  #len = new Uint32Array(0);
+  #raw = new Uint32Array(0);
+  #type = new Uint8Array(0);
+  readonly #packIds: Buffer[] = [];
+  readonly #packNumbers = new Map<string, number>();
+
+  constructor(capacity = MIN_CAPACITY) {
+    this.#allocate(nextPow2(Math.max(MIN_CAPACITY, capacity)));
+  }
+
+  get size(): number {
+    return this.#count;
+  }
+
+  get packCount(): number {
+    return this.#packIds.length;
+  }
+
+  #allocate(cap: number): void {
+    this.#cap = cap;
+    this.#mask = cap - 1;
+    this.#ids = new Uint32Array(cap * 8);
+    this.#pack = new Uint32Array(cap);
+    this.#off = new Uint32Array(cap);
+    this.#len = new Uint32Array(cap);
+    this.#raw = new Uint32Array(cap);
+    this.#type = new Uint8Array(cap);
+  }
+
+  #packNumber(packId: Buffer): number {
+    const hex = packId.toString('hex');
+    let n = this.#packNumbers.get(hex);
+    if (n === undefined) {
+      n = this.#packIds.length;
+      this.#packIds.push(Buffer.from(packId));
+      this.#packNumbers.set(hex, n);
+    }
+    return n;
+  }
+
+  /** Slot holding `id`, or the empty slot where it would go (as -(slot+1)). */
+  #find(id: Uint8Array): number {
+    const w0 = readU32(id, 0);
+    let slot = w0 & this.#mask;
+    for (;;) {
+      if (this.#pack[slot] === 0) return -(slot + 1);
+      const b = slot * 8;
+      const ids = this.#ids;
+      if (ids[b] === w0 && ids[b + 1] === readU32(id, 4) && ids[b + 2] === readU32(id, 8) && ids[b + 3] === readU32(id, 12)
+        && ids[b + 4] === readU32(id, 16) && ids[b + 5] === readU32(id, 20) && ids[b + 6] === readU32(id, 24) && ids[b + 7] === readU32(id, 28)) {
+        return slot;
+      }
+      slot = (slot + 1) & this.#mask;
+    }
+  }
+
+  has(id: Uint8Array): boolean {
+    return this.#find(id) >= 0;
+  }
+
+  get(id: Uint8Array): BlobLocation | undefined {
+    const s = this.#find(id);
+    if (s < 0) return undefined;
+    return {
+      packId: this.#packIds[this.#pack[s] - 1],
+      type: this.#type[s] as BlobTypeValue,
+      offset: this.#off[s], length: this.#len[s], rawLength: this.#raw[s],
+    };
+  }
+
+  /** Adds a location; when the id is already present the first location is kept unless `replace`. */
+  add(id: Uint8Array, loc: BlobLocation, replace = false): void {
+    if ((this.#count + 1) * 10 > this.#cap * 7) this.#grow();
+    const s = this.#find(id);
+    let slot: number;
+    if (s >= 0) {
+      if (!replace) return;
+      slot = s;
+    } else {
+      slot = -s - 1;
+      this.#count++;
+      const b = slot * 8;
+      for (let w = 0; w < 8; w++) this.#ids[b + w] = readU32(id, w * 4);
+    }
+    this.#pack[slot] = this.#packNumber(loc.packId) + 1;
+    this.#off[slot] = loc.offset;
+    this.#len[slot] = loc.length;
+    this.#raw[slot] = loc.rawLength;
+    this.#type[slot] = loc.type;
+  }
+
+  #grow(): void {
+    const old = { cap: this.#cap, ids: this.#ids, pack: this.#pack, off: this.#off, len: this.#len, raw: this.#raw, type: this.#type };
+    this.#allocate(this.#cap * 2);
+    const id = Buffer.allocUnsafe(32);
+    for (let s = 0; s < old.cap; s++) {
+      if (old.pack[s] === 0) continue;
+      for (let w = 0; w < 8; w++) id.writeUInt32LE(old.ids[s * 8 + w], w * 4);
+      const slot = -this.#find(id) - 1;
+      this.#ids.set(old.ids.subarray(s * 8, s * 8 + 8), slot * 8);
+      this.#pack[slot] = old.pack[s];
+      this.#off[slot] = old.off[s];
+      this.#len[slot] = old.len[s];
+      this.#raw[slot] = old.raw[s];
+      this.#type[slot] = old.type[s];
+    }
+  }
+
+  /** Every entry, in no particular order. */
+  *entries(): Iterable<[Buffer, BlobLocation]> {
+    for (let s = 0; s < this.#cap; s++) {
+      if (this.#pack[s] === 0) continue;
+      const id = Buffer.allocUnsafe(32);
+      for (let w = 0; w < 8; w++) id.writeUInt32LE(this.#ids[s * 8 + w], w * 4);
+      yield [id, {
+        packId: this.#packIds[this.#pack[s] - 1], type: this.#type[s] as BlobTypeValue,
+        offset: this.#off[s], length: this.#len[s], rawLength: this.#raw[s],
+      }];
+    }
+  }
+
+  packIds(): Buffer[] {
+    return [...this.#packIds];
+  }
+}
+
+function readU32(b: Uint8Array, o: number): number {
+  return (b[o] | (b[o + 1] << 8) | (b[o + 2] << 16) | (b[o + 3] << 24)) >>> 0;
+}
+
+function nextPow2(n: number): number {
+  let p = 1;
+  while (p < n) p *= 2;
+  return p;
+}

@@ -1,0 +1,101 @@
+/**
+ * Index files: which blobs each pack holds, so readers need not open every pack header.
+ * Stored as `index/<sha256 of the stored bytes>`; the stored bytes are an encoded blob (type
+ * indexFile, context id zero) whose plaintext is (docs/repository-format.md §Index files):
+ *
+ *   "TIX1" | u32le packCount | u32le supersededCount | superseded index ids [32 each]
+ *   then per pack: pack id [32] | u32le blobCount | blobCount × entry(type u8, id[32],
+ *   offset u32le, length u32le, rawLength u32le)
+ *
+ * An index file written by GC may list index files it supersedes; readers ignore superseded
+ * files that still exist (GC deletes them after writing the new one).
+ */
+import { createHash } from 'node:crypto';
+import { DamageError } from '../util/errors.ts';
+import { BlobType, type CodecKeys, ZERO_ID, decodeBlob, encodeBlob } from './codec.ts';
+import type { PackEntry } from './pack.ts';
+
+const MAGIC = Buffer.from('TIX1');
+const ENTRY = 1 + 32 + 4 + 4 + 4;
+/** Bounds decompression of an index file; far above what any writer produces (~8M blobs). */
+export const MAX_INDEX_PLAINTEXT = 512 << 20;
+
+export interface IndexedPack {
+  packId: Buffer;
+  entries: PackEntry[];
+}
+
+export interface IndexFileContent {
+  supersedes: Buffer[];
+  packs: IndexedPack[];
+}
+
+export function encodeIndexFile(keys: CodecKeys, content: IndexFileContent): { name: string; data: Buffer } {
+  let size = 12 + content.supersedes.length * 32;
+  for (const p of content.packs) size += 36 + p.entries.length * ENTRY;
+  const buf = Buffer.allocUnsafe(size);
+  MAGIC.copy(buf, 0);
+  buf.writeUInt32LE(content.packs.length, 4);
+  buf.writeUInt32LE(content.supersedes.length, 8);
+  let o = 12;
+  for (const s of content.supersedes) o += s.copy(buf, o);
+  for (const p of content.packs) {
+    o += p.packId.copy(buf, o);
+    buf.writeUInt32LE(p.entries.length, o);
+    o += 4;
+    for (const e of p.entries) {
+      buf[o] = e.type;
+      e.id.copy(buf, o + 1);
+      buf.writeUInt32LE(e.offset, o + 33);
+      buf.writeUInt32LE(e.length, o + 37);
+      buf.writeUInt32LE(e.rawLength, o + 41);
+      o += ENTRY;
+    }
+  }
+  const data = encodeBlob(keys, BlobType.indexFile, ZERO_ID, buf);
+  return { name: `index/${createHash('sha256').update(data).digest('hex')}`, data };
+}
+
+export function indexFileId(name: string): Buffer | undefined {
+  const m = /^index\/([0-9a-f]{64})$/.exec(name);
+  return m ? Buffer.from(m[1], 'hex') : undefined;
+}
+
+export function decodeIndexFile(keys: CodecKeys, name: string, stored: Buffer): IndexFileContent {
+  const bad = (why: string): never => {
+    throw new DamageError('damaged-index', `index file ${name} is damaged: ${why}`, { context: { index: name } });
+  };
+  const expected = indexFileId(name);
+  if (expected && !createHash('sha256').update(stored).digest().equals(expected)) bad('its content does not match its name (SHA-256)');
+  const plain = decodeBlob(keys, BlobType.indexFile, ZERO_ID, stored, { maxLength: MAX_INDEX_PLAINTEXT }, () => ({ what: `index file ${name}`, context: { index: name } }));
+  if (plain.length < 12 || !plain.subarray(0, 4).equals(MAGIC)) bad('bad magic');
+  const packCount = plain.readUInt32LE(4);
+  const supCount = plain.readUInt32LE(8);
+  let o = 12;
+  const need = (n: number) => {
+    if (o + n > plain.length) bad(`truncated at byte ${o}`);
+  };
+  need(supCount * 32);
+  const supersedes: Buffer[] = [];
+  for (let i = 0; i < supCount; i++, o += 32) supersedes.push(Buffer.from(plain.subarray(o, o + 32)));
+  const packs: IndexedPack[] = [];
+  for (let i = 0; i < packCount; i++) {
+    need(36);
+    const packId = Buffer.from(plain.subarray(o, o + 32));
+    const n = plain.readUInt32LE(o + 32);
+    o += 36;
+    need(n * ENTRY);
+    const entries: PackEntry[] = [];
+    for (let j = 0; j < n; j++, o += ENTRY) {
+      const type = plain[o];
+      if (type < BlobType.chunk || type > BlobType.meta) bad(`unknown blob type ${type}`);
+      entries.push({
+        type: type as PackEntry['type'], id: Buffer.from(plain.subarray(o + 1, o + 33)),
+        offset: plain.readUInt32LE(o + 33), length: plain.readUInt32LE(o + 37), rawLength: plain.readUInt32LE(o + 41),
+      });
+    }
+    packs.push({ packId, entries });
+  }
+  if (o !== plain.length) bad(`${plain.length - o} trailing bytes`);
+  return { supersedes, packs };
+}

@@ -1,0 +1,101 @@
+/**
+ * Collects new blobs into packs, uploads sealed packs (a bounded number at once), and records
+ * them in index files. Write ordering (crash safety): a pack is durable before an index file
+ * names it; an index file is durable before `commitIndex` returns, and callers commit a manifest
+ * only after that. A crash at any point leaves only unreferenced packs or index entries, which
+ * garbage collection removes; never a reference to something missing.
+ */
+import type { Repository } from './repository.ts';
+import type { BlobTypeValue } from './codec.ts';
+import type { IndexedPack } from './index-file.ts';
+import { MAX_PACK_SIZE, PackBuilder } from './pack.ts';
+
+export interface PackWriterStats {
+  packs: number;
+  blobs: number;
+  /** Stored bytes of packs + index files written. */
+  bytes: number;
+}
+
+export class PackWriter {
+  readonly #repo: Repository;
+  readonly #maxUploads: number;
+  #current = new PackBuilder();
+  readonly #pendingIds = new Set<string>();
+  readonly #uploads = new Set<Promise<void>>();
+  #uncommitted: IndexedPack[] = [];
+  #failure: unknown;
+  readonly stats: PackWriterStats = { packs: 0, blobs: 0, bytes: 0 };
+
+  constructor(repo: Repository, opts: { maxUploads?: number } = {}) {
+    this.#repo = repo;
+    this.#maxUploads = opts.maxUploads ?? 3;
+  }
+
+  /** True when the blob is written or being written by this writer (not yet in the index). */
+  isPending(id: Buffer): boolean {
+    return this.#pendingIds.has(id.toString('hex'));
+  }
+
+  /** Claims an id for writing; returns false when it is already claimed. */
+  claim(id: Buffer): boolean {
+    const hex = id.toString('hex');
+    if (this.#pendingIds.has(hex)) return false;
+    this.#pendingIds.add(hex);
+    return true;
+  }
+
+  async add(type: BlobTypeValue, id: Buffer, encoded: Buffer, rawLength: number): Promise<void> {
+    if (this.#failure) throw this.#failure;
+    this.#pendingIds.add(id.toString('hex'));
+    this.#current.add(type, id, encoded, rawLength);
+    this.stats.blobs++;
+    const target = Math.min(this.#repo.config.packSize, MAX_PACK_SIZE);
+    if (this.#current.size >= target) await this.#sealCurrent();
+  }
+
+  async #sealCurrent(): Promise<void> {
+    if (this.#current.count === 0) return;
+    const builder = this.#current;
+    this.#current = new PackBuilder();
+    while (this.#uploads.size >= this.#maxUploads) await Promise.race(this.#uploads);
+    if (this.#failure) throw this.#failure;
+    const sealed = builder.seal(this.#repo.keys);
+    const upload = (async () => {
+      await this.#repo.store.create(sealed.name, sealed.data);
+      const index = await this.#repo.index();
+      for (const e of sealed.entries) {
+        index.add(e.id, { packId: sealed.id, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
+      }
+      this.#uncommitted.push({ packId: sealed.id, entries: sealed.entries });
+      this.stats.packs++;
+      this.stats.bytes += sealed.data.length;
+    })().catch((err) => {
+      this.#failure ??= err;
+    });
+    const tracked = upload.finally(() => this.#uploads.delete(tracked));
+    this.#uploads.add(tracked);
+  }
+
+  /** Seals the open pack and waits for every upload. */
+  async flush(): Promise<void> {
+    await this.#sealCurrent();
+    await Promise.all(this.#uploads);
+    if (this.#failure) throw this.#failure;
+  }
+
+  /** Flushes, then writes one index file for all packs uploaded since the last commit. */
+  async commitIndex(): Promise<void> {
+    await this.flush();
+    if (this.#uncommitted.length === 0) return;
+    const packs = this.#uncommitted;
+    this.#uncommitted = [];
+    const { size } = await this.#repo.writeIndexFile(packs);
+    this.stats.bytes += size;
+  }
+
+  /** Packs uploaded but not yet named by an index file (to bound rework after a crash). */
+  get uncommittedPacks(): number {
+    return this.#uncommitted.length;
+  }
+}

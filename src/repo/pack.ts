@@ -1,0 +1,125 @@
+/**
+ * Pack files: many encoded blobs in one stored object, so small chunks do not cost one file (or
+ * one S3 PUT and fsync) each. Layout (docs/repository-format.md §Packs):
+ *
+ *   blob_0 | blob_1 | ... | blob_n-1 | header blob | u32le header length | "TRPACK01"
+ *
+ * The header is itself an encoded blob (type packHeader, context id zero) whose plaintext lists
+ * every blob: "TPH1" | u32le count | count × entry(type u8, id[32], offset u32le, length u32le,
+ * rawLength u32le). It makes a pack self-describing: indexes can be rebuilt from packs alone.
+ * A pack is named by the SHA-256 of its whole content: data/<first 2 hex>/<64 hex>.
+ */
+import { createHash } from 'node:crypto';
+import { DamageError } from '../util/errors.ts';
+import { BlobType, type BlobTypeValue, type CodecKeys, ZERO_ID, decodeBlob, encodeBlob } from './codec.ts';
+
+export const PACK_MAGIC = Buffer.from('TRPACK01');
+const HEADER_MAGIC = Buffer.from('TPH1');
+const ENTRY = 1 + 32 + 4 + 4 + 4;
+export const PACK_TRAILER = 4 + PACK_MAGIC.length;
+/** No pack may exceed this, so u32 offsets always suffice. */
+export const MAX_PACK_SIZE = 1 << 30;
+
+export interface PackEntry {
+  type: BlobTypeValue;
+  id: Buffer;
+  offset: number;
+  length: number;
+  rawLength: number;
+}
+
+export interface SealedPack {
+  id: Buffer;
+  name: string;
+  data: Buffer;
+  entries: PackEntry[];
+}
+
+export function packName(id: Uint8Array): string {
+  const hex = Buffer.from(id.buffer, id.byteOffset, id.byteLength).toString('hex');
+  return `data/${hex.slice(0, 2)}/${hex}`;
+}
+
+export function packIdFromName(name: string): Buffer | undefined {
+  const m = /^data\/([0-9a-f]{2})\/([0-9a-f]{64})$/.exec(name);
+  return m && m[2].startsWith(m[1]) ? Buffer.from(m[2], 'hex') : undefined;
+}
+
+export class PackBuilder {
+  readonly #parts: Buffer[] = [];
+  readonly entries: PackEntry[] = [];
+  size = 0;
+
+  add(type: BlobTypeValue, id: Buffer, encoded: Buffer, rawLength: number): void {
+    this.entries.push({ type, id, offset: this.size, length: encoded.length, rawLength });
+    this.#parts.push(encoded);
+    this.size += encoded.length;
+  }
+
+  get count(): number {
+    return this.entries.length;
+  }
+
+  seal(keys: CodecKeys): SealedPack {
+    const header = encodeBlob(keys, BlobType.packHeader, ZERO_ID, encodePackHeader(this.entries));
+    const tail = Buffer.allocUnsafe(PACK_TRAILER);
+    tail.writeUInt32LE(header.length, 0);
+    PACK_MAGIC.copy(tail, 4);
+    const data = Buffer.concat([...this.#parts, header, tail]);
+    const id = createHash('sha256').update(data).digest();
+    return { id, name: packName(id), data, entries: this.entries };
+  }
+}
+
+export function encodePackHeader(entries: PackEntry[]): Buffer {
+  const buf = Buffer.allocUnsafe(8 + entries.length * ENTRY);
+  HEADER_MAGIC.copy(buf, 0);
+  buf.writeUInt32LE(entries.length, 4);
+  let p = 8;
+  for (const e of entries) {
+    buf[p] = e.type;
+    e.id.copy(buf, p + 1);
+    buf.writeUInt32LE(e.offset, p + 33);
+    buf.writeUInt32LE(e.length, p + 37);
+    buf.writeUInt32LE(e.rawLength, p + 41);
+    p += ENTRY;
+  }
+  return buf;
+}
+
+/** Parses and checks a pack header: entries must tile the data area exactly, in order. */
+export function decodePackHeader(plain: Buffer, headerOffset: number, packLabel: string): PackEntry[] {
+  const bad = (why: string): never => {
+    throw new DamageError('damaged-pack', `pack ${packLabel} has a damaged header: ${why}`, { context: { pack: packLabel } });
+  };
+  if (plain.length < 8 || !plain.subarray(0, 4).equals(HEADER_MAGIC)) bad('bad header magic');
+  const count = plain.readUInt32LE(4);
+  if (plain.length !== 8 + count * ENTRY) bad(`header length ${plain.length} does not match ${count} entries`);
+  const entries: PackEntry[] = [];
+  let expectOffset = 0;
+  for (let i = 0, p = 8; i < count; i++, p += ENTRY) {
+    const type = plain[p] as BlobTypeValue;
+    const offset = plain.readUInt32LE(p + 33);
+    const length = plain.readUInt32LE(p + 37);
+    if (offset !== expectOffset || offset + length > headerOffset) bad(`entry ${i} at ${offset}+${length} is out of place`);
+    entries.push({ type, id: Buffer.from(plain.subarray(p + 1, p + 33)), offset, length, rawLength: plain.readUInt32LE(p + 41) });
+    expectOffset = offset + length;
+  }
+  if (expectOffset !== headerOffset) bad(`entries end at ${expectOffset} but the header starts at ${headerOffset}`);
+  return entries;
+}
+
+/** Reads the header of a stored pack given its total size and a ranged reader. */
+export async function readPackHeader(
+  keys: CodecKeys, name: string, size: number, readRange: (offset: number, length: number) => Promise<Buffer>,
+): Promise<PackEntry[]> {
+  if (size < PACK_TRAILER) throw new DamageError('damaged-pack', `pack ${name} is truncated (${size} bytes)`, { context: { pack: name } });
+  const tail = await readRange(size - PACK_TRAILER, PACK_TRAILER);
+  if (!tail.subarray(4).equals(PACK_MAGIC)) throw new DamageError('damaged-pack', `pack ${name} has no pack trailer (truncated or not a pack)`, { context: { pack: name } });
+  const hlen = tail.readUInt32LE(0);
+  const headerOffset = size - PACK_TRAILER - hlen;
+  if (hlen < 8 || headerOffset < 0) throw new DamageError('damaged-pack', `pack ${name} has an impossible header length ${hlen}`, { context: { pack: name } });
+  const stored = await readRange(headerOffset, hlen);
+  const plain = decodeBlob(keys, BlobType.packHeader, ZERO_ID, stored, { maxLength: 64 + hlen * 64 }, () => ({ what: `header of pack ${name}`, context: { pack: name } }));
+  return decodePackHeader(plain, headerOffset, name);
+}

@@ -1,0 +1,375 @@
+/**
+ * A Tresor repository over a BlobStore: configuration, keys, the blob index, blob reads, locks
+ * and snapshot manifests. Layout (docs/repository-format.md):
+ *
+ *   config                      JSON, unencrypted: format, version, id, chunking, crypto choice
+ *   keys/<slot>                 JSON key slots wrapping the master key
+ *   data/<hh>/<pack id>         pack files (chunks and index pieces)
+ *   index/<sha256>              index files: pack → blobs
+ *   snapshots/<name id>         snapshot manifests
+ *   locks/<random>              locks
+ */
+import { randomBytes } from 'node:crypto';
+import { hostname } from 'node:os';
+import { TresorError, ExitCode, NotFoundError, DamageError, UsageError } from '../util/errors.ts';
+import type { BlobStore } from '../store/store.ts';
+import { BlobIndex, type BlobLocation } from './blob-index.ts';
+import { BlobType, type BlobTypeValue, type CodecKeys, decodeBlob, encodeBlob, nameId, BLOB_TYPE_NAMES } from './codec.ts';
+import { decodeIndexFile, encodeIndexFile, indexFileId, type IndexedPack } from './index-file.ts';
+import {
+  type KeySlot, type MasterKey, generateMasterKey, generateRecoveryKey, looksLikeRecoveryKey,
+  parseKeySlot, parseRecoveryKey, unwrapMasterKey, wrapMasterKey,
+} from './keys.ts';
+import { RepositoryLock, type LockKind } from './lock.ts';
+import { type SnapshotManifest, validateManifest, parseSnapshotName } from './manifest.ts';
+import { packIdFromName, packName, readPackHeader } from './pack.ts';
+import { mapLimit } from '../util/concurrency.ts';
+
+export const TOOL_VERSION = '0.1.0';
+
+export interface RepoConfig {
+  format: 'tresor-repository';
+  version: 1;
+  id: string;
+  created: string;
+  /** Fixed chunk size for disk images, bytes (power of two). */
+  chunkSize: number;
+  /** Index slots per index piece. */
+  pieceSlots: number;
+  /** Target size of a pack file, bytes. */
+  packSize: number;
+  compression: { algorithm: 'zstd'; level: number };
+  encryption: 'aes-256-gcm' | 'none';
+}
+
+export const DEFAULTS = {
+  chunkSize: 64 * 1024,
+  pieceSlots: 1024,
+  packSize: 16 * 1024 * 1024,
+  compressionLevel: 1,
+};
+
+export interface InitOptions {
+  encryption: 'aes-256-gcm' | 'none';
+  passphrase?: string;
+  chunkSize?: number;
+  packSize?: number;
+  compressionLevel?: number;
+  /** Lower scrypt cost, for tests only. */
+  scrypt?: { N: number; r: number; p: number };
+}
+
+/** Supplies the passphrase or recovery key when (and only when) the repository is encrypted. */
+export type SecretProvider = () => Promise<string>;
+
+export class WrongPassphraseError extends TresorError {
+  constructor(location: string) {
+    super('wrong-passphrase', `the passphrase does not open any key slot of the repository at ${location}`, {
+      exitCode: ExitCode.auth,
+      hint: 'check TRESOR_PASSPHRASE / --passphrase-file, or use the recovery key printed by `tresor repo init`',
+      context: { location },
+    });
+  }
+}
+
+export interface SnapshotListing {
+  snapshots: SnapshotManifest[];
+  damaged: Array<{ object: string; error: string }>;
+}
+
+export class Repository {
+  readonly store: BlobStore;
+  readonly config: RepoConfig;
+  readonly keys: CodecKeys;
+  /** Key slot that opened the repository (undefined when unencrypted). */
+  readonly keySlot: string | undefined;
+  #index: BlobIndex | undefined;
+  #indexLoad: Promise<BlobIndex> | undefined;
+  /** Index files that failed to load, with the reason. */
+  readonly damagedIndexFiles: Array<{ name: string; error: string }> = [];
+  readonly indexFiles = new Set<string>();
+
+  private constructor(store: BlobStore, config: RepoConfig, master: MasterKey | undefined, keySlot: string | undefined) {
+    this.store = store;
+    this.config = config;
+    this.keys = { master, compressionLevel: config.compression.level };
+    this.keySlot = keySlot;
+  }
+
+  get encrypted(): boolean {
+    return this.keys.master !== undefined;
+  }
+
+  static async init(store: BlobStore, opts: InitOptions): Promise<{ repo: Repository; recoveryKey?: string }> {
+    const chunkSize = opts.chunkSize ?? DEFAULTS.chunkSize;
+    if (!Number.isInteger(Math.log2(chunkSize)) || chunkSize < 4096 || chunkSize > 16 << 20) {
+      throw new UsageError(`chunk size ${chunkSize} is not a power of two between 4 KiB and 16 MiB`, 'use e.g. --chunk-size 64K');
+    }
+    if (await store.stat('config')) {
+      throw new TresorError('repo-exists', `a repository already exists at ${store.location}`, { hint: 'use it as it is, or choose another location', exitCode: ExitCode.usage });
+    }
+    const config: RepoConfig = {
+      format: 'tresor-repository', version: 1, id: randomBytes(16).toString('hex'), created: new Date().toISOString(),
+      chunkSize, pieceSlots: DEFAULTS.pieceSlots, packSize: opts.packSize ?? DEFAULTS.packSize,
+      compression: { algorithm: 'zstd', level: opts.compressionLevel ?? DEFAULTS.compressionLevel },
+      encryption: opts.encryption,
+    };
+    let master: MasterKey | undefined;
+    let recoveryKey: string | undefined;
+    let slotName: string | undefined;
+    if (opts.encryption === 'aes-256-gcm') {
+      if (!opts.passphrase) throw new UsageError('an encrypted repository needs a passphrase', 'set TRESOR_PASSPHRASE or --passphrase-file');
+      master = generateMasterKey();
+      const host = hostname();
+      const slot = await wrapMasterKey(master, config.id, 'passphrase', opts.passphrase, { host, scrypt: opts.scrypt });
+      const recovery = generateRecoveryKey();
+      const rslot = await wrapMasterKey(master, config.id, 'recovery', recovery.secret, { host, label: 'recovery key' });
+      slotName = `keys/${randomBytes(8).toString('hex')}`;
+      await store.create(slotName, Buffer.from(JSON.stringify(slot, null, 2)));
+      await store.create(`keys/${randomBytes(8).toString('hex')}`, Buffer.from(JSON.stringify(rslot, null, 2)));
+      recoveryKey = recovery.printable;
+    }
+    // config last: a repository is visible only once its keys are durable.
+    if (!(await store.create('config', Buffer.from(JSON.stringify(config, null, 2))))) {
+      throw new TresorError('repo-exists', `a repository was created at ${store.location} at the same time`, { exitCode: ExitCode.usage });
+    }
+    return { repo: new Repository(store, config, master, slotName), recoveryKey };
+  }
+
+  static async readConfig(store: BlobStore): Promise<RepoConfig> {
+    let raw: Buffer;
+    try {
+      raw = await store.read('config');
+    } catch (err) {
+      if ((err as TresorError).code === 'blob-not-found') {
+        throw new NotFoundError('no-repository', `there is no Tresor repository at ${store.location}`, { hint: 'create one with `tresor repo init`, or fix --repo / TRESOR_REPO' });
+      }
+      throw err;
+    }
+    let c: RepoConfig;
+    try {
+      c = JSON.parse(raw.toString('utf8')) as RepoConfig;
+    } catch (err) {
+      throw new DamageError('damaged-config', `the repository config at ${store.location} is not valid JSON`, { cause: err });
+    }
+    if (c?.format !== 'tresor-repository') throw new DamageError('damaged-config', `${store.location}/config is not a Tresor repository config`);
+    if (c.version !== 1) throw new TresorError('repo-version', `the repository at ${store.location} has format version ${c.version}; this Tresor reads version 1`, { hint: 'upgrade Tresor' });
+    if (!Number.isInteger(Math.log2(c.chunkSize)) || c.chunkSize < 4096 || c.chunkSize > 16 << 20 || !(c.pieceSlots > 0) || !(c.packSize > 0)
+      || (c.encryption !== 'none' && c.encryption !== 'aes-256-gcm')) {
+      throw new DamageError('damaged-config', `the repository config at ${store.location} has invalid values`);
+    }
+    return c;
+  }
+
+  static async open(store: BlobStore, secret: SecretProvider): Promise<Repository> {
+    const config = await Repository.readConfig(store);
+    if (config.encryption === 'none') return new Repository(store, config, undefined, undefined);
+    const text = await secret();
+    const slots: Array<{ name: string; slot: KeySlot }> = [];
+    for await (const b of store.list('keys/')) slots.push({ name: b.name, slot: parseKeySlot(await store.read(b.name), b.name) });
+    if (slots.length === 0) throw new DamageError('no-keys', `the encrypted repository at ${store.location} has no key slots`, { hint: 'the keys/ directory was deleted; the data cannot be decrypted without it' });
+    const recovery = looksLikeRecoveryKey(text);
+    // Try the cheap, likely slots first: recovery slots for a recovery key, passphrase slots otherwise.
+    slots.sort((a, b) => Number((a.slot.kind === 'recovery') !== recovery) - Number((b.slot.kind === 'recovery') !== recovery));
+    for (const { name, slot } of slots) {
+      if ((slot.kind === 'recovery') !== recovery) continue;
+      const master = await unwrapMasterKey(slot, config.id, recovery ? parseRecoveryKey(text) : text);
+      if (master) return new Repository(store, config, master, name);
+    }
+    throw new WrongPassphraseError(store.location);
+  }
+
+  // ---- keys -------------------------------------------------------------------------------
+
+  async listKeySlots(): Promise<Array<{ name: string; kind: string; created: string; host: string; label?: string; current: boolean }>> {
+    const out = [];
+    for await (const b of this.store.list('keys/')) {
+      const s = parseKeySlot(await this.store.read(b.name), b.name);
+      out.push({ name: b.name.slice(5), kind: s.kind, created: s.created, host: s.host, label: s.label, current: b.name === this.keySlot });
+    }
+    return out;
+  }
+
+  async addPassphrase(passphrase: string, label?: string): Promise<string> {
+    if (!this.keys.master) throw new UsageError('the repository is not encrypted: it has no passphrases');
+    const slot = await wrapMasterKey(this.keys.master, this.config.id, 'passphrase', passphrase, { host: hostname(), label });
+    const name = `keys/${randomBytes(8).toString('hex')}`;
+    await this.store.create(name, Buffer.from(JSON.stringify(slot, null, 2)));
+    return name.slice(5);
+  }
+
+  async removeKeySlot(id: string): Promise<void> {
+    const name = `keys/${id}`;
+    if (!/^[0-9a-f]{16}$/.test(id) || !(await this.store.stat(name))) throw new NotFoundError('no-such-key', `there is no key slot ${id}`, { hint: 'list key slots with `tresor key list`' });
+    const slots = await this.listKeySlots();
+    if (slots.filter((s) => s.kind === 'passphrase' && s.name !== id).length === 0) {
+      throw new UsageError(`key slot ${id} is the last passphrase slot`, 'add another passphrase with `tresor key add` first');
+    }
+    await this.store.delete(name);
+  }
+
+  // ---- locks ------------------------------------------------------------------------------
+
+  lock(kind: LockKind, operation: string): Promise<RepositoryLock> {
+    return RepositoryLock.acquire(this.store, this.keys, kind, operation);
+  }
+
+  // ---- index ------------------------------------------------------------------------------
+
+  /** The blob index, loaded on first use from every index file. */
+  index(): Promise<BlobIndex> {
+    if (this.#index) return Promise.resolve(this.#index);
+    this.#indexLoad ??= this.#loadIndex().then((i) => (this.#index = i));
+    return this.#indexLoad;
+  }
+
+  async #loadIndex(): Promise<BlobIndex> {
+    const names: string[] = [];
+    for await (const b of this.store.list('index/')) if (indexFileId(b.name)) names.push(b.name);
+    const loaded = await mapLimit(names, 8, async (name) => {
+      try {
+        return { name, content: decodeIndexFile(this.keys, name, await this.store.read(name)) };
+      } catch (err) {
+        if ((err as TresorError).code === 'blob-not-found') return undefined; // superseded and deleted meanwhile
+        this.damagedIndexFiles.push({ name, error: (err as Error).message });
+        return undefined;
+      }
+    });
+    const superseded = new Set<string>();
+    for (const l of loaded) for (const s of l?.content.supersedes ?? []) superseded.add(`index/${s.toString('hex')}`);
+    let total = 0;
+    for (const l of loaded) if (l && !superseded.has(l.name)) for (const p of l.content.packs) total += p.entries.length;
+    const index = new BlobIndex(Math.ceil(total / 0.6));
+    for (const l of loaded) {
+      if (!l || superseded.has(l.name)) continue;
+      this.indexFiles.add(l.name);
+      for (const p of l.content.packs) addPack(index, p);
+    }
+    if (this.damagedIndexFiles.length > 0) await this.#indexUnindexedPacks(index);
+    return index;
+  }
+
+  /**
+   * Packs are self-describing: when an index file is damaged, the packs it described are found
+   * by reading the headers of every pack no intact index file lists.
+   */
+  async #indexUnindexedPacks(index: BlobIndex): Promise<void> {
+    const known = new Set(index.packIds().map((p) => p.toString('hex')));
+    const missing: Array<{ name: string; size: number }> = [];
+    for await (const b of this.store.list('data/')) {
+      const id = packIdFromName(b.name);
+      if (id && !known.has(id.toString('hex'))) missing.push(b);
+    }
+    await mapLimit(missing, 8, async (b) => {
+      try {
+        const entries = await readPackHeader(this.keys, b.name, b.size, (o, l) => this.store.read(b.name, { offset: o, length: l }));
+        addPack(index, { packId: packIdFromName(b.name)!, entries });
+      } catch {
+        // A pack whose header is unreadable stays unknown; verify reports the chunks as missing.
+      }
+    });
+  }
+
+  /** Writes an index file for `packs` (durably) before anything may reference their blobs. */
+  async writeIndexFile(packs: IndexedPack[], supersedes: Buffer[] = []): Promise<{ name: string; size: number }> {
+    const { name, data } = encodeIndexFile(this.keys, { packs, supersedes });
+    await this.store.create(name, data);
+    this.indexFiles.add(name);
+    return { name, size: data.length };
+  }
+
+  // ---- blobs ------------------------------------------------------------------------------
+
+  async locate(id: Buffer, what: () => string): Promise<BlobLocation> {
+    const loc = (await this.index()).get(id);
+    if (!loc) {
+      throw new DamageError('missing-blob', `${what()} is missing from the repository (blob ${id.toString('hex')} is in no index)`, {
+        context: { blob: id.toString('hex') },
+      });
+    }
+    return loc;
+  }
+
+  /** Reads, decodes and checks one content-addressed blob. */
+  async readBlob(id: Buffer, type: BlobTypeValue, what: () => string): Promise<Buffer> {
+    const loc = await this.locate(id, what);
+    const pack = packName(loc.packId);
+    const stored = await this.store.read(pack, { offset: loc.offset, length: loc.length });
+    return decodeBlob(this.keys, type, id, stored, { id, maxLength: loc.rawLength, exactLength: true },
+      () => ({ what: `${what()} (${BLOB_TYPE_NAMES[type]} ${id.toString('hex')} in ${pack})`, context: { blob: id.toString('hex'), pack } }));
+  }
+
+  // ---- snapshots --------------------------------------------------------------------------
+
+  snapshotKey(name: string): string {
+    return `snapshots/${nameId(this.keys, 'snapshot', name).toString('hex')}`;
+  }
+
+  encodeManifest(m: SnapshotManifest): { key: string; data: Buffer } {
+    const key = this.snapshotKey(m.name);
+    return { key, data: encodeBlob(this.keys, BlobType.manifest, Buffer.from(key.slice(10), 'hex'), Buffer.from(JSON.stringify(m))) };
+  }
+
+  /** Commits a snapshot: true if created, false if a snapshot of that name already exists. */
+  async commitSnapshot(m: SnapshotManifest): Promise<{ created: boolean; size: number }> {
+    const { key, data } = this.encodeManifest(m);
+    return { created: await this.store.create(key, data), size: data.length };
+  }
+
+  decodeManifest(key: string, stored: Buffer): SnapshotManifest {
+    const hex = key.slice('snapshots/'.length);
+    if (!/^[0-9a-f]{64}$/.test(hex)) throw new DamageError('damaged-manifest', `${key} is not a manifest name`);
+    const plain = decodeBlob(this.keys, BlobType.manifest, Buffer.from(hex, 'hex'), stored, { maxLength: 256 << 20 }, () => ({ what: `snapshot manifest ${key}`, context: { manifest: key } }));
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(plain.toString('utf8'));
+    } catch {
+      throw new DamageError('damaged-manifest', `snapshot manifest ${key} is not valid JSON`, { context: { manifest: key } });
+    }
+    const m = validateManifest(parsed, `snapshot manifest ${key}`);
+    if (this.snapshotKey(m.name) !== key) throw new DamageError('damaged-manifest', `snapshot manifest ${key} names snapshot ${m.name}, which belongs elsewhere`, { context: { manifest: key } });
+    return m;
+  }
+
+  async readSnapshot(name: string): Promise<SnapshotManifest> {
+    parseSnapshotName(name);
+    const key = this.snapshotKey(name);
+    let stored: Buffer;
+    try {
+      stored = await this.store.read(key);
+    } catch (err) {
+      if ((err as TresorError).code === 'blob-not-found') {
+        throw new NotFoundError('no-such-snapshot', `snapshot ${name} does not exist in ${this.store.location}`, { hint: 'list snapshots with `tresor snapshots`', context: { snapshot: name } });
+      }
+      throw err;
+    }
+    try {
+      return this.decodeManifest(key, stored);
+    } catch (err) {
+      if (err instanceof DamageError) throw new DamageError('damaged-manifest', `the manifest of snapshot ${name} is damaged: ${err.message}`, { context: { snapshot: name, manifest: key } });
+      throw err;
+    }
+  }
+
+  async listSnapshots(filter?: { type?: string; id?: string }): Promise<SnapshotListing> {
+    const keys: string[] = [];
+    for await (const b of this.store.list('snapshots/')) keys.push(b.name);
+    const snapshots: SnapshotManifest[] = [];
+    const damaged: SnapshotListing['damaged'] = [];
+    await mapLimit(keys, 16, async (key) => {
+      try {
+        const m = this.decodeManifest(key, await this.store.read(key));
+        if ((!filter?.id || m.id === filter.id) && (!filter?.type || m.type === filter.type)) snapshots.push(m);
+      } catch (err) {
+        if ((err as TresorError).code === 'blob-not-found') return;
+        damaged.push({ object: key, error: (err as Error).message });
+      }
+    });
+    snapshots.sort((a, b) => a.time.localeCompare(b.time) || a.name.localeCompare(b.name));
+    return { snapshots, damaged };
+  }
+}
+
+function addPack(index: BlobIndex, p: IndexedPack): void {
+  for (const e of p.entries) index.add(e.id, { packId: p.packId, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
+}

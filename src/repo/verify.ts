@@ -1,0 +1,232 @@
+/**
+ * Verification: re-reads snapshots and checks everything they depend on.
+ *
+ *  1. every index file decodes (SHA-256 name, authentication/CRC, structure);
+ *  2. every selected manifest decodes and is authentic, and its disk maps' piece lists match
+ *     their digests;
+ *  3. every index piece and every chunk they reference is in the index, its pack exists and the
+ *     blob lies inside it;
+ *  4. (`readData`, the default) every such blob is read and decoded: AES-GCM tag or CRC32, zstd,
+ *     length, and identity (SHA-256 / keyed HMAC of the plaintext equals its id). Each distinct
+ *     blob is checked once, however many snapshots share it; packs are read in large ranges.
+ *
+ * Damage is reported per object with the snapshots, disks and disk offsets it affects.
+ */
+import { ZERO_ID, BlobType, BLOB_TYPE_NAMES, type BlobTypeValue } from './codec.ts';
+import type { CodecPool } from './codec-pool.ts';
+import type { DecodeItem } from './codec-worker.ts';
+import { DiskMapReader } from './disk-map.ts';
+import type { SnapshotManifest } from './manifest.ts';
+import { packIdFromName, packName } from './pack.ts';
+import type { Repository } from './repository.ts';
+import type { BlobLocation } from './blob-index.ts';
+import { mapLimit } from '../util/concurrency.ts';
+
+export interface Affected {
+  snapshot: string;
+  disk?: string;
+  /** Disk byte offsets that read the damaged object (first 16). */
+  offsets?: number[];
+}
+
+export interface Damage {
+  kind: 'index-file' | 'manifest' | 'index-piece' | 'chunk' | 'missing-blob' | 'missing-pack' | 'disk-map';
+  object: string;
+  error: string;
+  affects: Affected[];
+}
+
+export interface VerifyReport {
+  ok: boolean;
+  snapshots: string[];
+  indexFiles: number;
+  blobsChecked: number;
+  bytesRead: number;
+  damage: Damage[];
+  /** Not damage: packs no index names (left by an interrupted backup; gc removes them). */
+  unindexedPacks: number;
+}
+
+export interface VerifyOptions {
+  /** Verify only these snapshots (default: all). */
+  snapshots?: string[];
+  readData?: boolean;
+  progress?: (doneBlobs: number, totalBlobs: number) => void;
+}
+
+interface Ref {
+  type: BlobTypeValue;
+  loc: BlobLocation | undefined;
+}
+
+export async function verifyRepository(repo: Repository, pool: CodecPool, opts: VerifyOptions = {}): Promise<VerifyReport> {
+  const damage: Damage[] = [];
+  const index = await repo.index();
+  for (const d of repo.damagedIndexFiles) damage.push({ kind: 'index-file', object: d.name, error: d.error, affects: [] });
+
+  // Manifests.
+  const manifests: SnapshotManifest[] = [];
+  if (opts.snapshots) {
+    for (const name of opts.snapshots) {
+      try {
+        manifests.push(await repo.readSnapshot(name));
+      } catch (err) {
+        damage.push({ kind: 'manifest', object: repo.snapshotKey(name), error: (err as Error).message, affects: [{ snapshot: name }] });
+      }
+    }
+  } else {
+    const listing = await repo.listSnapshots();
+    manifests.push(...listing.snapshots);
+    for (const d of listing.damaged) damage.push({ kind: 'manifest', object: d.object, error: d.error, affects: [{ snapshot: `(unreadable manifest ${d.object})` }] });
+  }
+
+  // Packs that exist, for existence and bounds checks.
+  const packSizes = new Map<string, number>();
+  for await (const b of repo.store.list('data/')) {
+    const id = packIdFromName(b.name);
+    if (id) packSizes.set(id.toString('hex'), b.size);
+  }
+  const indexedPacks = new Set(index.packIds().map((p) => p.toString('hex')));
+  let unindexedPacks = 0;
+  for (const p of packSizes.keys()) if (!indexedPacks.has(p)) unindexedPacks++;
+
+  // Collect referenced blobs: pieces first (they must be read to know the chunks).
+  const refs = new Map<string, Ref>();
+  const bad = new Map<string, Damage>();
+  const noteBlob = (id: Buffer, type: BlobTypeValue): void => {
+    const hex = id.toString('hex');
+    if (refs.has(hex)) return;
+    const loc = index.get(id);
+    refs.set(hex, { type, loc });
+    if (!loc) {
+      bad.set(hex, { kind: 'missing-blob', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: 'not in any index (its pack is missing or unindexed)', affects: [] });
+    } else {
+      const size = packSizes.get(loc.packId.toString('hex'));
+      if (size === undefined) {
+        bad.set(hex, { kind: 'missing-pack', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `its pack ${packName(loc.packId)} does not exist`, affects: [] });
+      } else if (loc.offset + loc.length > size) {
+        bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `its pack ${packName(loc.packId)} is truncated (${size} bytes, blob ends at ${loc.offset + loc.length})`, affects: [] });
+      } else if (loc.type !== type) {
+        bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `the index says it is a ${BLOB_TYPE_NAMES[loc.type]}`, affects: [] });
+      }
+    }
+  };
+
+  const readers: Array<{ m: SnapshotManifest; reader: DiskMapReader }> = [];
+  for (const m of manifests) {
+    for (const disk of m.disks) {
+      try {
+        const reader = new DiskMapReader(repo, m.name, disk, 1);
+        readers.push({ m, reader });
+        for (const p of disk.pieces) noteBlob(Buffer.from(p, 'hex'), BlobType.indexPiece);
+      } catch (err) {
+        damage.push({ kind: 'disk-map', object: `disk ${disk.name} of ${m.name}`, error: (err as Error).message, affects: [{ snapshot: m.name, disk: disk.name }] });
+      }
+    }
+  }
+  // Read every piece (through the normal decode path, which checks it) and note its chunks.
+  const pieceErrors = new Map<string, string>();
+  for (const { reader } of readers) {
+    for (let p = 0; p < reader.pieceCount(); p++) {
+      const pid = reader.disk.pieces[p];
+      if (bad.has(pid) || pieceErrors.has(pid)) continue;
+      try {
+        const ids = await reader.piece(p);
+        for (let k = 0; k < ids.length; k += 32) {
+          const id = ids.subarray(k, k + 32);
+          if (!ZERO_ID.equals(id)) noteBlob(Buffer.from(id), BlobType.chunk);
+        }
+      } catch (err) {
+        pieceErrors.set(pid, (err as Error).message);
+      }
+    }
+  }
+  for (const [pid, error] of pieceErrors) bad.set(pid, { kind: 'index-piece', object: `index piece ${pid}`, error, affects: [] });
+
+  // Read and decode every referenced chunk, grouped by pack.
+  let blobsChecked = 0;
+  let bytesRead = 0;
+  if (opts.readData !== false) {
+    const byPack = new Map<string, Array<{ hex: string; loc: BlobLocation }>>();
+    for (const [hex, r] of refs) {
+      if (r.type !== BlobType.chunk || !r.loc || bad.has(hex)) continue;
+      const k = r.loc.packId.toString('hex');
+      let list = byPack.get(k);
+      if (!list) byPack.set(k, (list = []));
+      list.push({ hex, loc: r.loc });
+    }
+    const total = [...byPack.values()].reduce((n, l) => n + l.length, 0);
+    await mapLimit([...byPack.values()], 4, async (list) => {
+      list.sort((a, b) => a.loc.offset - b.loc.offset);
+      const pack = packName(list[0].loc.packId);
+      for (let i = 0; i < list.length;) {
+        // Read up to ~8 MiB of consecutive blobs at once.
+        let j = i + 1;
+        while (j < list.length && list[j].loc.offset + list[j].loc.length - list[i].loc.offset <= 8 << 20) j++;
+        const from = list[i].loc.offset;
+        const to = list[j - 1].loc.offset + list[j - 1].loc.length;
+        let data: Buffer;
+        try {
+          data = await repo.store.read(pack, { offset: from, length: to - from });
+        } catch (err) {
+          for (const b of list.slice(i, j)) bad.set(b.hex, { kind: 'chunk', object: `chunk ${b.hex}`, error: `cannot read ${pack}: ${(err as Error).message}`, affects: [] });
+          i = j;
+          continue;
+        }
+        bytesRead += data.length;
+        const items: DecodeItem[] = list.slice(i, j).map((b) => ({
+          type: BlobType.chunk, id: Buffer.from(b.hex, 'hex'), rawLength: b.loc.rawLength,
+          stored: data.subarray(b.loc.offset - from, b.loc.offset - from + b.loc.length), label: `chunk ${b.hex} in ${pack}`,
+        }));
+        const results = await pool.decode(items);
+        results.forEach((r, n) => {
+          if (!r.ok) bad.set(list[i + n].hex, { kind: 'chunk', object: `chunk ${list[i + n].hex} in ${pack}`, error: r.message, affects: [] });
+        });
+        blobsChecked += items.length;
+        opts.progress?.(blobsChecked, total);
+        i = j;
+      }
+    });
+  }
+  // Pieces were decoded while collecting.
+  blobsChecked += [...refs.values()].filter((r) => r.type === BlobType.indexPiece).length;
+
+  // Map damaged blobs back to the snapshots, disks and offsets that use them.
+  if (bad.size > 0) {
+    for (const { m, reader } of readers) {
+      const disk = reader.disk;
+      const hits = new Map<string, number[]>();
+      for (let p = 0; p < reader.pieceCount(); p++) {
+        const pid = disk.pieces[p];
+        if (bad.has(pid)) {
+          addHit(hits, pid, p * disk.pieceSlots * disk.chunkSize);
+          continue;
+        }
+        let ids: Buffer;
+        try {
+          ids = await reader.piece(p);
+        } catch {
+          continue;
+        }
+        for (let k = 0; k < ids.length; k += 32) {
+          const hex = ids.subarray(k, k + 32).toString('hex');
+          if (bad.has(hex)) addHit(hits, hex, (p * disk.pieceSlots + k / 32) * disk.chunkSize);
+        }
+      }
+      for (const [hex, offsets] of hits) bad.get(hex)!.affects.push({ snapshot: m.name, disk: disk.name, offsets: offsets.slice(0, 16) });
+    }
+  }
+  damage.push(...bad.values());
+  return {
+    ok: damage.length === 0,
+    snapshots: manifests.map((m) => m.name),
+    indexFiles: repo.indexFiles.size + repo.damagedIndexFiles.length,
+    blobsChecked, bytesRead, damage, unindexedPacks,
+  };
+}
+
+function addHit(hits: Map<string, number[]>, hex: string, offset: number): void {
+  let list = hits.get(hex);
+  if (!list) hits.set(hex, (list = []));
+  if (list.length < 16) list.push(offset);
+}
