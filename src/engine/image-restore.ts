@@ -30,7 +30,7 @@ export async function restoreImage(repo: Repository, snapshot: string, outFile: 
       });
     }
     const out: DiskWriter = opts.format === 'qcow2'
-      ? await createQcow2Writer(outFile, disk.size)
+      ? await createQcow2Writer(outFile, disk.size, { overwrite: opts.overwrite })
       : await createRawWriter(outFile, disk.size, { overwrite: opts.overwrite });
     const pool = new CodecPool(repo.keys);
     try {

@@ -87,10 +87,15 @@ export class CodecPool {
   async hash(data: Buffer, chunkSize: number): Promise<HashedBatch> {
     const w = this.#leastLoaded();
     const batch = this.#nextBatch++;
-    // Transfer needs a whole ArrayBuffer we own; copy when `data` is a view into a shared slab.
-    const owned = data.byteOffset === 0 && data.buffer.byteLength === data.length && !(data.buffer instanceof SharedArrayBuffer)
-      ? data : Buffer.from(data);
-    const ab = owned.buffer as ArrayBuffer;
+    // Transfer needs a whole, unshared ArrayBuffer; copy when `data` is a view into a larger one.
+    let ab: ArrayBuffer;
+    if (data.byteOffset === 0 && data.buffer.byteLength === data.length && data.buffer instanceof ArrayBuffer) {
+      ab = data.buffer;
+    } else {
+      ab = new ArrayBuffer(data.length);
+      new Uint8Array(ab).set(data);
+    }
+    const owned = { length: data.length };
     const r = await this.#workers[w].call<{ ids: Uint8Array }>({ op: 'hash', batch, data: ab, byteLength: owned.length, chunkSize }, this.#nextReq++, [ab]);
     return { worker: w, batch, ids: Buffer.from(r.ids.buffer, r.ids.byteOffset, r.ids.byteLength) };
   }
