@@ -30,7 +30,7 @@ export interface DiskBackupOptions {
   /** Called with the number of disk bytes done so far. */
   progress?: (doneBytes: number) => void;
   signal?: AbortSignal;
-  /** Batches in flight (default: 2 per worker + 2). */
+  /** Batches in flight (default: one per worker + 2). */
   inFlight?: number;
   /** Bytes per batch (default 4 MiB, at least one chunk). */
   batchBytes?: number;
@@ -53,7 +53,7 @@ export async function backupDisk(
   const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0 };
   const slots = slotCount(source.size, chunkSize);
   const slotsPerBatch = Math.max(1, Math.floor((opts.batchBytes ?? 4 << 20) / chunkSize));
-  const inFlight = opts.inFlight ?? pool.size * 2 + 2;
+  const inFlight = opts.inFlight ?? pool.size + 2;
   let done = 0;
 
   const processBatch = async (first: number, count: number): Promise<void> => {

@@ -54,7 +54,12 @@ export class BlobIndex {
     this.#type = new Uint8Array(cap);
   }
 
+  #lastPack: Buffer | undefined;
+  #lastPackNumber = 0;
+
   #packNumber(packId: Buffer): number {
+    // Entries arrive pack by pack: skip the hex conversion and map lookup for the same pack.
+    if (this.#lastPack !== undefined && (packId === this.#lastPack || packId.equals(this.#lastPack))) return this.#lastPackNumber;
     const hex = packId.toString('hex');
     let n = this.#packNumbers.get(hex);
     if (n === undefined) {
@@ -62,6 +67,8 @@ export class BlobIndex {
       this.#packIds.push(Buffer.from(packId));
       this.#packNumbers.set(hex, n);
     }
+    this.#lastPack = this.#packIds[n];
+    this.#lastPackNumber = n;
     return n;
   }
 

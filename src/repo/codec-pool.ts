@@ -5,6 +5,8 @@
  * asks the same worker to `encode` only the new ones.
  */
 import { Worker } from 'node:worker_threads';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { availableParallelism } from 'node:os';
 import { TresorError } from '../util/errors.ts';
 import type { CodecKeys, BlobTypeValue } from './codec.ts';
@@ -64,12 +66,34 @@ export interface HashedBatch {
   ids: Buffer;
 }
 
+/**
+ * Workers churn through large short-lived buffers (input batches, zstd and AES outputs). V8 only
+ * collects them once external memory has grown by tens of MiB per isolate, which with several
+ * isolates blows the memory budget; so workers are given `gc()` and call it every few MiB.
+ * The flag must be set before the workers' isolates are created.
+ */
+let gcExposed = false;
+let mainGc: (() => void) | undefined;
+function exposeGcToWorkers(): void {
+  if (gcExposed) return;
+  setFlagsFromString('--expose-gc');
+  gcExposed = true;
+  // Contexts created from now on have gc(); the main thread gets one from a fresh context.
+  mainGc = runInNewContext('gc') as () => void;
+}
+
+/** Collects garbage on the main thread (after a large buffer such as a pack was released). */
+export function collectGarbage(): void {
+  mainGc?.();
+}
+
 export class CodecPool {
   readonly #workers: CodecWorker[];
   #nextReq = 1;
   #nextBatch = 1;
 
   constructor(keys: CodecKeys, size = Math.max(1, Math.min(availableParallelism(), 8))) {
+    exposeGcToWorkers();
     this.#workers = Array.from({ length: size }, () => new CodecWorker(keys));
   }
 

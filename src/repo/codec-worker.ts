@@ -25,6 +25,18 @@ const keys: CodecKeys = {
 
 const batches = new Map<number, { data: Buffer; chunkSize: number }>();
 
+// See codec-pool.ts: collect garbage buffers promptly to keep the process's memory bounded.
+const GC_EVERY_BYTES = 12 << 20;
+let bytesSinceGc = 0;
+const collect = (globalThis as { gc?: () => void }).gc;
+function noteGarbage(bytes: number): void {
+  bytesSinceGc += bytes;
+  if (bytesSinceGc >= GC_EVERY_BYTES && collect) {
+    bytesSinceGc = 0;
+    collect();
+  }
+}
+
 export type WorkerRequest =
   | { op: 'hash'; req: number; batch: number; data: ArrayBuffer; byteLength: number; chunkSize: number }
   | { op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue }
@@ -69,16 +81,17 @@ parentPort!.on('message', (msg: WorkerRequest) => {
         for (const i of msg.which) {
           const chunk = chunkAt(b.data, b.chunkSize, i);
           const enc = encodeBlob(keys, msg.type, computeId(keys, chunk), chunk);
-          // Copy into an exact-size buffer we own, so it can be transferred without the pool's slab.
-          const own = Buffer.from(new ArrayBuffer(enc.length));
-          enc.copy(own);
+          // Transfer needs a buffer that owns its whole ArrayBuffer (small ones come from a pool).
+          const own = enc.byteOffset === 0 && enc.buffer.byteLength === enc.length ? enc : Buffer.from(new Uint8Array(enc).buffer);
           blobs.push(own);
           transfer.push(own.buffer as ArrayBuffer);
         }
         parentPort!.postMessage({ req: msg.req, blobs }, transfer);
+        noteGarbage(b.data.length * 3);
         break;
       }
       case 'drop':
+        noteGarbage(batches.get(msg.batch)?.data.length ?? 0);
         batches.delete(msg.batch);
         parentPort!.postMessage({ req: msg.req });
         break;
@@ -93,6 +106,7 @@ parentPort!.on('message', (msg: WorkerRequest) => {
           }
         });
         parentPort!.postMessage({ req: msg.req, results });
+        noteGarbage(msg.items.reduce((n, it) => n + it.rawLength * 2, 0));
         break;
       }
     }

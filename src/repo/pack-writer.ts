@@ -9,6 +9,7 @@ import type { Repository } from './repository.ts';
 import type { BlobTypeValue } from './codec.ts';
 import type { IndexedPack } from './index-file.ts';
 import { MAX_PACK_SIZE, PackBuilder } from './pack.ts';
+import { collectGarbage } from './codec-pool.ts';
 
 export interface PackWriterStats {
   packs: number;
@@ -29,7 +30,7 @@ export class PackWriter {
 
   constructor(repo: Repository, opts: { maxUploads?: number } = {}) {
     this.#repo = repo;
-    this.#maxUploads = opts.maxUploads ?? 3;
+    this.#maxUploads = opts.maxUploads ?? 2;
   }
 
   /** True when the blob is written or being written by this writer (not yet in the index). */
@@ -70,7 +71,10 @@ export class PackWriter {
       this.#uncommitted.push({ packId: sealed.id, entries: sealed.entries });
       this.stats.packs++;
       this.stats.bytes += sealed.data.length;
-    })().catch((err) => {
+    })().then(() => {
+      // The pack's buffers are garbage now; collect them before they pile up (codec-pool.ts).
+      if (this.stats.packs % 2 === 0) collectGarbage();
+    }).catch((err) => {
       this.#failure ??= err;
     });
     const tracked = upload.finally(() => this.#uploads.delete(tracked));

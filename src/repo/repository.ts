@@ -45,7 +45,7 @@ export interface RepoConfig {
 export const DEFAULTS = {
   chunkSize: 64 * 1024,
   pieceSlots: 1024,
-  packSize: 16 * 1024 * 1024,
+  packSize: 8 * 1024 * 1024,
   compressionLevel: 1,
 };
 

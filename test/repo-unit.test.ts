@@ -1,0 +1,170 @@
+/** Unit tests of the repository building blocks: keys, codec, blob index, locks, names. */
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes, createHash } from 'node:crypto';
+import { join } from 'node:path';
+import { LocalStore } from '../src/store/local.ts';
+import { Repository } from '../src/repo/repository.ts';
+import { BlobIndex } from '../src/repo/blob-index.ts';
+import { BlobType, ZERO_ID, computeId, decodeBlob, encodeBlob, type CodecKeys } from '../src/repo/codec.ts';
+import { formatRecoveryKey, generateMasterKey, parseRecoveryKey } from '../src/repo/keys.ts';
+import { RepositoryLock, RepositoryLockedError } from '../src/repo/lock.ts';
+import { parseSnapshotName, snapshotName, validateSourceId } from '../src/repo/manifest.ts';
+import { DamageError, TresorError } from '../src/util/errors.ts';
+import { tempDir } from './helpers/tmp.ts';
+
+const FAST_SCRYPT = { N: 1024, r: 8, p: 1 };
+
+describe('codec', () => {
+  const plain = Buffer.concat([Buffer.alloc(30000, 'a'), randomBytes(20000)]);
+  for (const encrypted of [false, true]) {
+    const keys: CodecKeys = { master: encrypted ? generateMasterKey() : undefined, compressionLevel: 1 };
+    it(`round-trips and detects every single-bit flip (${encrypted ? 'encrypted' : 'plain'})`, () => {
+      const id = computeId(keys, plain);
+      const enc = encodeBlob(keys, BlobType.chunk, id, plain);
+      assert.ok(enc.length < plain.length, 'compressible data is compressed');
+      assert.deepEqual(decodeBlob(keys, BlobType.chunk, id, enc, { id, maxLength: plain.length, exactLength: true }, () => ({ what: 'x', context: {} })), plain);
+      for (let i = 0; i < enc.length; i += Math.max(1, Math.floor(enc.length / 300))) {
+        const bad = Buffer.from(enc);
+        bad[i] ^= 1 << (i % 8);
+        assert.throws(() => decodeBlob(keys, BlobType.chunk, id, bad, { id, maxLength: plain.length, exactLength: true }, () => ({ what: 'chunk', context: {} })), DamageError, `flip at ${i}`);
+      }
+      // Truncation and the wrong type or id are damage too.
+      assert.throws(() => decodeBlob(keys, BlobType.chunk, id, enc.subarray(0, enc.length - 1), { id, maxLength: plain.length }, () => ({ what: 'c', context: {} })), DamageError);
+      if (encrypted) {
+        assert.throws(() => decodeBlob(keys, BlobType.indexPiece, id, enc, { maxLength: plain.length }, () => ({ what: 'c', context: {} })), DamageError);
+        assert.throws(() => decodeBlob(keys, BlobType.chunk, ZERO_ID, enc, { maxLength: plain.length }, () => ({ what: 'c', context: {} })), DamageError);
+      }
+    });
+  }
+
+  it('keys chunk ids when encrypted, so a known plaintext cannot be confirmed', () => {
+    const keys: CodecKeys = { master: generateMasterKey(), compressionLevel: 1 };
+    assert.notDeepEqual(computeId(keys, plain), createHash('sha256').update(plain).digest());
+    assert.deepEqual(computeId({ master: undefined, compressionLevel: 1 }, plain), createHash('sha256').update(plain).digest());
+  });
+
+  it('bounds decompression by the expected length (no zip bombs)', () => {
+    const keys: CodecKeys = { master: undefined, compressionLevel: 1 };
+    const bomb = Buffer.alloc(8 << 20);
+    const enc = encodeBlob(keys, BlobType.chunk, ZERO_ID, bomb);
+    assert.ok(enc.length < 4096);
+    assert.throws(() => decodeBlob(keys, BlobType.chunk, ZERO_ID, enc, { maxLength: 65536 }, () => ({ what: 'bomb', context: {} })), DamageError);
+  });
+});
+
+describe('blob index', () => {
+  it('holds hundreds of thousands of ids through growth and finds exactly them', () => {
+    const index = new BlobIndex(16);
+    const packs = [randomBytes(32), randomBytes(32)];
+    const ids: Buffer[] = [];
+    for (let i = 0; i < 200_000; i++) {
+      const id = randomBytes(32);
+      ids.push(id);
+      index.add(id, { packId: packs[i % 2], type: BlobType.chunk, offset: i, length: i % 65536, rawLength: 65536 });
+    }
+    assert.equal(index.size, 200_000);
+    for (let i = 0; i < ids.length; i += 997) {
+      const loc = index.get(ids[i])!;
+      assert.equal(loc.offset, i);
+      assert.deepEqual(loc.packId, packs[i % 2]);
+    }
+    for (let i = 0; i < 1000; i++) assert.equal(index.has(randomBytes(32)), false);
+    // Same first word, different id: no false hit.
+    const twin = Buffer.from(ids[0]);
+    twin[31] ^= 1;
+    assert.equal(index.has(twin), false);
+  });
+});
+
+describe('keys', () => {
+  it('recovery keys print and parse back, tolerating dashes, case and look-alike letters', () => {
+    const secret = randomBytes(32);
+    const text = formatRecoveryKey(secret);
+    assert.match(text, /^([0-9A-Z]{4}-){12}[0-9A-Z]{4}$/);
+    assert.deepEqual(parseRecoveryKey(text.toLowerCase().replace(/-/g, ' ')), secret);
+    assert.throws(() => parseRecoveryKey(text.slice(0, -4)), TresorError);
+    assert.throws(() => parseRecoveryKey(`${text.slice(0, -1)}U`), TresorError);
+  });
+
+  it('opens with any passphrase slot or the recovery key; removing a passphrase keeps the data readable', async () => {
+    const t = await tempDir();
+    try {
+      const store = await LocalStore.open(join(t.path, 'r'), { create: true });
+      const { repo, recoveryKey } = await Repository.init(store, { encryption: 'aes-256-gcm', passphrase: 'one', scrypt: FAST_SCRYPT });
+      const second = await repo.addPassphrase('two');
+      const first = repo.keySlot!.slice(5);
+      for (const secret of ['one', 'two', recoveryKey!]) {
+        const r = await Repository.open(store, async () => secret);
+        assert.equal(r.config.id, repo.config.id);
+        assert.deepEqual(r.keys.master!.encKey, repo.keys.master!.encKey);
+      }
+      await assert.rejects(Repository.open(store, async () => 'three'), { code: 'wrong-passphrase' });
+      await repo.removeKeySlot(first);
+      await assert.rejects(Repository.open(store, async () => 'one'), { code: 'wrong-passphrase' });
+      assert.equal((await Repository.open(store, async () => 'two')).keySlot, `keys/${second}`);
+      await assert.rejects(repo.removeKeySlot(second), /last passphrase slot/);
+    } finally {
+      await t.cleanup();
+    }
+  });
+
+  it('refuses a key slot copied from another repository', async () => {
+    const t = await tempDir();
+    try {
+      const a = await LocalStore.open(join(t.path, 'a'), { create: true });
+      const b = await LocalStore.open(join(t.path, 'b'), { create: true });
+      await Repository.init(a, { encryption: 'aes-256-gcm', passphrase: 'pw', scrypt: FAST_SCRYPT });
+      const { repo: rb } = await Repository.init(b, { encryption: 'aes-256-gcm', passphrase: 'other', scrypt: FAST_SCRYPT });
+      for await (const k of a.list('keys/')) await b.create(`keys/${'f'.repeat(16)}`, await a.read(k.name)).catch(() => false);
+      await assert.rejects(Repository.open(b, async () => 'pw'), { code: 'wrong-passphrase' });
+      assert.ok(rb);
+    } finally {
+      await t.cleanup();
+    }
+  });
+});
+
+describe('locks', () => {
+  it('shared locks coexist, exclusive excludes, stale locks of dead processes are ignored', async () => {
+    const t = await tempDir();
+    try {
+      const store = await LocalStore.open(join(t.path, 'r'), { create: true });
+      const { repo } = await Repository.init(store, { encryption: 'none' });
+      const s1 = await repo.lock('shared', 'backup 1');
+      const s2 = await repo.lock('shared', 'backup 2');
+      await assert.rejects(repo.lock('exclusive', 'gc'), (err: unknown) => err instanceof RepositoryLockedError && /backup \d/.test((err as Error).message));
+      await s1.release();
+      await s2.release();
+      const ex = await repo.lock('exclusive', 'gc');
+      await assert.rejects(repo.lock('shared', 'backup 3'), RepositoryLockedError);
+      await ex.release();
+      // A lock left by a process that no longer exists on this host is stale.
+      const { encodeBlob: enc } = await import('../src/repo/codec.ts');
+      const name = `locks/${'ab'.repeat(16)}`;
+      const ctx = Buffer.from(name.slice(6).padEnd(64, '0'), 'hex');
+      const os = await import('node:os');
+      await store.create(name, enc(repo.keys, BlobType.lock, ctx, Buffer.from(JSON.stringify({ kind: 'exclusive', operation: 'dead gc', host: os.hostname(), pid: 2 ** 22 + 12345, time: new Date().toISOString() }))));
+      const l = await RepositoryLock.acquire(store, repo.keys, 'shared', 'after crash');
+      await l.release();
+      assert.equal(await store.stat(name), undefined, 'the stale lock was removed');
+    } finally {
+      await t.cleanup();
+    }
+  });
+});
+
+describe('snapshot names', () => {
+  it('are <type>/<id>/<basic ISO 8601 UTC> and round-trip', () => {
+    const d = new Date(Date.UTC(2026, 10, 22, 10, 15, 0, 456));
+    assert.equal(snapshotName('vm', 'web1', d), 'vm/web1/20261122T101500Z');
+    const p = parseSnapshotName('vm/web1/20261122T101500Z');
+    assert.equal(p.type, 'vm');
+    assert.equal(p.id, 'web1');
+    assert.equal(p.time.toISOString(), '2026-11-22T10:15:00.000Z');
+    for (const bad of ['vm/web1', 'vm/web 1/20261122T101500Z', 'xx/web1/20261122T101500Z', 'vm/../20261122T101500Z', 'vm/web1/2026-11-22T10:15:00Z']) {
+      assert.throws(() => parseSnapshotName(bad), TresorError, bad);
+    }
+    for (const bad of ['', '../x', 'a/b', 'a:b', '.hidden', 'x'.repeat(129)]) assert.throws(() => validateSourceId(bad), TresorError, bad);
+  });
+});
