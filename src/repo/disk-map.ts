@@ -67,7 +67,10 @@ export class DiskMapWriter {
     }
     if (piece.filled === this.#pieceLength(p)) {
       this.#open.delete(p);
-      this.#stores.push(this.#storePiece(p, piece.buf));
+      const stored = this.#storePiece(p, piece.buf);
+      // Failures surface in finish(); until then they must not count as unhandled.
+      stored.catch(() => undefined);
+      this.#stores.push(stored);
     }
   }
 
