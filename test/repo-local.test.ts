@@ -35,6 +35,7 @@ repositorySuite({
   list: async (loc) => (await walk(loc)).filter((o) => !o.name.startsWith('tmp/')),
   read: (loc, name) => readFile(join(loc, name)),
   overwrite: (loc, name, data) => writeFile(join(loc, name), data),
+  crashTrials: 20,
   openStore: (loc) => LocalStore.open(loc),
 });
 

@@ -52,6 +52,7 @@ repositorySuite({
     const { bucket, prefix } = split(loc);
     await s3.send(new PutObjectCommand({ Bucket: bucket, Key: prefix + name, Body: data }));
   },
+  crashTrials: 12,
   openStore: async (loc) => openS3Store(loc, {
     endpoint: lab.endpoint,
     env: { AWS_ACCESS_KEY_ID: lab.accessKeyId, AWS_SECRET_ACCESS_KEY: lab.secretAccessKey, AWS_REGION: lab.region },

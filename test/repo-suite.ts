@@ -30,6 +30,8 @@ export interface BackendFixture {
   overwrite(location: string, name: string, data: Buffer): Promise<void>;
   /** Opens the store directly (for tests that inspect the repository through the API). */
   openStore(location: string): Promise<BlobStore>;
+  /** SIGKILL trials of the crash test (at least 20 in the whole suite). */
+  crashTrials: number;
 }
 
 const PASS = 'correct horse battery staple';
@@ -255,7 +257,7 @@ export function repositorySuite(fx: BackendFixture): void {
       generateCorpus(img, { size: 96 << 20, seed: 31 });
       await ok(loc, ['backup', 'image', img, '--id', 'crash']);
       let committed = (await snapshots(loc)).length;
-      const trials = Number(process.env.TRESOR_CRASH_TRIALS ?? 20);
+      const trials = Number(process.env.TRESOR_CRASH_TRIALS ?? fx.crashTrials);
       let killedMidway = 0;
       for (let t = 0; t < trials; t++) {
         // New content each trial so there is real work to interrupt.
