@@ -10,7 +10,7 @@
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { isErrno } from '../util/errors.ts';
+import { TresorError, isErrno } from '../util/errors.ts';
 import {
   type BlobInfo, type BlobStore, type ReadRange,
   BlobNotFoundError, StoreError, StoreFullError, validateBlobName, validateRange,
@@ -73,7 +73,13 @@ export class LocalStore implements BlobStore {
       try {
         await fs.link(tmp, target);
       } catch (err) {
-        if (isErrno(err, 'EEXIST')) return false;
+        if (isErrno(err, 'EEXIST')) {
+          // Only an existing blob counts; a directory of that name (other blobs below it) is an error.
+          if ((await fs.lstat(target)).isFile()) return false;
+          throw new StoreError(`cannot create ${name} in ${this.location}: a directory of that name exists`, {
+            hint: 'this is a bug in Tresor: blob names must not be prefixes of other names', context: { location: this.location, blob: name },
+          });
+        }
         throw err;
       }
       await fsyncDir(dir);
@@ -109,11 +115,20 @@ export class LocalStore implements BlobStore {
     try {
       fh = await fs.open(p, 'r');
     } catch (err) {
-      if (isErrno(err, 'ENOENT', 'ENOTDIR')) throw new BlobNotFoundError(this.location, name);
+      if (isErrno(err, 'ENOENT', 'ENOTDIR', 'EISDIR')) throw new BlobNotFoundError(this.location, name);
       throw wrap(err, 'read', this.location, name);
     }
     try {
+      const st = await fh.stat();
+      if (!st.isFile()) throw new BlobNotFoundError(this.location, name);
       if (range === undefined) return await fh.readFile();
+      if (range.length === 0) {
+        const size = st.size;
+        if (range.offset > size) {
+          throw new StoreError(`short read of ${name}: range starts at ${range.offset}, blob has ${size} bytes`, { context: { location: this.location, blob: name } });
+        }
+        return Buffer.alloc(0);
+      }
       const buf = Buffer.allocUnsafe(range.length);
       let done = 0;
       while (done < range.length) {
@@ -205,7 +220,7 @@ async function fsyncDir(dir: string): Promise<void> {
 }
 
 function wrap(err: unknown, op: string, location: string, name: string): Error {
-  if (err instanceof StoreError || err instanceof BlobNotFoundError || err instanceof StoreFullError) return err;
+  if (err instanceof TresorError) return err;
   if (isErrno(err, 'ENOSPC', 'EDQUOT')) return new StoreFullError(location, name, err);
   if (isErrno(err, 'EACCES', 'EPERM', 'EROFS')) {
     return new StoreError(`permission denied to ${op} ${name} in ${location}`, {
