@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(
   qemu-system-x86 qemu-utils qemu-guest-agent libvirt-daemon-system libvirt-clients
-  e2fsprogs dosfstools mtools ntfs-3g gdisk fdisk xfsprogs exfatprogs lvm2 zstd time
+  e2fsprogs dosfstools mtools ntfs-3g gdisk fdisk xfsprogs exfatprogs exfat-fuse attr lvm2 zstd time
   nbdkit libnbd-bin busybox-static openssl
   ceph-mon ceph-osd radosgw
   restic borgbackup virtnbdbackup

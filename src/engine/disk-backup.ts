@@ -32,7 +32,7 @@ export interface DiskBackupOptions {
   signal?: AbortSignal;
   /** Batches in flight (default: one per worker + 2). */
   inFlight?: number;
-  /** Bytes per batch (default 4 MiB, at least one chunk). */
+  /** Bytes per batch (default 2 MiB, at least one chunk). */
   batchBytes?: number;
 }
 

@@ -8,15 +8,15 @@
  * output stays sparse. Several pieces are in flight to keep storage and both cores busy.
  */
 import { ZERO_ID, BlobType } from '../repo/codec.ts';
-import type { CodecPool } from '../repo/codec-pool.ts';
-import type { DecodeItem } from '../repo/codec-worker.ts';
+import { type CodecPool, noteGarbage } from '../repo/codec-pool.ts';
+import type { DecodeItem } from '../repo/codec-ops.ts';
 import { DiskMapReader, slotLength } from '../repo/disk-map.ts';
 import type { DiskRecord } from '../repo/manifest.ts';
 import { packName } from '../repo/pack.ts';
 import type { Repository } from '../repo/repository.ts';
 import type { DiskWriter } from '../image/disk.ts';
 import { DamageError, TresorError } from '../util/errors.ts';
-import { mapLimit } from '../util/concurrency.ts';
+import { ByteBudget, mapLimit } from '../util/concurrency.ts';
 import type { BlobLocation } from '../repo/blob-index.ts';
 
 export interface DiskRestoreOptions {
@@ -26,6 +26,8 @@ export interface DiskRestoreOptions {
   coalesceGap?: number;
   /** Max bytes of one ranged read. */
   maxReadBytes?: number;
+  /** Bytes of stored and decoded data in flight at once (bounds memory). */
+  inFlightBytes?: number;
 }
 
 export interface DiskRestoreStats {
@@ -47,7 +49,8 @@ export async function restoreDisk(
   const index = await repo.index();
   const stats: DiskRestoreStats = { bytesWritten: 0, bytesFetched: 0, chunks: 0 };
   const gap = opts.coalesceGap ?? 256 * 1024;
-  const maxRead = opts.maxReadBytes ?? 8 << 20;
+  const maxRead = opts.maxReadBytes ?? 2 << 20;
+  const budget = new ByteBudget(opts.inFlightBytes ?? 24 << 20);
   let done = 0;
 
   const restorePiece = async (p: number): Promise<void> => {
@@ -77,37 +80,48 @@ export async function restoreDisk(
     }
     const runs = coalesce([...wanted.values()], gap, maxRead);
     await mapLimit(runs, 4, async (run) => {
-      const pack = packName(run.packId);
-      const data = await repo.store.read(pack, { offset: run.offset, length: run.length });
-      stats.bytesFetched += data.length;
-      const items: DecodeItem[] = run.blobs.map((w) => ({
-        type: BlobType.chunk, id: w.id, rawLength: w.loc.rawLength,
-        stored: data.subarray(w.loc.offset - run.offset, w.loc.offset - run.offset + w.loc.length),
-        label: `chunk ${w.id.toString('hex')} in ${pack}`,
-      }));
-      const results = await pool.decode(items);
-      for (let n = 0; n < results.length; n++) {
-        const r = results[n];
-        const w = run.blobs[n];
-        if (!r.ok) {
-          const offsets = w.slots.map((s) => s * disk.chunkSize);
-          throw new DamageError('damaged-chunk', `snapshot ${snapshot} cannot be restored: ${r.message}; it holds disk ${disk.name} at offset${offsets.length > 1 ? 's' : ''} ${offsets.slice(0, 8).join(', ')}${offsets.length > 8 ? ', …' : ''}`, {
-            context: { snapshot, disk: disk.name, chunk: w.id.toString('hex'), pack, offsets: offsets.slice(0, 64) },
-          });
-        }
-        const plain = Buffer.from(r.plain.buffer, r.plain.byteOffset, r.plain.byteLength);
-        for (const s of w.slots) {
-          if (plain.length !== slotLength(disk.size, disk.chunkSize, s)) {
-            throw new DamageError('damaged-chunk', `chunk ${w.id.toString('hex')} has ${plain.length} bytes but disk ${disk.name} of snapshot ${snapshot} needs ${slotLength(disk.size, disk.chunkSize, s)} at offset ${s * disk.chunkSize}`, { context: { snapshot, disk: disk.name } });
-          }
-          await out.write(s * disk.chunkSize, plain);
-          stats.bytesWritten += plain.length;
-        }
-        stats.chunks++;
+      const cost = run.length + run.blobs.reduce((n, w) => n + w.loc.rawLength, 0);
+      await budget.acquire(cost);
+      try {
+        await restoreRun(run);
+      } finally {
+        budget.release(cost);
+        noteGarbage(cost);
       }
     });
     done += Math.min(disk.pieceSlots * disk.chunkSize, disk.size - firstSlot * disk.chunkSize);
     opts.progress?.(done);
+  };
+
+  const restoreRun = async (run: ReadRun): Promise<void> => {
+    const pack = packName(run.packId);
+    const data = await repo.store.read(pack, { offset: run.offset, length: run.length });
+    stats.bytesFetched += data.length;
+    const items: DecodeItem[] = run.blobs.map((w) => ({
+      type: BlobType.chunk, id: w.id, rawLength: w.loc.rawLength,
+      stored: data.subarray(w.loc.offset - run.offset, w.loc.offset - run.offset + w.loc.length),
+      label: `chunk ${w.id.toString('hex')} in ${pack}`,
+    }));
+    const results = await pool.decode(items);
+    for (let n = 0; n < results.length; n++) {
+      const r = results[n];
+      const w = run.blobs[n];
+      if (!r.ok) {
+        const offsets = w.slots.map((s) => s * disk.chunkSize);
+        throw new DamageError('damaged-chunk', `snapshot ${snapshot} cannot be restored: ${r.message}; it holds disk ${disk.name} at offset${offsets.length > 1 ? 's' : ''} ${offsets.slice(0, 8).join(', ')}${offsets.length > 8 ? ', …' : ''}`, {
+          context: { snapshot, disk: disk.name, chunk: w.id.toString('hex'), pack, offsets: offsets.slice(0, 64) },
+        });
+      }
+      const plain = Buffer.from(r.plain.buffer, r.plain.byteOffset, r.plain.byteLength);
+      for (const s of w.slots) {
+        if (plain.length !== slotLength(disk.size, disk.chunkSize, s)) {
+          throw new DamageError('damaged-chunk', `chunk ${w.id.toString('hex')} has ${plain.length} bytes but disk ${disk.name} of snapshot ${snapshot} needs ${slotLength(disk.size, disk.chunkSize, s)} at offset ${s * disk.chunkSize}`, { context: { snapshot, disk: disk.name } });
+        }
+        await out.write(s * disk.chunkSize, plain);
+        stats.bytesWritten += plain.length;
+      }
+      stats.chunks++;
+    }
   };
 
   // Pieces in flight: enough to overlap fetching and decoding, bounded for memory.

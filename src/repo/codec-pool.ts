@@ -1,115 +1,163 @@
 /**
- * A pool of codec worker threads (codec-worker.ts). Chunk processing is two-phase so that
- * chunks already in the repository are never compressed or encrypted: `hash` returns the ids of
- * a batch while the worker keeps its data; the caller checks them against the blob index and
- * asks the same worker to `encode` only the new ones.
+ * A pool of codec executors (codec-ops.ts): worker threads plus one executor inline on the main
+ * thread. With N cores there are N-1 workers and the main thread takes a share of the work in
+ * the gaps between its I/O callbacks: every core is busy, and the process carries one isolate
+ * (≈40 MiB of runtime and garbage) less than with N workers.
+ *
+ * Chunk processing is two-phase so chunks already in the repository are never compressed or
+ * encrypted: `hash` returns the ids of a batch while the executor keeps its data; the caller
+ * checks them against the blob index and asks the same executor to `encode` only the new ones.
  */
 import { Worker } from 'node:worker_threads';
+import { availableParallelism } from 'node:os';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { availableParallelism } from 'node:os';
 import { TresorError } from '../util/errors.ts';
 import type { CodecKeys, BlobTypeValue } from './codec.ts';
-import type { DecodeItem, DecodeResult } from './codec-worker.ts';
+import { CodecExecutor, GarbageCollector, type CodecRequest, type DecodeItem, type DecodeResult } from './codec-ops.ts';
 
-interface Pending {
-  resolve: (v: any) => void;
-  reject: (e: Error) => void;
+export type { DecodeItem, DecodeResult } from './codec-ops.ts';
+
+type GcFunction = ConstructorParameters<typeof GarbageCollector>[0];
+
+/**
+ * Worker isolates get `gc()` (codec-ops.ts GarbageCollector explains why); the flag must be set
+ * before they are created. The main thread gets one from a fresh context.
+ */
+let mainCollector: GarbageCollector | undefined;
+function enableCollection(): GarbageCollector {
+  if (!mainCollector) {
+    setFlagsFromString('--expose-gc');
+    mainCollector = new GarbageCollector(runInNewContext('gc') as GcFunction);
+  }
+  return mainCollector;
 }
 
-class CodecWorker {
-  readonly worker: Worker;
-  readonly pending = new Map<number, Pending>();
+/** Tells the main thread's collector that `bytes` of large buffers became garbage. */
+export function noteGarbage(bytes: number): void {
+  mainCollector?.note(bytes);
+}
+
+interface Executor {
+  load: number;
+  call<T>(msg: CodecRequest, transfer?: ArrayBuffer[]): Promise<T>;
+  close(): Promise<void>;
+}
+
+class WorkerExecutor implements Executor {
+  readonly #worker: Worker;
+  readonly #pending = new Map<number, { resolve: (v: any) => void; reject: (e: Error) => void }>();
   load = 0;
   #failed: Error | undefined;
 
   constructor(keys: CodecKeys) {
-    this.worker = new Worker(new URL('./codec-worker.ts', import.meta.url), {
-      workerData: {
-        encKey: keys.master?.encKey, idKey: keys.master?.idKey, compressionLevel: keys.compressionLevel,
-      },
+    this.#worker = new Worker(new URL('./codec-worker.ts', import.meta.url), {
+      workerData: { encKey: keys.master?.encKey, idKey: keys.master?.idKey, compressionLevel: keys.compressionLevel },
     });
-    this.worker.unref();
-    this.worker.on('message', (m: { req: number; error?: string }) => {
-      const p = this.pending.get(m.req);
+    this.#worker.unref();
+    this.#worker.on('message', (m: { req: number; error?: string }) => {
+      const p = this.#pending.get(m.req);
       if (!p) return;
-      this.pending.delete(m.req);
+      this.#pending.delete(m.req);
       this.load--;
       if (m.error !== undefined) p.reject(new TresorError('codec-worker', `codec worker failed: ${m.error}`));
       else p.resolve(m);
     });
     const fail = (err: Error) => {
       this.#failed = err;
-      for (const p of this.pending.values()) p.reject(new TresorError('codec-worker', `codec worker died: ${err.message}`, { cause: err }));
-      this.pending.clear();
+      for (const p of this.#pending.values()) p.reject(new TresorError('codec-worker', `codec worker died: ${err.message}`, { cause: err }));
+      this.#pending.clear();
     };
-    this.worker.on('error', fail);
-    this.worker.on('exit', (code) => {
-      if (this.pending.size > 0) fail(new Error(`exited with code ${code}`));
+    this.#worker.on('error', fail);
+    this.#worker.on('exit', (code) => {
+      if (this.#pending.size > 0) fail(new Error(`exited with code ${code}`));
     });
   }
 
-  call<T>(msg: Record<string, unknown>, req: number, transfer: ArrayBuffer[] = []): Promise<T> {
+  call<T>(msg: CodecRequest, transfer: ArrayBuffer[] = []): Promise<T> {
     if (this.#failed) return Promise.reject(this.#failed);
     this.load++;
     return new Promise<T>((resolve, reject) => {
-      this.pending.set(req, { resolve, reject });
-      this.worker.postMessage({ ...msg, req }, transfer);
+      this.#pending.set(msg.req, { resolve, reject });
+      this.#worker.postMessage(msg, transfer);
     });
+  }
+
+  async close(): Promise<void> {
+    await this.#worker.terminate();
   }
 }
 
+class InlineExecutor implements Executor {
+  readonly #executor: CodecExecutor;
+  load = 0;
+
+  constructor(keys: CodecKeys) {
+    this.#executor = new CodecExecutor(keys);
+  }
+
+  call<T>(msg: CodecRequest): Promise<T> {
+    this.load++;
+    // Run on a later turn of the event loop, like a worker reply, so pending I/O callbacks go first.
+    return new Promise<T>((resolve, reject) => {
+      setImmediate(() => {
+        this.load--;
+        try {
+          const reply = this.#executor.handle(msg);
+          noteGarbage(reply.garbage);
+          resolve(reply.message as T);
+        } catch (err) {
+          reject(new TresorError('codec', `codec failed: ${err instanceof Error ? err.message : String(err)}`));
+        }
+      });
+    });
+  }
+
+  async close(): Promise<void> {}
+}
+
 export interface HashedBatch {
-  worker: number;
+  executor: number;
   batch: number;
   /** 32 bytes per chunk; all-zero id = the chunk is all zeros. */
   ids: Buffer;
 }
 
-/**
- * Workers churn through large short-lived buffers (input batches, zstd and AES outputs). V8 only
- * collects them once external memory has grown by tens of MiB per isolate, which with several
- * isolates blows the memory budget; so workers are given `gc()` and call it every few MiB.
- * The flag must be set before the workers' isolates are created.
- */
-let gcExposed = false;
-let mainGc: (() => void) | undefined;
-function exposeGcToWorkers(): void {
-  if (gcExposed) return;
-  setFlagsFromString('--expose-gc');
-  gcExposed = true;
-  // Contexts created from now on have gc(); the main thread gets one from a fresh context.
-  mainGc = runInNewContext('gc') as () => void;
-}
-
-/** Collects garbage on the main thread (after a large buffer such as a pack was released). */
-export function collectGarbage(): void {
-  mainGc?.();
-}
-
 export class CodecPool {
-  readonly #workers: CodecWorker[];
+  readonly #executors: Executor[];
   #nextReq = 1;
   #nextBatch = 1;
 
+  /** `size` executors in all (default: one per core, up to 8): size-1 workers and the main thread. */
   constructor(keys: CodecKeys, size = Math.max(1, Math.min(availableParallelism(), 8))) {
-    exposeGcToWorkers();
-    this.#workers = Array.from({ length: size }, () => new CodecWorker(keys));
+    enableCollection();
+    this.#executors = [new InlineExecutor(keys), ...Array.from({ length: size - 1 }, () => new WorkerExecutor(keys))];
   }
 
   get size(): number {
-    return this.#workers.length;
+    return this.#executors.length;
   }
 
-  #leastLoaded(): number {
+  /**
+   * The least loaded executor; the main thread counts as busier (it also does all the I/O), so
+   * it gets work only when the workers have more queued.
+   */
+  #pick(): number {
     let best = 0;
-    for (let i = 1; i < this.#workers.length; i++) if (this.#workers[i].load < this.#workers[best].load) best = i;
+    let bestLoad = Infinity;
+    this.#executors.forEach((e, i) => {
+      const load = e.load + (e instanceof InlineExecutor ? 1 : 0);
+      if (load < bestLoad) {
+        best = i;
+        bestLoad = load;
+      }
+    });
     return best;
   }
 
-  /** Hashes `data` (transferred: the caller must not touch it afterwards) in chunks of `chunkSize`. */
+  /** Hashes `data` (the caller must not touch it afterwards) in chunks of `chunkSize`. */
   async hash(data: Buffer, chunkSize: number): Promise<HashedBatch> {
-    const w = this.#leastLoaded();
+    const e = this.#pick();
     const batch = this.#nextBatch++;
     // Transfer needs a whole, unshared ArrayBuffer; copy when `data` is a view into a larger one.
     let ab: ArrayBuffer;
@@ -119,28 +167,26 @@ export class CodecPool {
       ab = new ArrayBuffer(data.length);
       new Uint8Array(ab).set(data);
     }
-    const owned = { length: data.length };
-    const r = await this.#workers[w].call<{ ids: Uint8Array }>({ op: 'hash', batch, data: ab, byteLength: owned.length, chunkSize }, this.#nextReq++, [ab]);
-    return { worker: w, batch, ids: Buffer.from(r.ids.buffer, r.ids.byteOffset, r.ids.byteLength) };
+    const r = await this.#executors[e].call<{ ids: Uint8Array }>({ op: 'hash', req: this.#nextReq++, batch, data: ab, byteLength: data.length, chunkSize }, [ab]);
+    return { executor: e, batch, ids: Buffer.from(r.ids.buffer, r.ids.byteOffset, r.ids.byteLength) };
   }
 
   /** Encodes chunks `which` of a hashed batch and releases the batch. */
   async encode(b: HashedBatch, which: number[], type: BlobTypeValue): Promise<Buffer[]> {
     if (which.length === 0) {
-      await this.#workers[b.worker].call({ op: 'drop', batch: b.batch }, this.#nextReq++);
+      await this.#executors[b.executor].call({ op: 'drop', req: this.#nextReq++, batch: b.batch });
       return [];
     }
-    const r = await this.#workers[b.worker].call<{ blobs: Uint8Array[] }>({ op: 'encode', batch: b.batch, which, type }, this.#nextReq++);
+    const r = await this.#executors[b.executor].call<{ blobs: Uint8Array[] }>({ op: 'encode', req: this.#nextReq++, batch: b.batch, which, type });
     return r.blobs.map((u) => Buffer.from(u.buffer, u.byteOffset, u.byteLength));
   }
 
   async decode(items: DecodeItem[]): Promise<DecodeResult[]> {
-    const w = this.#leastLoaded();
-    const r = await this.#workers[w].call<{ results: DecodeResult[] }>({ op: 'decode', items }, this.#nextReq++);
+    const r = await this.#executors[this.#pick()].call<{ results: DecodeResult[] }>({ op: 'decode', req: this.#nextReq++, items });
     return r.results;
   }
 
   async close(): Promise<void> {
-    await Promise.all(this.#workers.map((w) => w.worker.terminate()));
+    await Promise.all(this.#executors.map((e) => e.close()));
   }
 }

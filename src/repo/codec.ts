@@ -12,7 +12,7 @@
  * the context id is the blob id, so a blob cannot be passed off as another; for named objects
  * (manifests, index files) it is derived from the object's role/name.
  */
-import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHash, createHmac, createSecretKey, randomBytes, type KeyObject } from 'node:crypto';
 import * as zlib from 'node:zlib';
 import { DamageError } from '../util/errors.ts';
 import type { MasterKey } from './keys.ts';
@@ -47,9 +47,20 @@ export interface CodecKeys {
   compressionLevel: number;
 }
 
+/**
+ * Passing a Buffer as a key makes Node build a KeyObject on every call, which costs more than
+ * hashing a 64 KiB chunk; keys are converted once and cached.
+ */
+const keyObjects = new WeakMap<Buffer, KeyObject>();
+function keyObject(key: Buffer): KeyObject {
+  let k = keyObjects.get(key);
+  if (!k) keyObjects.set(key, (k = createSecretKey(key)));
+  return k;
+}
+
 export function computeId(keys: CodecKeys, plaintext: Uint8Array): Buffer {
   return keys.master
-    ? createHmac('sha256', keys.master.idKey).update(plaintext).digest()
+    ? createHmac('sha256', keyObject(keys.master.idKey)).update(plaintext).digest()
     : createHash('sha256').update(plaintext).digest();
 }
 
@@ -82,7 +93,7 @@ export function encodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint
     return Buffer.concat([header, crc, payload]);
   }
   const nonce = randomBytes(12);
-  const c = createCipheriv('aes-256-gcm', keys.master.encKey, nonce);
+  const c = createCipheriv('aes-256-gcm', keyObject(keys.master.encKey), nonce);
   c.setAAD(aad(header, type, contextId));
   const ct1 = c.update(payload);
   const ct2 = c.final();
@@ -130,7 +141,7 @@ export function decodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint
     if (buf.length < HEADER + 12 + 16) fail('too short for an encrypted blob');
     const nonce = buf.subarray(HEADER, HEADER + 12);
     const tag = buf.subarray(buf.length - 16);
-    const d = createDecipheriv('aes-256-gcm', keys.master.encKey, nonce);
+    const d = createDecipheriv('aes-256-gcm', keyObject(keys.master.encKey), nonce);
     d.setAAD(aad(buf.subarray(0, HEADER), type, contextId));
     d.setAuthTag(tag);
     try {

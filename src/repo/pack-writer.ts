@@ -9,7 +9,7 @@ import type { Repository } from './repository.ts';
 import type { BlobTypeValue } from './codec.ts';
 import type { IndexedPack } from './index-file.ts';
 import { MAX_PACK_SIZE, PackBuilder } from './pack.ts';
-import { collectGarbage } from './codec-pool.ts';
+import { noteGarbage } from './codec-pool.ts';
 
 export interface PackWriterStats {
   packs: number;
@@ -72,8 +72,8 @@ export class PackWriter {
       this.stats.packs++;
       this.stats.bytes += sealed.data.length;
     })().then(() => {
-      // The pack's buffers are garbage now; collect them before they pile up (codec-pool.ts).
-      if (this.stats.packs % 2 === 0) collectGarbage();
+      // The pack's buffers (its blobs and their concatenation) are garbage now (codec-pool.ts).
+      noteGarbage(sealed.data.length * 2);
     }).catch((err) => {
       this.#failure ??= err;
     });

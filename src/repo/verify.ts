@@ -14,7 +14,7 @@
  */
 import { ZERO_ID, BlobType, BLOB_TYPE_NAMES, type BlobTypeValue } from './codec.ts';
 import type { CodecPool } from './codec-pool.ts';
-import type { DecodeItem } from './codec-worker.ts';
+import type { DecodeItem } from './codec-ops.ts';
 import { DiskMapReader } from './disk-map.ts';
 import type { SnapshotManifest } from './manifest.ts';
 import { packIdFromName, packName } from './pack.ts';

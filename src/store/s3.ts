@@ -189,7 +189,7 @@ export class S3Store implements BlobStore {
   async #body(name: string, range: ReadRange | undefined, res: GetObjectCommandOutput): Promise<Buffer> {
     const stream = res.Body as (AsyncIterable<Uint8Array> & { destroy?: () => void }) | undefined;
     // A server that ignores Range answers 200 with the whole object: take our slice of it.
-    const ignoredRange = range !== undefined && res.ContentRange === undefined;
+    const ignoredRange = range !== undefined && res.$metadata.httpStatusCode === 200;
     if (range !== undefined && !ignoredRange) {
       const start = /^bytes (\d+)-/.exec(res.ContentRange ?? '');
       if (start === null || Number(start[1]) !== range.offset) {
@@ -200,10 +200,13 @@ export class S3Store implements BlobStore {
         });
       }
     }
-    const expected = range === undefined || ignoredRange ? res.ContentLength : range.length;
-    if (expected !== undefined && (!Number.isSafeInteger(expected) || expected < 0 || expected > bufferConstants.MAX_LENGTH)) {
+    // Content-Length is what this answer carries: for a range that runs past the end, less than asked.
+    const expected = res.ContentLength;
+    const tooMuch = range !== undefined && !ignoredRange && expected !== undefined && expected > range.length;
+    if (tooMuch || (expected !== undefined && (!Number.isSafeInteger(expected) || expected < 0 || expected > bufferConstants.MAX_LENGTH))) {
       stream?.destroy?.();
-      throw new StoreError(`${name} in ${this.location} has an impossible length ${expected}`, {
+      throw new StoreError(`reading ${name} from ${this.location}: the server announced an impossible length ${expected}`, {
+        hint: 'the S3 service answered a read incorrectly',
         context: { location: this.location, blob: name, op: 'read', endpoint: this.#endpointLabel },
       });
     }
@@ -213,15 +216,17 @@ export class S3Store implements BlobStore {
     } catch (err) {
       if (err instanceof StoreError) {
         throw new StoreError(`reading ${name} from ${this.location}: ${err.message}`, {
-          hint: 'the S3 service sent a different number of bytes than it announced; run `tresor verify`',
-          context: { location: this.location, blob: name, op: 'read', endpoint: this.#endpointLabel },
+          hint: 'the S3 service sent a different number of bytes than it announced; try again, then run `tresor verify`',
+          // A body cut short is a transport failure like a reset connection: worth another try.
+          context: { location: this.location, blob: name, op: 'read', endpoint: this.#endpointLabel, transient: true },
         });
       }
       throw await this.#fail('read', name, err);
     }
     if (range === undefined) return data;
+    const total = ignoredRange ? data.length : Number(/\/(\d+)$/.exec(res.ContentRange ?? '')?.[1] ?? Number.NaN);
     if (ignoredRange) data = data.subarray(range.offset, range.offset + range.length);
-    if (data.length < range.length) throw this.#shortRead(name, range, ignoredRange ? res.ContentLength : undefined);
+    if (data.length < range.length) throw this.#shortRead(name, range, Number.isSafeInteger(total) ? total : undefined);
     return data;
   }
 
@@ -368,11 +373,19 @@ export class S3Store implements BlobStore {
 
     if (facts.status === undefined) {
       const code = facts.netCode;
-      if (code === 'ETIMEDOUT' || (err as { name?: unknown }).name === 'TimeoutError') {
+      // The SDK names resets "TimeoutError" too; the code tells them apart.
+      if (code === 'ETIMEDOUT') {
         return make(`cannot ${what}: ${this.#endpointLabel} did not answer in time`,
           'the S3 service is overloaded, hung or unreachable; check it and try again', true);
       }
-      const transient = code !== undefined && TRANSIENT_NETWORK_CODES.has(code);
+      if ((err as { name?: unknown }).name === 'CredentialsProviderError') {
+        return make(`cannot ${what}: no S3 credentials found`,
+          'set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or configure an AWS profile)', false, ExitCode.auth);
+      }
+      if (code === undefined) {
+        return make(`cannot ${what}: ${facts.message}`, 'an unexpected failure of the S3 client; if it persists, report it with this message', false);
+      }
+      const transient = TRANSIENT_NETWORK_CODES.has(code);
       return make(`cannot ${what}: cannot talk to ${this.#endpointLabel}: ${facts.message}`,
         code === 'ENOTFOUND'
           ? 'the endpoint host name does not resolve; check --s3-endpoint / AWS_ENDPOINT_URL'

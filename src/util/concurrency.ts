@@ -13,3 +13,39 @@ export async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (it
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, run));
   return out;
 }
+
+/**
+ * A budget of bytes in flight: `acquire(n)` waits until n bytes fit (a request larger than the
+ * whole budget proceeds alone), `release(n)` gives them back. Bounds memory in pipelines whose
+ * items vary in size.
+ */
+export class ByteBudget {
+  readonly limit: number;
+  #used = 0;
+  readonly #waiting: Array<{ n: number; go: () => void }> = [];
+
+  constructor(limit: number) {
+    this.limit = limit;
+  }
+
+  acquire(n: number): Promise<void> {
+    if (this.#fits(n) && this.#waiting.length === 0) {
+      this.#used += n;
+      return Promise.resolve();
+    }
+    return new Promise((go) => this.#waiting.push({ n, go }));
+  }
+
+  release(n: number): void {
+    this.#used -= n;
+    while (this.#waiting.length > 0 && this.#fits(this.#waiting[0].n)) {
+      const w = this.#waiting.shift()!;
+      this.#used += w.n;
+      w.go();
+    }
+  }
+
+  #fits(n: number): boolean {
+    return this.#used === 0 || this.#used + n <= this.limit;
+  }
+}
