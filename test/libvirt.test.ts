@@ -33,7 +33,7 @@ async function rejectsWithCode(promise: Promise<unknown>, code: string, opts: { 
   } catch (err) {
     assert.ok(err instanceof HypervisorError, `expected a HypervisorError, got ${String(err)}`);
     assert.equal(err.code, code, `expected ${code}, got ${err.code}: ${err.message}`);
-    assert.ok(err.hint !== undefined && err.hint.length > 0, 'the error carries a hint');
+    assert.ok(err.hint !== undefined && err.hint.length > 0, `the error carries a hint: ${err.message}`);
     if (opts.libvirt !== false) assert.equal(err.context.uri, SYSTEM_URI);
     return err;
   }

@@ -34,6 +34,7 @@ import { Virsh } from './virsh.ts';
 
 export { HypervisorError, type HypervisorErrorCode } from './errors.ts';
 export type * from './types.ts';
+export { exportDiskImage, readImageInfo, type DiskImageExport, type DiskImageExportOptions, type ImageBitmap, type ImageInfo } from './offline-disk.ts';
 
 export const MIN_LIBVIRT_VERSION = [7, 6, 0] as const;
 export const MIN_QEMU_VERSION = [6, 1, 0] as const;
@@ -185,12 +186,16 @@ export class LibvirtHypervisor implements Hypervisor {
 
   async beginPullBackup(domain: DomainRef, opts: PullBackupOptions): Promise<BackupJob> {
     const context = { uri: this.uri, domain, operation: 'backup-begin' };
-    if (opts.disks.length === 0) throw new HypervisorError('disk-not-found', 'a backup needs at least one disk', { context });
+    if (opts.disks.length === 0) {
+      throw new HypervisorError('disk-not-found', 'a backup needs at least one disk', { context, hint: 'name the disks to back up (all excluded?)' });
+    }
     if (opts.checkpointName !== undefined) validateCheckpointName(opts.checkpointName);
     const allDisks = await this.disks(domain);
     for (const disk of opts.disks) {
       if (!allDisks.some((candidate) => candidate.target === disk.target)) {
-        throw new HypervisorError('disk-not-found', `domain ${domain} has no disk ${disk.target} (it has ${allDisks.map((d) => d.target).join(', ') || 'none'})`, { context });
+        throw new HypervisorError('disk-not-found', `domain ${domain} has no disk ${disk.target} (it has ${allDisks.map((d) => d.target).join(', ') || 'none'})`, {
+          context, hint: 'use the target names `disks()` reports (vda, sda...); the definition may have changed since',
+        });
       }
     }
     // libvirt waits 30 s for its job lock before refusing a second job: find out at once.

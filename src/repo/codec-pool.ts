@@ -52,7 +52,7 @@ class WorkerExecutor implements Executor {
 
   constructor(keys: CodecKeys) {
     this.#worker = new Worker(new URL('./codec-worker.ts', import.meta.url), {
-      workerData: { encKey: keys.master?.encKey, idKey: keys.master?.idKey, compressionLevel: keys.compressionLevel },
+      workerData: { encKey: keys.master?.encKey, idKey: keys.master?.idKey, compressionLevel: keys.compressionLevel, compressionStrategy: keys.compressionStrategy },
     });
     this.#worker.unref();
     this.#worker.on('message', (m: { req: number; error?: string }) => {

@@ -7,12 +7,14 @@ interface WorkerInit {
   encKey?: Uint8Array;
   idKey?: Uint8Array;
   compressionLevel: number;
+  compressionStrategy?: number;
 }
 
 const init = workerData as WorkerInit;
 const keys: CodecKeys = {
   master: init.encKey && init.idKey ? { encKey: Buffer.from(init.encKey), idKey: Buffer.from(init.idKey) } : undefined,
   compressionLevel: init.compressionLevel,
+  compressionStrategy: init.compressionStrategy,
 };
 const executor = new CodecExecutor(keys);
 const collector = new GarbageCollector((globalThis as { gc?: ConstructorParameters<typeof GarbageCollector>[0] }).gc);

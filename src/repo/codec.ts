@@ -45,6 +45,8 @@ export interface CodecKeys {
   master: MasterKey | undefined;
   /** zstd level, 0 = no compression */
   compressionLevel: number;
+  /** zstd strategy (ZSTD_c_strategy: 1 fast … 9 btultra2); undefined = the level's default. */
+  compressionStrategy?: number;
 }
 
 /**
@@ -69,21 +71,42 @@ export function nameId(keys: CodecKeys, role: string, name: string): Buffer {
   return computeId(keys, Buffer.from(`${role}\0${name}`));
 }
 
-function compress(plaintext: Uint8Array, level: number): Buffer | undefined {
-  if (level <= 0 || plaintext.length < 64) return undefined;
-  const out = zlib.zstdCompressSync(plaintext, {
+const SAMPLE = 4096;
+
+function zstd(data: Uint8Array, level: number, strategy?: number): Buffer {
+  return zlib.zstdCompressSync(data, {
     params: {
       [zlib.constants.ZSTD_c_compressionLevel]: level,
+      ...(strategy !== undefined ? { [zlib.constants.ZSTD_c_strategy]: strategy } : {}),
       [zlib.constants.ZSTD_c_checksumFlag]: 0,
       [zlib.constants.ZSTD_c_contentSizeFlag]: 1,
     },
   });
+}
+
+/**
+ * Disk images are largely either compressible (text, binaries, metadata) or not at all (media,
+ * encrypted or already compressed data). Two 4 KiB samples at level 1 tell which, for a fraction
+ * of the cost of compressing an incompressible chunk in full.
+ */
+function looksIncompressible(plaintext: Uint8Array): boolean {
+  if (plaintext.length < 4 * SAMPLE) return false;
+  const mid = (plaintext.length >> 1) - (SAMPLE >> 1);
+  for (const at of [0, mid, plaintext.length - SAMPLE]) {
+    if (zstd(plaintext.subarray(at, at + SAMPLE), 1).length < SAMPLE - (SAMPLE >> 4)) return false;
+  }
+  return true;
+}
+
+function compress(plaintext: Uint8Array, level: number, strategy?: number): Buffer | undefined {
+  if (level <= 0 || plaintext.length < 64 || looksIncompressible(plaintext)) return undefined;
+  const out = zstd(plaintext, level, strategy);
   // Keep it only when it saves at least 1/32: otherwise restore pays decompression for nothing.
   return out.length < plaintext.length - (plaintext.length >> 5) ? out : undefined;
 }
 
 export function encodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint8Array, plaintext: Uint8Array): Buffer {
-  const compressed = compress(plaintext, keys.compressionLevel);
+  const compressed = compress(plaintext, keys.compressionLevel, keys.compressionStrategy);
   const payload = compressed ?? plaintext;
   const flags = (compressed ? FLAG_COMPRESSED : 0) | (keys.master ? FLAG_ENCRYPTED : 0);
   const header = Buffer.from([MAGIC0, MAGIC1, VERSION, flags]);

@@ -14,18 +14,21 @@ export function registerRepoCommands(program: Command, env: CommandEnv): void {
     .description('create a new repository (encrypted by default)')
     .option('--encryption <mode>', 'aes-256-gcm or none', 'aes-256-gcm')
     .option('--chunk-size <size>', 'fixed chunk size for disk images', String(DEFAULTS.chunkSize))
-    .option('--compression-level <n>', 'zstd level (0 = off)', String(DEFAULTS.compressionLevel))
-    .action(async (o: { encryption: string; chunkSize: string; compressionLevel: string }) => {
+    .option('--compression-level <n>', `zstd level, 0 = off (default ${DEFAULTS.compressionLevel} with the lazy strategy)`)
+    .option('--compression-strategy <n>', 'zstd strategy 1-9 (ZSTD_c_strategy); default: the level\'s own')
+    .action(async (o: { encryption: string; chunkSize: string; compressionLevel?: string; compressionStrategy?: string }) => {
       const g = env.globals();
       if (o.encryption !== 'aes-256-gcm' && o.encryption !== 'none') {
         throw new UsageError(`unknown encryption ${JSON.stringify(o.encryption)}`, 'use --encryption aes-256-gcm (default) or --encryption none');
       }
-      const level = Number(o.compressionLevel);
-      if (!Number.isInteger(level) || level < 0 || level > 19) throw new UsageError('--compression-level must be 0..19');
+      const level = o.compressionLevel === undefined ? undefined : Number(o.compressionLevel);
+      if (level !== undefined && (!Number.isInteger(level) || level < 0 || level > 19)) throw new UsageError('--compression-level must be 0..19');
+      const strategy = o.compressionStrategy === undefined ? undefined : Number(o.compressionStrategy);
+      if (strategy !== undefined && (!Number.isInteger(strategy) || strategy < 1 || strategy > 9)) throw new UsageError('--compression-strategy must be 1..9');
       const store = await openStore(g, true);
       const passphrase = o.encryption === 'none' ? undefined : await readPassphrase(g, `protect the new repository at ${store.location}`, true);
       const { repo: r, recoveryKey } = await Repository.init(store, {
-        encryption: o.encryption, passphrase, chunkSize: parseSize(o.chunkSize), compressionLevel: level,
+        encryption: o.encryption, passphrase, chunkSize: parseSize(o.chunkSize), compressionLevel: level, compressionStrategy: strategy,
       });
       printResult(g, { ok: true, location: store.location, id: r.config.id, encryption: r.config.encryption, chunkSize: r.config.chunkSize, recoveryKey }, () => [
         `created repository ${r.config.id} at ${store.location}`,
