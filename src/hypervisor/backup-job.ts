@@ -26,7 +26,11 @@ export function pullBackupXml(opts: PullBackupOptions, allTargets: string[]): st
           if (disk === undefined) return { name: 'disk', attributes: { name: target, backup: 'no' } };
           return {
             name: 'disk',
-            attributes: { name: target, backup: 'yes', type: 'file', exportname: disk.exportName ?? target },
+            attributes: {
+              name: target, backup: 'yes', type: 'file', exportname: disk.exportName ?? target,
+              ...(disk.backupMode === undefined ? {} : { backupmode: disk.backupMode }),
+              ...(disk.backupMode === 'incremental' && opts.incrementalFrom !== undefined ? { incremental: opts.incrementalFrom } : {}),
+            },
             children: [{ name: 'scratch', attributes: { file: disk.scratchFile } }],
           };
         }),

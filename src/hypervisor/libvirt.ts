@@ -211,7 +211,7 @@ export class LibvirtHypervisor implements Hypervisor {
     const targets = allDisks.map((disk) => disk.target);
     const documents = [pullBackupXml(opts, targets)];
     if (opts.checkpointName !== undefined) {
-      documents.push(checkpointCreateXml(opts.checkpointName, opts.disks.map((disk) => disk.target), targets));
+      documents.push(checkpointCreateXml(opts.checkpointName, opts.checkpointDisks ?? opts.disks.map((disk) => disk.target), targets));
     }
     await this.virsh.withFiles(documents, (files) => this.virsh.run(['backup-begin', domain, ...files], {
       operation: 'backup-begin', domain, context: { socketPath: opts.socketPath, incrementalFrom: opts.incrementalFrom, checkpoint: opts.checkpointName },

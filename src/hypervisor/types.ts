@@ -74,6 +74,11 @@ export interface PullBackupDisk {
   scratchFile: string;
   /** NBD export name; default: the target. */
   exportName?: string;
+  /**
+   * Per-disk mode (libvirt ≥ 7.6 `backupmode`): 'full' reads this disk whole even in an
+   * incremental job (e.g. a disk without the checkpoint's bitmap, or resized since).
+   */
+  backupMode?: 'full' | 'incremental';
 }
 
 export interface PullBackupOptions {
@@ -84,6 +89,8 @@ export interface PullBackupOptions {
   incrementalFrom?: string;
   /** Creates this checkpoint atomically with the backup's point in time. */
   checkpointName?: string;
+  /** Disks the new checkpoint tracks with a bitmap (default: every backed-up disk); others get checkpoint='no'. */
+  checkpointDisks?: string[];
 }
 
 export interface BackupJobDisk {

@@ -31,8 +31,10 @@ export interface DiskRecord {
   /** Bytes of the disk covered by data chunks (the rest are holes). */
   dataBytes: number;
   dataChunks: number;
-  /** Where an incremental was possible: which parent disk it was based on. */
+  /** Where an incremental was possible: which parent disk it was based on (else why not). */
   base?: { snapshot: string; reason?: string };
+  /** Bytes read from the source for this disk (an incremental reads only what changed). */
+  bytesRead?: number;
 }
 
 export interface SnapshotStats {

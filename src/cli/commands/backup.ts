@@ -1,9 +1,12 @@
 /** `tresor backup image FILE --id NAME`. */
 import type { Command } from 'commander';
 import { backupImage } from '../../engine/image-backup.ts';
+import { backupVm, DEFAULT_SCRATCH_DIR, type ConsistencyPolicy } from '../../engine/vm-backup.ts';
+import { openLibvirt } from '../../hypervisor/libvirt.ts';
+import { connectUri, DEFAULT_CONNECT } from './vms.ts';
 import { UsageError } from '../../util/errors.ts';
 import { openRepository } from '../context.ts';
-import { Progress, formatBytes, formatDuration, printResult } from '../output.ts';
+import { Progress, formatBytes, formatDuration, parseSize, printResult } from '../output.ts';
 import type { CommandEnv } from '../main.ts';
 
 export function parseTags(list: string[]): Record<string, string> {
@@ -33,6 +36,38 @@ export function registerBackupCommands(program: Command, env: CommandEnv): void 
         `snapshot ${m.name}`,
         `disk ${formatBytes(d.size)} (${d.sourceFormat}), ${formatBytes(d.dataBytes)} in data chunks; read ${formatBytes(m.stats.bytesRead)}`,
         `${m.stats.newChunks} new chunks, ${m.stats.reusedChunks} reused; added ${formatBytes(m.stats.addedBytes)} to the repository in ${formatDuration(m.stats.durationMs)}`,
+      ].join('\n'));
+    });
+
+  backup.command('vm <domain>')
+    .description('back up a libvirt VM (running: pull-mode backup with checkpoints; shut off: from its images)')
+    .option('--connect <uri>', `libvirt URI (default: $TRESOR_CONNECT, $LIBVIRT_DEFAULT_URI or ${DEFAULT_CONNECT})`)
+    .option('--id <name>', 'backup id (default: the domain name): snapshots are named vm/<id>/<time>')
+    .option('--consistency <policy>', 'require: fail without a guest-agent freeze; try: fall back to crash-consistent; off', 'try')
+    .option('--full', 'read every disk whole even when an incremental is possible', false)
+    .option('--exclude-disk <target...>', 'disks not to back up (vdb, sdc...)', [])
+    .option('--bwlimit <rate>', 'read at most this many bytes per second from the VM disks (e.g. 100M)')
+    .option('--scratch-dir <dir>', `scratch (copy-before-write) space on the hypervisor host (default ${DEFAULT_SCRATCH_DIR})`)
+    .option('--tag <key=value...>', 'tags to record on the snapshot', [])
+    .action(async (domain: string, o: { connect?: string; id?: string; consistency: string; full: boolean; excludeDisk: string[]; bwlimit?: string; scratchDir?: string; tag: string[] }) => {
+      const g = env.globals();
+      if (!['require', 'try', 'off'].includes(o.consistency)) throw new UsageError(`unknown consistency policy ${JSON.stringify(o.consistency)}`, 'use --consistency require, try or off');
+      const repo = await openRepository(g);
+      const hv = await openLibvirt(connectUri(o));
+      const progress = new Progress(`backup ${domain}`, g);
+      const r = await backupVm(repo, hv, domain, {
+        id: o.id, consistency: o.consistency as ConsistencyPolicy, full: o.full, excludeDisks: o.excludeDisk,
+        bwlimit: o.bwlimit ? parseSize(o.bwlimit) : undefined, scratchDir: o.scratchDir, tags: parseTags(o.tag),
+        signal: env.signal, progress: (d, t) => progress.update(d, t),
+        log: (line) => { if (!g.json && !g.quiet && !process.stderr.isTTY) process.stderr.write(`${line}\n`); },
+      });
+      progress.finish();
+      const m = r.manifest;
+      const consistency = (m.source.consistency as { level: string }).level;
+      printResult(g, { ok: true, snapshot: m, log: r.log }, () => [
+        `snapshot ${m.name} (${consistency}-consistent)`,
+        ...m.disks.map((d) => `disk ${d.name} ${formatBytes(d.size)}: ${d.base?.snapshot ? `incremental from ${d.base.snapshot}` : `full read${d.base?.reason ? ` (${d.base.reason})` : ''}`}`),
+        `read ${formatBytes(m.stats.bytesRead)}; ${m.stats.newChunks} new chunks, ${m.stats.reusedChunks} reused; added ${formatBytes(m.stats.addedBytes)} in ${formatDuration(m.stats.durationMs)}`,
       ].join('\n'));
     });
 }
