@@ -99,6 +99,11 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       const ahead = la.entries.at(-1)!.seq - lb.entries.at(-1)!.seq;
       assert.ok(ahead === 0 || ahead === 1, `${snap}: sda ends at ${la.entries.at(-1)!.seq}, sdb at ${lb.entries.at(-1)!.seq}`);
     }
+    // `tresor vms` shows the VM with its state and last snapshot.
+    const listed = (await cli(['vms', '--connect', SYSTEM_URI])).json.vms.find((v: any) => v.uuid === main.uuid);
+    assert.equal(listed.state, 'running');
+    assert.equal(listed.lastSnapshot.name, inc.snapshot.name);
+    assert.equal(listed.lastSnapshot.consistency, 'application');
     const out = lab.path('inc-sdc.raw');
     await restore(inc.snapshot.name, 'sdc', out);
     const data = await readFile(out);

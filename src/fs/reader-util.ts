@@ -77,30 +77,7 @@ export function pushExtent(out: FileExtent[], offset: number, length: number, ho
   out.push({ offset, length, hole });
 }
 
-/** A least-recently-used map with a fixed number of entries (for parsed metadata). */
-export class LruMap<K, V> {
-  private readonly map = new Map<K, V>();
-  private readonly capacity: number;
-
-  constructor(capacity: number) {
-    this.capacity = capacity;
-  }
-
-  get(key: K): V | undefined {
-    const value = this.map.get(key);
-    if (value !== undefined) {
-      this.map.delete(key);
-      this.map.set(key, value);
-    }
-    return value;
-  }
-
-  set(key: K, value: V): void {
-    this.map.delete(key);
-    this.map.set(key, value);
-    while (this.map.size > this.capacity) this.map.delete(this.map.keys().next().value as K);
-  }
-}
+export { LruMap } from '../util/lru.ts';
 
 /** ns since the Unix epoch from ms since the epoch plus extra nanoseconds. */
 export function msToNs(ms: number, extraNs = 0n): bigint {

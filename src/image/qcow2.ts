@@ -12,6 +12,7 @@
  * clusters and ranges the backing file provides); neighbouring host clusters that are contiguous in
  * the file are merged, so a large read over sequentially allocated data is a few large preads.
  */
+import { LruMap } from '../util/lru.ts';
 import { realpath, stat } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import zlib from 'node:zlib';
@@ -480,34 +481,6 @@ class ExtentMerger {
   }
 }
 
-/** Bounded LRU map (a Map keeps insertion order; a hit moves the key to the end). */
-class Lru<K, V> {
-  private readonly map = new Map<K, V>();
-  private readonly capacity: number;
-
-  constructor(capacity: number) {
-    this.capacity = capacity;
-  }
-
-  get(key: K): V | undefined {
-    const value = this.map.get(key);
-    if (value !== undefined) {
-      this.map.delete(key);
-      this.map.set(key, value);
-    }
-    return value;
-  }
-
-  set(key: K, value: V): void {
-    this.map.delete(key);
-    this.map.set(key, value);
-    while (this.map.size > this.capacity) this.map.delete(this.map.keys().next().value as K);
-  }
-
-  delete(key: K): void {
-    this.map.delete(key);
-  }
-}
 
 class Qcow2Disk implements DiskSource {
   readonly format = 'qcow2';
@@ -524,8 +497,8 @@ class Qcow2Disk implements DiskSource {
   private readonly l2Entries: number;
   /** Guest bytes covered by one L1 entry (one L2 table). */
   private readonly bytesPerL2: number;
-  private readonly l2Cache: Lru<number, Promise<Buffer>>;
-  private readonly decompressedCache: Lru<bigint, Promise<Buffer>>;
+  private readonly l2Cache: LruMap<number, Promise<Buffer>>;
+  private readonly decompressedCache: LruMap<bigint, Promise<Buffer>>;
 
   constructor(path: string, fh: FileHandle, fileSize: number, header: Qcow2Header, l1: Buffer, backing: DiskSource | undefined) {
     this.path = path;
@@ -541,8 +514,8 @@ class Qcow2Disk implements DiskSource {
     this.l2EntryBytes = header.extendedL2 ? 16 : 8;
     this.l2Entries = this.clusterSize / this.l2EntryBytes;
     this.bytesPerL2 = this.clusterSize * this.l2Entries;
-    this.l2Cache = new Lru(Math.max(MIN_L2_CACHE_TABLES, Math.floor(L2_CACHE_BYTES / this.clusterSize)));
-    this.decompressedCache = new Lru(Math.max(MIN_DECOMPRESSED_CACHE_CLUSTERS, Math.floor(DECOMPRESSED_CACHE_BYTES / this.clusterSize)));
+    this.l2Cache = new LruMap(Math.max(MIN_L2_CACHE_TABLES, Math.floor(L2_CACHE_BYTES / this.clusterSize)));
+    this.decompressedCache = new LruMap(Math.max(MIN_DECOMPRESSED_CACHE_CLUSTERS, Math.floor(DECOMPRESSED_CACHE_BYTES / this.clusterSize)));
   }
 
   async close(): Promise<void> {
