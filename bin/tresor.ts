@@ -1,0 +1,16 @@
+#!/usr/bin/env node
+/**
+ * The `tresor` command. Enables Node's on-disk compile cache before loading the CLI, which cuts
+ * start-up (type stripping and compiling ~100 modules) from ~0.5 s to ~0.2 s on every command.
+ */
+import { enableCompileCache } from 'node:module';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+
+try {
+  enableCompileCache(process.env.TRESOR_CACHE_DIR ? join(process.env.TRESOR_CACHE_DIR, 'compile') : join(homedir(), '.cache', 'tresor', 'compile'));
+} catch {
+  // Only a speed-up: without a writable cache directory Tresor works the same.
+}
+const { main } = await import('../src/cli/main.ts');
+process.exitCode = await main(process.argv.slice(2));
