@@ -2,6 +2,7 @@
  * Raw disk images and block devices: the disk is the file, byte for byte.
  */
 import { open, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { execFile } from 'node:child_process';
 import type { DiskSource, DiskWriter, Extent } from './disk.ts';
 import { BadInputError, TresorError, isErrno } from '../util/errors.ts';
 import { isAllZero } from '../util/bytes.ts';
@@ -16,11 +17,49 @@ export async function openRaw(path: string): Promise<DiskSource> {
         context: { file: path }, hint: 'give the path of a disk image file or of a block device',
       });
     }
-    return new RawDisk(path, fh, await sizeOfOpenFile(fh));
+    const size = await sizeOfOpenFile(fh);
+    return new RawDisk(path, fh, size, st.isFile() ? await holeMap(path, size) : undefined);
   } catch (err) {
     await fh.close();
     throw err;
   }
+}
+
+/** Where a sparse file's data and holes are: sorted, non-overlapping [start, end) ranges of data. */
+interface HoleMap {
+  starts: number[];
+  ends: number[];
+}
+
+/**
+ * Node has no SEEK_DATA/SEEK_HOLE, but qemu-img (required anyway, the reference for disk formats)
+ * asks the filesystem for us. Without it, or for an absurdly fragmented file, everything counts
+ * as data and the engine finds zeros by reading.
+ */
+function holeMap(path: string, size: number): Promise<HoleMap | undefined> {
+  return new Promise((resolve) => {
+    execFile('qemu-img', ['map', '-f', 'raw', '--output=json', path], { maxBuffer: 128 << 20, timeout: 60_000 }, (err, stdout) => {
+      if (err) return resolve(undefined);
+      try {
+        const entries = JSON.parse(stdout) as Array<{ start: number; length: number; data: boolean; zero: boolean }>;
+        const map: HoleMap = { starts: [], ends: [] };
+        for (const e of entries) {
+          if (!Number.isSafeInteger(e.start) || !Number.isSafeInteger(e.length) || e.start < 0 || e.start + e.length > size) return resolve(undefined);
+          if (e.data && !e.zero) {
+            const last = map.ends.length - 1;
+            if (last >= 0 && map.ends[last] === e.start) map.ends[last] = e.start + e.length;
+            else {
+              map.starts.push(e.start);
+              map.ends.push(e.start + e.length);
+            }
+          }
+        }
+        resolve(map);
+      } catch {
+        resolve(undefined);
+      }
+    });
+  });
 }
 
 class RawDisk implements DiskSource {
@@ -28,17 +67,41 @@ class RawDisk implements DiskSource {
   readonly size: number;
   readonly description: string;
   private readonly fh: FileHandle;
+  private readonly map: HoleMap | undefined;
 
-  constructor(path: string, fh: FileHandle, size: number) {
+  constructor(path: string, fh: FileHandle, size: number, map: HoleMap | undefined) {
     this.description = path;
     this.fh = fh;
     this.size = size;
+    this.map = map;
   }
 
   async *extents(offset: number, length: number): AsyncIterable<Extent> {
     checkRange(this, offset, length);
-    // Node cannot ask for holes (no SEEK_HOLE): everything is data, and the engine skips zeros.
-    if (length > 0) yield { offset, length, kind: 'data' };
+    if (length === 0) return;
+    const end = offset + length;
+    if (!this.map) {
+      yield { offset, length, kind: 'data' };
+      return;
+    }
+    const { starts, ends } = this.map;
+    // First data range that ends after `offset`.
+    let lo = 0;
+    let hi = ends.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (ends[mid] <= offset) lo = mid + 1;
+      else hi = mid;
+    }
+    let pos = offset;
+    for (let i = lo; i < starts.length && starts[i] < end && pos < end; i++) {
+      const a = Math.max(starts[i], pos);
+      const b = Math.min(ends[i], end);
+      if (a > pos) yield { offset: pos, length: a - pos, kind: 'zero' };
+      yield { offset: a, length: b - a, kind: 'data' };
+      pos = b;
+    }
+    if (pos < end) yield { offset: pos, length: end - pos, kind: 'zero' };
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
