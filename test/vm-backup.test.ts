@@ -104,6 +104,16 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
     assert.equal(listed.state, 'running');
     assert.equal(listed.lastSnapshot.name, inc.snapshot.name);
     assert.equal(listed.lastSnapshot.consistency, 'application');
+    // Single files straight out of the live VM's snapshot (issue 4): the writer log on sda.
+    const restoredSda = lab.path(`${inc.snapshot.name.replace(/\//g, '_')}-sda.raw`);
+    const viaFiles = lab.path('inc-log-via-files');
+    const cat = await cli(['files', 'cat', `${inc.snapshot.name}:sda:0:/log`, '-o', viaFiles]);
+    assert.equal(cat.code, 0, cat.stdout + cat.stderr);
+    const viaDebugfs = (await run('debugfs', ['-R', 'cat /log', restoredSda], { maxBuffer: 64 << 20 })).stdout;
+    assert.equal(await readFile(viaFiles, 'utf8'), viaDebugfs);
+    const listed2 = await cli(['files', 'ls', `${inc.snapshot.name}:sdb`, '/']);
+    assert.equal(listed2.code, 0, listed2.stdout);
+    assert.ok(JSON.stringify(listed2.json).includes('"log"'));
     const out = lab.path('inc-sdc.raw');
     await restore(inc.snapshot.name, 'sdc', out);
     const data = await readFile(out);
