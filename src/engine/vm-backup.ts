@@ -327,7 +327,14 @@ function addStats(into: DiskBackupStats, s: DiskBackupStats): void {
 async function removeOldCheckpoints(c: Common, keep: string | undefined): Promise<void> {
   const ours = (await c.hv.checkpoints(c.dom.name)).filter((cp) => cp.name.startsWith(CHECKPOINT_PREFIX) && cp.name !== keep);
   for (const cp of ours) {
-    await c.hv.deleteCheckpoint(c.dom.name, cp.name).catch((err) => c.say(`could not delete old checkpoint ${cp.name}: ${(err as Error).message}`));
+    try {
+      await c.hv.deleteCheckpoint(c.dom.name, cp.name);
+    } catch {
+      // A checkpoint whose bitmap is broken or gone (QEMU killed) cannot merge its bitmap into a
+      // parent; its metadata is all that is left to remove.
+      await c.hv.deleteCheckpoint(c.dom.name, cp.name, { metadataOnly: true })
+        .catch((err) => c.say(`could not delete old checkpoint ${cp.name}: ${(err as Error).message}`));
+    }
   }
 }
 
