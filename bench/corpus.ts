@@ -471,6 +471,33 @@ export function rewriteCorpus(path: string, options: RewriteOptions = {}): Rewri
   }
 }
 
+export interface RewriteExtentContent {
+  extent: Run;
+  /** exactly the bytes rewriteCorpus writes at extent.offset (a fresh buffer per extent) */
+  bytes: Buffer;
+}
+
+/**
+ * The rewrite of a `size`-byte corpus, extent by extent in offset order, with the bytes
+ * rewriteCorpus would write there — for applying the identical rewrite somewhere else than a raw
+ * file (the live-VM benchmark writes each extent through a running VM's block layer). The content
+ * streams are consumed exactly as rewriteCorpus consumes them: in extent order, in pieces of 1 MiB.
+ */
+export function* rewriteContents(size: number, options: RewriteOptions = {}): Generator<RewriteExtentContent, RewriteResult> {
+  const plan = planRewrite(size, options.fraction ?? 0.02, options.seed ?? 1);
+  const text = new LogText(plan.seed, STREAM.rewriteText);
+  const random = new RandomBytes(plan.seed, STREAM.rewriteRandom);
+  for (const extent of plan.extents) {
+    const bytes = Buffer.allocUnsafe(extent.length);
+    const source = extent.kind === 'text' ? text : random;
+    for (let done = 0; done < extent.length; done += MIB) {
+      source.fill(bytes.subarray(done, Math.min(extent.length, done + MIB)));
+    }
+    yield { extent, bytes };
+  }
+  return plan;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sizes and CLI
 // ---------------------------------------------------------------------------------------------

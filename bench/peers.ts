@@ -41,7 +41,8 @@ export interface PeerSetting {
   tresorCli: string;
 }
 
-const PASSPHRASE = 'tresor-bench-passphrase';
+/** Every tool's passphrase in the benchmark (handed over in the environment, never in argv). */
+export const PASSPHRASE = 'tresor-bench-passphrase';
 const TRESOR_CORPUS_ID = 'bench-corpus';
 
 class ToolMissingError extends TresorError {
@@ -50,11 +51,12 @@ class ToolMissingError extends TresorError {
   }
 }
 
-function requireExecutable(command: string, hint: string): void {
+export function requireExecutable(command: string, hint: string): void {
   if (capture(['sh', '-c', `command -v ${command}`]) === '') throw new ToolMissingError(command, hint);
 }
 
-function baseEnv(): NodeJS.ProcessEnv {
+/** The environment without any TRESOR_/RESTIC_/BORG_ variable of the caller's. */
+export function baseEnv(): NodeJS.ProcessEnv {
   const env = { ...process.env };
   for (const key of Object.keys(env)) {
     if (key.startsWith('TRESOR_') || key.startsWith('RESTIC_') || key.startsWith('BORG_')) delete env[key];
@@ -65,7 +67,7 @@ function baseEnv(): NodeJS.ProcessEnv {
 // ---------------------------------------------------------------------------------------------
 
 export function tresorCliPath(repoRoot: string): string {
-  return join(repoRoot, 'src', 'cli', 'main.ts');
+  return join(repoRoot, 'bin', 'tresor.ts');
 }
 
 export function tresorNode(repoRoot: string): string {
@@ -92,7 +94,7 @@ export function findSnapshotNames(document: unknown): string[] {
   return names;
 }
 
-function parseJsonDocument(text: string): unknown {
+export function parseJsonDocument(text: string): unknown {
   const trimmed = text.trim();
   try {
     return JSON.parse(trimmed);
@@ -313,5 +315,7 @@ export function tresorVersion(repoRoot: string): string {
     version = (JSON.parse(readFileSync(join(repoRoot, 'package.json'), 'utf8')) as { version?: string }).version ?? version;
   } catch { /* keep unknown */ }
   const commit = capture(['git', '-C', repoRoot, 'rev-parse', '--short', 'HEAD']);
-  return `${version} (${commit === '' ? 'no commit yet' : `commit ${commit}`})`;
+  // A run measures the working tree: say when src/ differs from the commit it names.
+  const dirty = capture(['git', '-C', repoRoot, 'status', '--porcelain', '--', 'src']) !== '';
+  return `${version} (${commit === '' ? 'no commit yet' : `commit ${commit}${dirty ? ' + uncommitted changes in src/' : ''}`})`;
 }

@@ -1,6 +1,7 @@
 /**
  * The benchmark's results: the record of every step, the comparisons against the peers, the
- * issue-2 targets, and their rendering as markdown (stdout and docs/performance.md).
+ * issue-2 targets (and in the live-VM mode the issue-3 targets), and their rendering as markdown
+ * (stdout and docs/performance.md).
  */
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { formatSize } from './corpus.ts';
@@ -11,6 +12,10 @@ const REFERENCE_SIZE = 4 * 1024 * MIB;
 const SECOND_BACKUP_LIMIT = 60 * MIB;
 /** Issue 2, "Speed": peak RSS under 300 MiB whatever the image size. */
 const PEAK_RSS_LIMIT = 300 * MIB;
+/** Issue 3: Tresor's full backup of the running VM takes at most this share of virtnbdbackup's. */
+const VM_FULL_TIME_SHARE = 0.8;
+/** Issue 3 / brief: Tresor's restore takes at most this share of virtnbdrestore's. */
+const VM_RESTORE_TIME_SHARE = 0.5;
 
 export type StepStatus = 'ok' | 'failed' | 'skipped';
 
@@ -41,6 +46,21 @@ export interface StepRecord {
   verified?: boolean;
   /** restores: allocated bytes of the restored image (how sparse the restore wrote it) */
   restoredAllocatedBytes?: number;
+  /**
+   * daemons the command left running (virtnbdrestore's qemu-nbd): how many, their CPU time
+   * (already inside user/cpuSeconds) and how long the step waited for them after the command
+   * exited (already inside wallSeconds)
+   */
+  helperCount?: number;
+  helperCpuSeconds?: number;
+  helperWaitSeconds?: number;
+  /** live VM: CPU seconds (user+sys) the domain's QEMU process used during the step */
+  qemuCpuSeconds?: number;
+  /** live VM: bytes the tool read from the VM's disk by its own account (Tresor's bytesRead, virtnbdbackup's data extents) */
+  bytesRead?: number;
+  /** live VM: the snapshot the step made, and the one an incremental is based on */
+  snapshot?: string;
+  baseSnapshot?: string;
   cacheDropped: boolean;
   /**
    * Share of the machine's CPU capacity that other processes used while the step ran (system-wide
@@ -88,8 +108,31 @@ export interface CorpusFacts {
   };
 }
 
+/** Live-VM mode: one domain per tool run, each on a fresh copy of the same qcow2 image. */
+export interface VmRunFacts {
+  tool: string;
+  label: string;
+  domain: string;
+  /** CPU share of one core the idle domain's QEMU used before the first step (TCG, no OS) */
+  qemuIdleCpuShare?: number;
+  /** the rewrite through the running VM (HMP qemu-io, one write per extent) */
+  rewriteSeconds?: number;
+  /** the live disk after the rewrite equals the raw corpus after rewriteCorpus (qemu-img compare) */
+  rewriteIdentical?: boolean;
+  error?: string;
+}
+
+export interface VmFacts {
+  /** the qcow2 v3 image the corpus was converted to, copied for every tool run */
+  image: { fileBytes: number; allocatedBytes: number; convertSeconds: number; options: string };
+  domainSetup: string;
+  /** the rewrite rendered to one file per extent, for qemu-io write -s */
+  rewriteFiles: { count: number; bytes: number; renderSeconds: number };
+  runs: VmRunFacts[];
+}
+
 export interface BenchResults {
-  mode: 'peers' | 'chunk-sizes';
+  mode: 'peers' | 'chunk-sizes' | 'vm';
   startedAt: string;
   finishedAt: string;
   totalSeconds: number;
@@ -100,6 +143,7 @@ export interface BenchResults {
   configurations: Record<string, string>;
   measurement: string[];
   corpus?: CorpusFacts;
+  vm?: VmFacts;
   steps: StepRecord[];
   comparisons: string[];
   targets: TargetResult[];
@@ -227,6 +271,104 @@ export function checkTargets(steps: StepRecord[], diskSize: number): TargetResul
 }
 
 // ---------------------------------------------------------------------------------------------
+// Live VM (issue 3): comparisons and targets
+// ---------------------------------------------------------------------------------------------
+
+/** Tool names of the live-VM mode. */
+export const VM_TOOLS = { tresor: 'tresor', virtnbd: 'virtnbdbackup', virtnbdLz4: 'virtnbdbackup-lz4', restic: 'restic' } as const;
+
+/** CPU of the step's command plus its QEMU's: the whole cost of a live backup on the host. */
+export function totalCpuSeconds(step: StepRecord): number | undefined {
+  if (step.cpuSeconds === undefined) return undefined;
+  return step.cpuSeconds + (step.qemuCpuSeconds ?? 0);
+}
+
+export function compareVm(steps: StepRecord[]): string[] {
+  const lines: string[] = [];
+  const others: Array<[string, string]> = [[VM_TOOLS.virtnbd, "virtnbdbackup's"], [VM_TOOLS.virtnbdLz4, "virtnbdbackup -z's"]];
+  for (const step of ['full backup', 'incremental backup', 'restore']) {
+    const own = steps.find((s) => s.tool === VM_TOOLS.tresor && s.step === step);
+    if (own === undefined) continue;
+    if (own.status !== 'ok') {
+      lines.push(`Tresor ${step}: ${own.status}${own.error ? ` (${own.error})` : ''}`);
+      continue;
+    }
+    const pairs = (value: (s: StepRecord) => number | undefined) => others.map(([tool, whose]): [string, string | undefined] =>
+      [whose, ratio(value(own), (() => { const o = find(steps, tool, step); return o === undefined ? undefined : value(o); })())]);
+    const parts = [
+      ratioList('time', pairs((s) => s.wallSeconds)),
+      ratioList('CPU (tool + qemu)', pairs(totalCpuSeconds)),
+      ratioList('peak RSS', pairs((s) => s.peakRssBytes)),
+    ];
+    if (step === 'full backup') {
+      const stored = ratioList('size', [
+        ["restic's (of the raw corpus file)", ratio(own.repoBytes, find(steps, VM_TOOLS.restic, 'full backup')?.repoBytes)],
+        ...pairs((s) => s.repoBytes),
+      ]);
+      parts.push(stored === undefined ? undefined : `stored ${stored}`);
+    } else if (step === 'incremental backup') {
+      const added = ratioList('', pairs((s) => s.addedBytes));
+      parts.push(`added ${formatSize(own.addedBytes ?? 0)}${added === undefined ? '' : ` (${added})`}`
+        + (own.bytesRead !== undefined ? `, read ${formatSize(own.bytesRead)} from the VM` : ''));
+    }
+    const present = parts.filter((p) => p !== undefined);
+    lines.push(`Tresor ${step}: ${present.length > 0 ? present.join('; ') : 'no peer result to compare with'}`);
+  }
+  return lines;
+}
+
+export function checkVmTargets(steps: StepRecord[]): TargetResult[] {
+  const targets: TargetResult[] = [];
+  const step = (tool: string, name: string) => steps.find((s) => s.tool === tool && s.step === name);
+  const add = (target: string, own: StepRecord | undefined, other: StepRecord | undefined, otherName: string,
+    pass: (own: StepRecord, other: StepRecord) => boolean, detail: (own: StepRecord, other: StepRecord) => string, timed = true) => {
+    if (own?.status !== 'ok') {
+      targets.push({ target, status: 'MISS', detail: `Tresor step ${own === undefined ? 'not run' : own.status}${own?.error ? `: ${own.error}` : ''}` });
+    } else if (other?.status !== 'ok') {
+      targets.push({ target, status: 'n/a', detail: `no successful ${otherName} result to compare with` });
+    } else {
+      const busy = timed && (own.busyMachine === true || other.busyMachine === true) ? ' (busy machine: repeat on a quiet one)' : '';
+      targets.push({ target, status: pass(own, other) ? 'PASS' : 'MISS', detail: `${detail(own, other)}${busy}` });
+    }
+  };
+  const wall = (s: StepRecord) => s.wallSeconds ?? Infinity;
+  add(`full backup of the running VM: wall ≤ ${VM_FULL_TIME_SHARE} × virtnbdbackup's`,
+    step(VM_TOOLS.tresor, 'full backup'), step(VM_TOOLS.virtnbd, 'full backup'), 'virtnbdbackup',
+    (o, v) => wall(o) <= VM_FULL_TIME_SHARE * wall(v),
+    (o, v) => `${seconds(o.wallSeconds)} vs ${seconds(v.wallSeconds)} (${ratio(o.wallSeconds, v.wallSeconds) ?? '–'})`);
+  add("full backup stored smaller than restic's (restic on the raw corpus file, same run)",
+    step(VM_TOOLS.tresor, 'full backup'), step(VM_TOOLS.restic, 'full backup'), 'restic',
+    (o, r) => (o.repoBytes ?? Infinity) < (r.repoBytes ?? 0),
+    (o, r) => `${formatSize(o.repoBytes ?? 0)} vs ${formatSize(r.repoBytes ?? 0)}`, false);
+  add("incremental after the 2 % rewrite: wall ≤ virtnbdbackup's incremental",
+    step(VM_TOOLS.tresor, 'incremental backup'), step(VM_TOOLS.virtnbd, 'incremental backup'), 'virtnbdbackup',
+    (o, v) => wall(o) <= wall(v),
+    (o, v) => `${seconds(o.wallSeconds)} vs ${seconds(v.wallSeconds)} (${ratio(o.wallSeconds, v.wallSeconds) ?? '–'})`);
+  add('incremental adds no more bytes than virtnbdbackup -z (lz4)',
+    step(VM_TOOLS.tresor, 'incremental backup'), step(VM_TOOLS.virtnbdLz4, 'incremental backup'), 'virtnbdbackup -z',
+    (o, v) => (o.addedBytes ?? Infinity) <= (v.addedBytes ?? 0),
+    (o, v) => `${formatSize(o.addedBytes ?? 0)} vs ${formatSize(v.addedBytes ?? 0)}`, false);
+  add(`restore of the incremental: ≤ ${VM_RESTORE_TIME_SHARE} × virtnbdrestore's time`,
+    step(VM_TOOLS.tresor, 'restore'), step(VM_TOOLS.virtnbd, 'restore'), 'virtnbdrestore',
+    (o, v) => wall(o) <= VM_RESTORE_TIME_SHARE * wall(v) && o.verified === true,
+    (o, v) => `${seconds(o.wallSeconds)} vs ${seconds(v.wallSeconds)} (${ratio(o.wallSeconds, v.wallSeconds) ?? '–'})`
+      + `${o.verified === true ? '' : ', restored image NOT identical'}`);
+
+  const measured = steps.filter((s) => s.tool === VM_TOOLS.tresor && s.status === 'ok' && s.peakRssBytes !== undefined);
+  if (measured.length === 0) {
+    targets.push({ target: 'peak RSS under 300 MiB in every Tresor step (brief)', status: 'n/a', detail: 'no measured Tresor step' });
+  } else {
+    const worst = measured.reduce((a, b) => ((a.peakRssBytes ?? 0) >= (b.peakRssBytes ?? 0) ? a : b));
+    targets.push({
+      target: 'peak RSS under 300 MiB in every Tresor step (brief)',
+      status: (worst.peakRssBytes ?? 0) < PEAK_RSS_LIMIT ? 'PASS' : 'MISS',
+      detail: `highest: ${formatSize(worst.peakRssBytes ?? 0)} (${worst.step})`,
+    });
+  }
+  return targets;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Markdown
 // ---------------------------------------------------------------------------------------------
 
@@ -246,11 +388,17 @@ function escapeCell(text: string): string {
   return text.replace(/\|/g, '\\|').replace(/\n/g, ' ');
 }
 
-export function stepTable(steps: StepRecord[]): string {
-  const rows = [
-    '| tool | step | wall | MiB/s (disk) | MiB/s (allocated) | CPU user+sys s | peak RSS MiB | repo/output MiB | added MiB | note |',
-    '|---|---|---:|---:|---:|---:|---:|---:|---:|---|',
-  ];
+/** With `vm`, two more columns: the QEMU process's CPU time and the bytes read from the VM. */
+export function stepTable(steps: StepRecord[], vm = false): string {
+  const rows = vm
+    ? [
+      '| tool | step | wall | MiB/s (disk) | MiB/s (allocated) | CPU user+sys s | qemu CPU s | peak RSS MiB | read from VM MiB | repo/output MiB | added MiB | note |',
+      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|',
+    ]
+    : [
+      '| tool | step | wall | MiB/s (disk) | MiB/s (allocated) | CPU user+sys s | peak RSS MiB | repo/output MiB | added MiB | note |',
+      '|---|---|---:|---:|---:|---:|---:|---:|---:|---|',
+    ];
   for (const s of steps) {
     const stored = s.outputBytes ?? s.repoBytes;
     let note = '';
@@ -261,8 +409,9 @@ export function stepTable(steps: StepRecord[]): string {
     if (s.busyMachine === true) {
       note = `${note}${note ? '; ' : ''}busy machine (others used ${((s.othersCpuShare ?? 0) * 100).toFixed(0)} % of the CPUs)`;
     }
+    const vmCells = vm ? [num(s.qemuCpuSeconds), mib(s.peakRssBytes), mib(s.bytesRead)] : [mib(s.peakRssBytes)];
     rows.push(`| ${s.label} | ${s.step} | ${seconds(s.wallSeconds)} | ${num(s.diskMiBps, 0)} | ${num(s.allocatedMiBps, 0)} | `
-      + `${num(s.cpuSeconds)} | ${mib(s.peakRssBytes)} | ${mib(stored)} | ${mib(s.addedBytes)} | ${escapeCell(note.slice(0, 300))} |`);
+      + `${num(s.cpuSeconds)} | ${vmCells.join(' | ')} | ${mib(stored)} | ${mib(s.addedBytes)} | ${escapeCell(note.slice(0, 300))} |`);
   }
   return rows.join('\n');
 }
@@ -293,6 +442,25 @@ function corpusLine(results: BenchResults): string {
   return line;
 }
 
+function vmLines(vm: VmFacts): string {
+  const lines = [
+    `Disk: the corpus converted to qcow2 (${vm.image.options}) in ${seconds(vm.image.convertSeconds)}: `
+      + `${formatSize(vm.image.fileBytes)} file, ${formatSize(vm.image.allocatedBytes)} allocated; a fresh copy of it per tool run.`,
+    `Domain: ${vm.domainSetup}.`,
+    `Rewrite: ${vm.rewriteFiles.count} extents (${formatSize(vm.rewriteFiles.bytes)}) rendered in ${seconds(vm.rewriteFiles.renderSeconds)}, `
+      + 'each written through the running VM with HMP `qemu-io -d <disk> "write -s FILE OFF LEN"`.',
+    '',
+    '| tool run | domain | idle qemu CPU | rewrite through the VM | live disk = rewritten corpus | note |',
+    '|---|---|---:|---:|---|---|',
+  ];
+  for (const r of vm.runs) {
+    const idle = r.qemuIdleCpuShare === undefined ? '–' : `${(r.qemuIdleCpuShare * 100).toFixed(1)} % of a core`;
+    const identical = r.rewriteIdentical === undefined ? '–' : r.rewriteIdentical ? 'yes' : '**NO**';
+    lines.push(`| ${r.label} | ${r.domain} | ${idle} | ${seconds(r.rewriteSeconds)} | ${identical} | ${escapeCell((r.error ?? '').slice(0, 300))} |`);
+  }
+  return lines.join('\n');
+}
+
 function keyValueTable(title: string, entries: Record<string, string>): string {
   const lines = [`| ${title} | |`, '|---|---|'];
   for (const [k, v] of Object.entries(entries)) lines.push(`| ${k} | ${escapeCell(v)} |`);
@@ -308,7 +476,14 @@ export function renderFigures(results: BenchResults): string {
   parts.push(keyValueTable('tool', results.versions));
   parts.push(`Configurations:\n\n${Object.entries(results.configurations).map(([k, v]) => `- ${k}: ${v}`).join('\n')}`);
   parts.push(`Measurement:\n\n${results.measurement.map((m) => `- ${m}`).join('\n')}`);
-  if (results.mode === 'peers') {
+  if (results.mode === 'vm') {
+    if (results.vm !== undefined) parts.push(vmLines(results.vm));
+    parts.push(stepTable(results.steps, true));
+    if (results.comparisons.length > 0) parts.push(`Comparisons:\n\n${results.comparisons.map((c) => `- ${c}`).join('\n')}`);
+    if (results.targets.length > 0) {
+      parts.push(`Issue-3 targets:\n\n${results.targets.map((t) => `- **${t.status}** ${t.target}: ${t.detail}`).join('\n')}`);
+    }
+  } else if (results.mode === 'peers') {
     parts.push(stepTable(results.steps));
     if (results.comparisons.length > 0) parts.push(`Comparisons:\n\n${results.comparisons.map((c) => `- ${c}`).join('\n')}`);
     if (results.targets.length > 0) {
@@ -327,6 +502,7 @@ export function renderFigures(results: BenchResults): string {
 
 export const FIGURES_MARKERS = { start: '<!-- bench:figures:start -->', end: '<!-- bench:figures:end -->' };
 export const CHUNK_MARKERS = { start: '<!-- bench:chunk-sizes:start -->', end: '<!-- bench:chunk-sizes:end -->' };
+export const VM_MARKERS = { start: '<!-- bench:vm:start -->', end: '<!-- bench:vm:end -->' };
 
 /** Replaces what lies between the two markers (they stay); appends the section when absent. */
 export function replaceSection(document: string, markers: { start: string; end: string }, heading: string, body: string): string {
@@ -341,6 +517,8 @@ export function writeDoc(path: string, results: BenchResults): void {
   const document = existsSync(path) ? readFileSync(path, 'utf8') : '# Performance\n';
   const updated = results.mode === 'peers'
     ? replaceSection(document, FIGURES_MARKERS, '## Figures', renderFigures(results))
-    : replaceSection(document, CHUNK_MARKERS, '## Chunk-size study', renderFigures(results));
+    : results.mode === 'vm'
+      ? replaceSection(document, VM_MARKERS, '## Live VM backup: figures', renderFigures(results))
+      : replaceSection(document, CHUNK_MARKERS, '## Chunk-size study', renderFigures(results));
   writeFileSync(path, updated);
 }

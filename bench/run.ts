@@ -17,6 +17,11 @@
  *
  * `--chunk-sizes 64K,128K,...` instead runs the chunk-size study: one Tresor repository per chunk
  * size, full backup, rewrite, second backup.
+ *
+ * `--vm` instead runs the issue-3 benchmark of a running VM (bench/vm.ts): the corpus as the qcow2
+ * disk of a libvirt domain, Tresor and virtnbdbackup (plain and -z) each on a fresh domain: full
+ * backup, the 2 % rewrite through the running VM, incremental, restore; plus restic's full backup
+ * of the raw corpus file for the "stored smaller than restic" target.
  */
 import { mkdirSync, rmSync, statSync, writeFileSync, readFileSync, existsSync } from 'node:fs';
 import { availableParallelism, cpus, release, totalmem, type as osType } from 'node:os';
@@ -25,18 +30,18 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { UsageError, describeError } from '../src/util/errors.ts';
 import { formatSize, generateCorpus, parseSize, rewriteCorpus, BLOCK } from './corpus.ts';
-import {
-  CommandFailedError, allocatedBytes, capture, createCacheDropper, directoryBytes, hasGnuTime,
-  killActiveCommand, runChecked, sha256File,
-} from './measure.ts';
-import type { CacheDropper, CommandSpec, Measurement } from './measure.ts';
+import { allocatedBytes, capture, createCacheDropper, hasGnuTime, killActiveCommand, sha256File } from './measure.ts';
+import { BUSY_SHARE, StepRunner } from './steps.ts';
 import { BorgPeer, ResticPeer, TresorPeer, tresorCliPath, tresorNode, tresorVersion } from './peers.ts';
 import type { BackupLabel, Peer, PeerSetting } from './peers.ts';
-import { checkTargets, compareTresor, renderFigures, writeDoc } from './report.ts';
+import { VM_TOOLS, checkTargets, checkVmTargets, compareTresor, compareVm, renderFigures, writeDoc } from './report.ts';
 import type { BenchResults, ChunkStudyRow, StepRecord } from './report.ts';
+import { convertToQcow2, removeDomainsNow, runLiveVm, vmToolConfigurations } from './vm.ts';
+import { runFilesBenchmark } from './files.ts';
 
 const REPO_ROOT = dirname(dirname(fileURLToPath(import.meta.url)));
 const ALL_TOOLS = ['zstd', 'cp', 'tresor', 'restic', 'borg'];
+const ALL_VM_TOOLS: string[] = [VM_TOOLS.tresor, VM_TOOLS.virtnbd, VM_TOOLS.virtnbdLz4, VM_TOOLS.restic];
 const REFERENCE_SIZE = 4 * 1024 * 1024 * 1024;
 
 interface Options {
@@ -48,6 +53,8 @@ interface Options {
   writeDoc: boolean;
   tools: Set<string>;
   chunkSizes: string[] | undefined;
+  /** the live-VM benchmark (issue 3) instead of the image one */
+  vm: boolean;
   stepTimeoutMs: number;
   tresorCli: string;
   /** re-render an earlier results file instead of running */
@@ -59,10 +66,15 @@ const USAGE = `usage: node bench/run.ts [options]
   --dir DIR            scratch parent directory (default /var/tmp/tresor-bench)
   --seed N             corpus seed (default 1)
   --fraction F         rewritten fraction (default 0.02)
-  --tools LIST         subset of ${ALL_TOOLS.join(',')} (default: all)
+  --tools LIST         subset of ${ALL_TOOLS.join(',')} (default: all);
+                       with --vm: of ${ALL_VM_TOOLS.join(',')}
   --chunk-sizes LIST   chunk-size study instead, e.g. 64K,128K,256K,1M (Tresor only)
+  --vm                 live-VM benchmark instead (issue 3): the corpus as the disk of a running
+                       libvirt domain; Tresor vs virtnbdbackup (and -z); needs root and libvirt
+  --files              file-level restore benchmark instead (issue 4, bench/files.ts;
+                       its options: --files --help)
   --step-timeout MIN   kill a step after MIN minutes (default 60)
-  --tresor-cli PATH    the Tresor CLI to measure (default src/cli/main.ts, run with Node 24;
+  --tresor-cli PATH    the Tresor CLI to measure (default bin/tresor.ts, run with Node 24;
                        a path not ending in .ts/.js is executed directly)
   --keep               keep the scratch directory (repositories, corpus, logs)
   --write-doc          rewrite the figures section of docs/performance.md
@@ -88,8 +100,9 @@ function readOptions(argv: string[]): Options {
       dir: { type: 'string', default: '/var/tmp/tresor-bench' },
       seed: { type: 'string', default: '1' },
       fraction: { type: 'string', default: '0.02' },
-      tools: { type: 'string', default: ALL_TOOLS.join(',') },
+      tools: { type: 'string' },
       'chunk-sizes': { type: 'string' },
+      vm: { type: 'boolean', default: false },
       'step-timeout': { type: 'string', default: '60' },
       'tresor-cli': { type: 'string', default: tresorCliPath(REPO_ROOT) },
       keep: { type: 'boolean', default: false },
@@ -104,11 +117,13 @@ function readOptions(argv: string[]): Options {
   }
   const size = parseSize(values.size);
   if (size <= 0 || size % BLOCK !== 0) throw new UsageError(`--size ${values.size} is not a positive multiple of 64 KiB`, USAGE);
-  const tools = new Set(values.tools.split(',').map((t) => t.trim()).filter((t) => t !== ''));
+  const known = values.vm ? ALL_VM_TOOLS : ALL_TOOLS;
+  const tools = new Set((values.tools ?? known.join(',')).split(',').map((t) => t.trim()).filter((t) => t !== ''));
   for (const tool of tools) {
-    if (!ALL_TOOLS.includes(tool)) throw new UsageError(`unknown tool "${tool}" in --tools`, USAGE);
+    if (!known.includes(tool)) throw new UsageError(`unknown tool "${tool}" in --tools${values.vm ? ' with --vm' : ''}`, USAGE);
   }
   const chunkSizes = values['chunk-sizes']?.split(',').map((s) => s.trim()).filter((s) => s !== '');
+  if (values.vm && chunkSizes !== undefined) throw new UsageError('--vm and --chunk-sizes are separate runs', USAGE);
   for (const chunkSize of chunkSizes ?? []) parseSize(chunkSize);
   const seed = Number(values.seed);
   const fraction = Number(values.fraction);
@@ -125,139 +140,11 @@ function readOptions(argv: string[]): Options {
     writeDoc: values['write-doc'],
     tools,
     chunkSizes: chunkSizes !== undefined && chunkSizes.length > 0 ? chunkSizes : undefined,
+    vm: values.vm,
     stepTimeoutMs: stepTimeout * 60_000,
     tresorCli: resolve(values['tresor-cli']),
     report: values.report,
   };
-}
-
-// ---------------------------------------------------------------------------------------------
-// Steps
-// ---------------------------------------------------------------------------------------------
-
-interface StepPlan {
-  tool: string;
-  label: string;
-  step: string;
-  /** builds the measured command; may throw (e.g. nothing to restore) */
-  command: () => CommandSpec;
-  /** repository to size before and after the step */
-  repoDir?: string;
-  /** the disk the step processes, for MiB/s */
-  disk?: { size: number; allocated: number };
-  /** checks and extra figures once the command succeeded; a throw fails the step */
-  after?: (measurement: Measurement) => Promise<Partial<StepRecord>> | Partial<StepRecord>;
-}
-
-const MIB = 1024 * 1024;
-/** Other processes using more than this share of the CPUs during a step make its timing suspect. */
-const BUSY_SHARE = 0.15;
-/** /proc/stat counts in USER_HZ, 100 on every Linux architecture Node runs on. */
-const USER_HZ = 100;
-
-/** CPU seconds all processes have used since boot (every state but idle and iowait). */
-function systemCpuSeconds(): number | undefined {
-  try {
-    const fields = readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
-    // user nice system idle iowait irq softirq steal (guest time is already inside user)
-    const [user, nice, system, , , irq, softirq, steal] = fields;
-    return (user + nice + system + irq + softirq + (steal ?? 0)) / USER_HZ;
-  } catch {
-    return undefined;
-  }
-}
-
-function shellQuote(arg: string): string {
-  return /^[\w@%+=:,./-]+$/.test(arg) ? arg : `'${arg.replace(/'/g, "'\\''")}'`;
-}
-
-class StepRunner {
-  readonly steps: StepRecord[] = [];
-  private readonly logDir: string;
-  private readonly cache: CacheDropper;
-  private readonly useGnuTime: boolean;
-  private readonly timeoutMs: number;
-  private readonly started = performance.now();
-
-  constructor(scratch: string, cache: CacheDropper, useGnuTime: boolean, timeoutMs: number) {
-    this.logDir = join(scratch, 'logs');
-    mkdirSync(this.logDir, { recursive: true });
-    this.cache = cache;
-    this.useGnuTime = useGnuTime;
-    this.timeoutMs = timeoutMs;
-  }
-
-  progress(message: string): void {
-    const elapsed = ((performance.now() - this.started) / 1000).toFixed(0).padStart(5);
-    process.stderr.write(`[${elapsed} s] ${message}\n`);
-  }
-
-  skip(tool: string, label: string, step: string, reason: string): void {
-    this.steps.push({ tool, label, step, status: 'skipped', error: reason, cacheDropped: false });
-    this.progress(`${label} ${step}: skipped (${reason})`);
-  }
-
-  /** Runs one measured step; never throws: a failure is recorded and the run goes on. */
-  async run(plan: StepPlan): Promise<StepRecord> {
-    const record: StepRecord = { tool: plan.tool, label: plan.label, step: plan.step, status: 'failed', cacheDropped: false };
-    this.steps.push(record);
-    this.progress(`${plan.label} ${plan.step} ...`);
-    try {
-      const spec = plan.command();
-      record.command = spec.argv.map(shellQuote).join(' ');
-      const before = plan.repoDir === undefined ? undefined : directoryBytes(plan.repoDir);
-      record.cacheDropped = this.cache.drop();
-      const cpuBefore = systemCpuSeconds();
-      let measurement: Measurement;
-      try {
-        measurement = await runChecked(spec, {
-          logBase: join(this.logDir, `${plan.tool}-${plan.step}`.replace(/[^\w@.-]+/g, '-')),
-          timeoutMs: this.timeoutMs,
-          useGnuTime: this.useGnuTime,
-        });
-      } catch (err) {
-        if (err instanceof CommandFailedError) this.recordTimes(record, err.measurement, plan);
-        throw err;
-      }
-      this.recordTimes(record, measurement, plan);
-      this.recordContention(record, cpuBefore, systemCpuSeconds());
-      if (plan.repoDir !== undefined && before !== undefined) {
-        record.repoBytes = directoryBytes(plan.repoDir);
-        record.addedBytes = record.repoBytes - before;
-      }
-      if (plan.after !== undefined) Object.assign(record, await plan.after(measurement));
-      record.status = 'ok';
-      this.progress(`${plan.label} ${plan.step}: ${record.wallSeconds?.toFixed(2)} s`
-        + (record.repoBytes !== undefined ? `, repository ${formatSize(record.repoBytes)}` : ''));
-    } catch (err) {
-      record.error = describeError(err);
-      this.progress(`${plan.label} ${plan.step}: FAILED: ${record.error}`);
-    }
-    return record;
-  }
-
-  private recordContention(record: StepRecord, cpuBefore: number | undefined, cpuAfter: number | undefined): void {
-    if (cpuBefore === undefined || cpuAfter === undefined || record.cpuSeconds === undefined) return;
-    const capacity = (record.wallSeconds ?? 0) * availableParallelism();
-    if (capacity <= 0) return;
-    const others = Math.max(0, cpuAfter - cpuBefore - record.cpuSeconds);
-    record.othersCpuShare = others / capacity;
-    record.busyMachine = record.othersCpuShare > BUSY_SHARE;
-  }
-
-  private recordTimes(record: StepRecord, m: Measurement, plan: StepPlan): void {
-    record.wallSeconds = m.wallSeconds;
-    record.userSeconds = m.userSeconds;
-    record.sysSeconds = m.sysSeconds;
-    record.cpuSeconds = m.userSeconds !== undefined && m.sysSeconds !== undefined ? m.userSeconds + m.sysSeconds : undefined;
-    record.peakRssBytes = m.peakRssBytes;
-    if (plan.disk !== undefined && m.wallSeconds > 0) {
-      record.diskBytes = plan.disk.size;
-      record.allocatedBytes = plan.disk.allocated;
-      record.diskMiBps = plan.disk.size / MIB / m.wallSeconds;
-      record.allocatedMiBps = plan.disk.allocated / MIB / m.wallSeconds;
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -409,6 +296,22 @@ function toolVersions(): Record<string, string> {
   };
 }
 
+/** The live-VM mode's tools: Tresor, restic, the hypervisor stack and virtnbdbackup. */
+function vmToolVersions(): Record<string, string> {
+  const debian = (pkg: string) => capture(['dpkg-query', '-W', '-f', '${Version}', pkg]) || 'not installed';
+  const { Tresor, 'Node.js (Tresor)': node, restic, 'GNU time': gnuTime } = toolVersions();
+  return {
+    Tresor,
+    'Node.js (Tresor)': node,
+    restic,
+    'GNU time': gnuTime,
+    virtnbdbackup: `${capture(['virtnbdbackup', '--version']) || 'not installed'} (Debian virtnbdbackup ${debian('virtnbdbackup')})`,
+    QEMU: `${firstLine(capture(['qemu-system-x86_64', '--version']))} (Debian qemu-system-x86 ${debian('qemu-system-x86')})`,
+    libvirt: `${firstLine(capture(['libvirtd', '--version']))} (Debian libvirt-daemon ${debian('libvirt-daemon')})`,
+    'qemu-img': `${firstLine(capture(['qemu-img', '--version']))} (Debian qemu-utils ${debian('qemu-utils')})`,
+  };
+}
+
 function basicIsoTime(date: Date): string {
   return date.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
 }
@@ -453,6 +356,8 @@ function reportOnly(file: string, toDoc: boolean): number {
 }
 
 async function main(): Promise<number> {
+  // `--files`: the issue-4 file-level restore benchmark, with options of its own (bench/files.ts)
+  if (process.argv.includes('--files')) return runFilesBenchmark(process.argv.slice(2).filter((arg) => arg !== '--files'));
   const options = parseOptions(process.argv.slice(2));
   if (options.report !== undefined) return reportOnly(options.report, options.writeDoc);
   const startedAt = new Date();
@@ -464,6 +369,7 @@ async function main(): Promise<number> {
 
   const onInterrupt = () => {
     killActiveCommand();
+    removeDomainsNow(options.keep);
     if (!options.keep) rmSync(scratch, { recursive: true, force: true });
     process.stderr.write(`\ninterrupted${options.keep ? `; scratch kept in ${scratch}` : ''}\n`);
     process.exit(130);
@@ -478,23 +384,28 @@ async function main(): Promise<number> {
   const chunkMode = options.chunkSizes !== undefined;
   const peers: Peer[] = chunkMode
     ? (options.chunkSizes ?? []).map((size) => new TresorPeer(setting, size))
-    : [
+    : options.vm
+      ? (options.tools.has(VM_TOOLS.restic) ? [new ResticPeer(setting)] : [])
+      : [
       ...(options.tools.has('tresor') ? [new TresorPeer(setting)] : []),
       ...(options.tools.has('restic') ? [new ResticPeer(setting)] : []),
       ...(options.tools.has('borg') ? [new BorgPeer(setting)] : []),
-    ];
+      ];
   const state: RunState = { runner, scratch, corpusPath, size: options.size, broken: new Map() };
 
   const results: BenchResults = {
-    mode: chunkMode ? 'chunk-sizes' : 'peers',
+    mode: chunkMode ? 'chunk-sizes' : options.vm ? 'vm' : 'peers',
     startedAt: startedAt.toISOString(),
     finishedAt: '',
     totalSeconds: 0,
     scratch,
     options: { ...options, tools: [...options.tools] },
     machine: machineFacts(scratch),
-    versions: toolVersions(),
-    configurations: Object.fromEntries(peers.map((p) => [p.label, p.configuration])),
+    versions: options.vm ? vmToolVersions() : toolVersions(),
+    configurations: {
+      ...(options.vm ? vmToolConfigurations({ scratch, repoRoot: REPO_ROOT, tresorCli: options.tresorCli }, options.tools) : {}),
+      ...Object.fromEntries(peers.map((p) => [p.label, p.configuration])),
+    },
     measurement: [
       'wall time: spawn to exit of each command; MiB/s = disk size (or its allocated part at that moment) / wall time',
       useGnuTime
@@ -502,7 +413,13 @@ async function main(): Promise<number> {
         : 'CPU time and peak RSS NOT measured: /usr/bin/time (Debian package `time`) is missing',
       cache.note,
       'repository size: du -sb of the repository directory after the step (restic and borg caches live outside it, in the scratch directory)',
-      `contention: CPU time used by all processes during a step (/proc/stat) minus the step's own; steps where others used more than ${BUSY_SHARE * 100} % of the CPUs are marked "busy machine"`,
+      `contention: CPU time used by all processes during a step (/proc/stat) minus the step's own${options.vm ? " (and its domain's QEMU's)" : ''}; steps where others used more than ${BUSY_SHARE * 100} % of the CPUs are marked "busy machine"`,
+      ...(options.vm ? [
+        "qemu CPU: utime+stime of the domain's QEMU process (/proc/PID/stat, all threads) before and after the step: the NBD export and copy-before-write work done for the backup",
+        "virtnbdrestore writes through a `qemu-nbd --fork` daemon that flushes the image and exits only after virtnbdrestore has: the restore step lasts until that daemon is gone, and its CPU time (sampled from /proc every 20-100 ms) and peak RSS count as the step's",
+        'read from VM: bytes the tool read from the disk by its own account (Tresor: bytesRead of the --json snapshot; virtnbdbackup: "bytes of data extents to backup" in its log)',
+        'backup destination size: du -sb of the repository (Tresor, restic) or of the output directory (virtnbdbackup: data files, checkpoint XML, VM config, logs)',
+      ] : []),
     ],
     steps: runner.steps,
     comparisons: [],
@@ -531,31 +448,10 @@ async function main(): Promise<number> {
     };
     runner.progress(`corpus generated in ${results.corpus.generateSeconds.toFixed(1)} s`);
 
-    if (!chunkMode) await runCeilings(state, options.tools);
-    await runInits(state, peers);
-    await runBackups(state, peers, 'full');
-
-    const rewriteStart = performance.now();
-    const rewrite = rewriteCorpus(corpusPath, { fraction: options.fraction, seed: options.seed });
-    const rewriteSeconds = (performance.now() - rewriteStart) / 1000;
-    runner.progress(`rewrote ${rewrite.extents.length} extents (${formatSize(rewrite.bytesRewritten)}) in ${rewriteSeconds.toFixed(1)} s`);
-    const sha256After = chunkMode ? '' : await sha256File(corpusPath);
-    results.corpus.rewrite = {
-      fraction: options.fraction,
-      extents: rewrite.extents.length,
-      bytesRewritten: rewrite.bytesRewritten,
-      seconds: rewriteSeconds,
-      allocatedBytesAfter: allocatedBytes(corpusPath),
-      sha256After,
-    };
-
-    await runBackups(state, peers, 'second');
-    if (!chunkMode) await runRestores(state, peers, 'second', sha256After);
-
-    for (const peer of peers) {
-      if (!state.broken.has(peer.name)) {
-        try { results.repositories[peer.name] = peer.describeRepository(); } catch (err) { results.repositories[peer.name] = describeError(err); }
-      }
+    if (options.vm) {
+      await runVmPhases(state, options, peers, results);
+    } else {
+      await runImagePhases(state, options, peers, results, chunkMode);
     }
   } catch (err) {
     runner.progress(`run aborted: ${describeError(err)}`);
@@ -572,6 +468,9 @@ async function main(): Promise<number> {
   results.failures += runner.steps.filter((s) => s.status !== 'ok').length;
   if (chunkMode) {
     results.chunkStudy = chunkStudyRows(runner.steps, options.chunkSizes ?? []);
+  } else if (options.vm) {
+    results.comparisons = compareVm(runner.steps);
+    results.targets = options.tools.has(VM_TOOLS.tresor) ? checkVmTargets(runner.steps) : [];
   } else {
     results.comparisons = compareTresor(runner.steps);
     results.targets = options.tools.has('tresor') ? checkTargets(runner.steps, options.size) : [];
@@ -579,7 +478,8 @@ async function main(): Promise<number> {
 
   const outDir = join(REPO_ROOT, 'bench', 'out');
   mkdirSync(outDir, { recursive: true });
-  const resultsFile = join(outDir, `results-${basicIsoTime(startedAt)}${chunkMode ? '-chunk-sizes' : ''}.json`);
+  const suffix = chunkMode ? '-chunk-sizes' : options.vm ? '-vm' : '';
+  const resultsFile = join(outDir, `results-${basicIsoTime(startedAt)}${suffix}.json`);
   writeFileSync(resultsFile, `${JSON.stringify(results, null, 2)}\n`);
 
   console.log(`## Benchmark results\n\n${renderFigures(results)}\n`);
@@ -588,6 +488,81 @@ async function main(): Promise<number> {
   if (options.keep) runner.progress(`scratch directory kept: ${scratch}`);
   else rmSync(scratch, { recursive: true, force: true });
   return results.failures > 0 ? 1 : 0;
+}
+
+/** The image benchmark (issue 2) and the chunk-size study, phase by phase (see the top). */
+async function runImagePhases(state: RunState, options: Options, peers: Peer[], results: BenchResults, chunkMode: boolean): Promise<void> {
+  const { runner, corpusPath } = state;
+  if (results.corpus === undefined) return;
+  if (!chunkMode) await runCeilings(state, options.tools);
+  await runInits(state, peers);
+  await runBackups(state, peers, 'full');
+
+  const rewriteStart = performance.now();
+  const rewrite = rewriteCorpus(corpusPath, { fraction: options.fraction, seed: options.seed });
+  const rewriteSeconds = (performance.now() - rewriteStart) / 1000;
+  runner.progress(`rewrote ${rewrite.extents.length} extents (${formatSize(rewrite.bytesRewritten)}) in ${rewriteSeconds.toFixed(1)} s`);
+  const sha256After = chunkMode ? '' : await sha256File(corpusPath);
+  results.corpus.rewrite = {
+    fraction: options.fraction,
+    extents: rewrite.extents.length,
+    bytesRewritten: rewrite.bytesRewritten,
+    seconds: rewriteSeconds,
+    allocatedBytesAfter: allocatedBytes(corpusPath),
+    sha256After,
+  };
+
+  await runBackups(state, peers, 'second');
+  if (!chunkMode) await runRestores(state, peers, 'second', sha256After);
+
+  describeRepositories(state, peers, results);
+}
+
+function describeRepositories(state: RunState, peers: Peer[], results: BenchResults): void {
+  for (const peer of peers) {
+    if (!state.broken.has(peer.name)) {
+      try { results.repositories[peer.name] = peer.describeRepository(); } catch (err) { results.repositories[peer.name] = describeError(err); }
+    }
+  }
+}
+
+/**
+ * The live-VM benchmark (issue 3): the corpus becomes a qcow2 image before anything changes it;
+ * restic backs up the raw corpus file (its stored size is a target); then the raw corpus is
+ * rewritten in place — the reference every live disk must equal after the rewrite through its VM —
+ * and bench/vm.ts runs each tool on its own domain.
+ */
+async function runVmPhases(state: RunState, options: Options, peers: Peer[], results: BenchResults): Promise<void> {
+  const { runner, corpusPath, scratch } = state;
+  if (results.corpus === undefined) return;
+  const image = join(scratch, 'corpus', 'disk.qcow2');
+  const imageFacts = convertToQcow2(corpusPath, image);
+  runner.progress(`corpus converted to qcow2 in ${imageFacts.convertSeconds.toFixed(1)} s: ${formatSize(imageFacts.allocatedBytes)} allocated`);
+
+  await runInits(state, peers);
+  await runBackups(state, peers, 'full');
+
+  const allocatedBefore = results.corpus.allocatedBytes;
+  const rewriteStart = performance.now();
+  const rewrite = rewriteCorpus(corpusPath, { fraction: options.fraction, seed: options.seed });
+  const rewriteSeconds = (performance.now() - rewriteStart) / 1000;
+  results.corpus.rewrite = {
+    fraction: options.fraction,
+    extents: rewrite.extents.length,
+    bytesRewritten: rewrite.bytesRewritten,
+    seconds: rewriteSeconds,
+    allocatedBytesAfter: allocatedBytes(corpusPath),
+    sha256After: '',
+  };
+  runner.progress(`reference: raw corpus rewritten (${rewrite.extents.length} extents, ${formatSize(rewrite.bytesRewritten)})`);
+
+  results.vm = await runLiveVm({
+    runner, scratch, rewrittenCorpus: corpusPath, image, imageFacts, size: state.size,
+    allocatedBefore, allocatedAfter: results.corpus.rewrite.allocatedBytesAfter,
+    fraction: options.fraction, seed: options.seed, repoRoot: REPO_ROOT, tresorCli: options.tresorCli,
+    keep: options.keep, tools: options.tools,
+  });
+  describeRepositories(state, peers, results);
 }
 
 try {
