@@ -12,6 +12,7 @@ import { registerBackupCommands } from './commands/backup.ts';
 import { registerRestoreCommands } from './commands/restore.ts';
 import { registerSnapshotCommands } from './commands/snapshots.ts';
 import { registerVerifyCommands } from './commands/verify.ts';
+import { registerLifecycleCommands } from './commands/lifecycle.ts';
 import { registerFilesCommands } from './commands/files.ts';
 import { registerVmCommands } from './commands/vms.ts';
 import { TOOL_VERSION } from '../repo/repository.ts';
@@ -56,6 +57,7 @@ function buildProgram(): { program: Command; env: CommandEnv } {
   registerRestoreCommands(program, env);
   registerSnapshotCommands(program, env);
   registerVerifyCommands(program, env);
+  registerLifecycleCommands(program, env);
   registerFilesCommands(program, env);
   registerVmCommands(program, env);
   return { program, env };

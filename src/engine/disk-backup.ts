@@ -67,8 +67,7 @@ export async function backupDisk(
         for (let s = i; s < j; s++) map.set(first + s, ZERO_ID);
         stats.holeChunks += j - i;
       } else if (plan === 'parent') {
-        for (let s = i; s < j; s++) map.set(first + s, await parent!.slot(first + s));
-        stats.unchangedChunks += j - i;
+        await reuseParentSlots(first + i, j - i, reads);
       } else {
         reads.push(readRun(first + i, j - i));
       }
@@ -77,6 +76,25 @@ export async function backupDisk(
     await Promise.all(reads);
     done += Math.min(count * chunkSize, source.size - first * chunkSize);
     opts.progress?.(done);
+  };
+
+  // A parent's chunk is reused only while it may be: not condemned by a pending garbage
+  // collection, not recorded as damaged, still in the index. Otherwise the slot is read again.
+  const reuseParentSlots = async (firstSlot: number, count: number, reads: Array<Promise<void>>): Promise<void> => {
+    let rereadFrom = -1;
+    for (let s = firstSlot; s <= firstSlot + count; s++) {
+      const id = s < firstSlot + count ? await parent!.slot(s) : undefined;
+      const usable = id !== undefined && (ZERO_ID.equals(id) || (index.has(id) && !repo.avoids(id)));
+      if (usable) {
+        map.set(s, id);
+        stats.unchangedChunks++;
+      }
+      if (!usable && id !== undefined && rereadFrom < 0) rereadFrom = s;
+      if ((usable || id === undefined) && rereadFrom >= 0) {
+        reads.push(readRun(rereadFrom, s - rereadFrom));
+        rereadFrom = -1;
+      }
+    }
   };
 
   const readRun = async (firstSlot: number, count: number): Promise<void> => {
@@ -90,7 +108,7 @@ export async function backupDisk(
       const id = hashed.ids.subarray(k * 32, k * 32 + 32);
       if (ZERO_ID.equals(id)) {
         stats.holeChunks++;
-      } else if (index.has(id) || !writer.claim(Buffer.from(id))) {
+      } else if ((index.has(id) && !repo.avoids(id)) || !writer.claim(Buffer.from(id))) {
         stats.reusedChunks++;
       } else {
         encodeWhich.push(k);

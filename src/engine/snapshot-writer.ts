@@ -39,6 +39,8 @@ export class SnapshotSession {
   static async start(repo: Repository, operation: string): Promise<SnapshotSession> {
     const lock = await repo.lock('shared', operation);
     try {
+      // The index must be loaded after the lock exists (garbage collection relies on it).
+      repo.invalidateIndex();
       await repo.index();
       return new SnapshotSession(repo, lock, new CodecPool(repo.keys));
     } catch (err) {

@@ -78,7 +78,7 @@ export class DiskMapWriter {
     const id = computeId(this.#repo.keys, plain);
     this.#pieces[p] = id.toString('hex');
     const index = await this.#repo.index();
-    if (index.has(id) || !this.#writer.claim(id)) return;
+    if ((index.has(id) && !this.#repo.avoids(id)) || !this.#writer.claim(id)) return;
     await this.#writer.add(BlobType.indexPiece, id, encodeBlob(this.#repo.keys, BlobType.indexPiece, id, plain), plain.length);
   }
 

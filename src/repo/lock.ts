@@ -2,11 +2,13 @@
  * Repository locks (docs/repository-format.md §Locks).
  *
  * A lock is a small encoded object `locks/<random 32 hex>` saying who holds it, for what and since
- * when. Shared locks (backup, restore, verify, sync) coexist; an exclusive lock (prune, gc, key
- * removal) excludes everything. A holder refreshes its lock every REFRESH_MS by writing a new
- * lock object and deleting the old one, so a lock whose time is older than STALE_MS belongs to a
- * dead process on some host and is ignored (and removed). A lock from this host whose process no
- * longer exists is stale at once.
+ * when. Shared locks (backup, restore, verify, sync, prune) coexist; a maintenance lock (garbage
+ * collection) coexists with shared locks but excludes other maintenance and exclusive locks; an
+ * exclusive lock (key removal) excludes everything. A holder refreshes its lock every REFRESH_MS
+ * by writing a new lock object and deleting the old one, so a lock whose time is older than
+ * STALE_MS belongs to a dead process on some host and is ignored (and removed). A lock from this
+ * host whose process no longer exists is stale at once. `started` (kept across refreshes)
+ * identifies a holder: garbage collection waits for the holders it saw (docs §Garbage collection).
  *
  * Acquisition: list → refuse on conflict → create ours → list again → if a conflicting lock
  * appeared meanwhile (a race), remove ours and refuse. Both racers may back off; neither proceeds
@@ -21,14 +23,17 @@ import { BlobType, type CodecKeys, decodeBlob, encodeBlob } from './codec.ts';
 export const REFRESH_MS = 5 * 60_000;
 export const STALE_MS = 30 * 60_000;
 
-export type LockKind = 'shared' | 'exclusive';
+export type LockKind = 'shared' | 'maintenance' | 'exclusive';
 
 export interface LockInfo {
   kind: LockKind;
   operation: string;
   host: string;
   pid: number;
+  /** Time of the last refresh. */
   time: string;
+  /** When the holder first took the lock; kept across refreshes (identifies the holder). */
+  started?: string;
 }
 
 export class RepositoryLockedError extends TresorError {
@@ -85,7 +90,8 @@ export async function listLocks(store: BlobStore, keys: CodecKeys): Promise<List
 }
 
 function conflicts(want: LockKind, other: LockInfo | undefined): boolean {
-  return want === 'exclusive' || other === undefined || other.kind === 'exclusive';
+  if (want === 'exclusive' || other === undefined || other.kind === 'exclusive') return true;
+  return want === 'maintenance' && other.kind !== 'shared';
 }
 
 export class RepositoryLock {
@@ -105,7 +111,8 @@ export class RepositoryLock {
 
   static async acquire(store: BlobStore, keys: CodecKeys, kind: LockKind, operation: string): Promise<RepositoryLock> {
     await checkConflicts(store, keys, kind, operation, undefined);
-    const info: LockInfo = { kind, operation, host: hostname(), pid: process.pid, time: new Date().toISOString() };
+    const now = new Date().toISOString();
+    const info: LockInfo = { kind, operation, host: hostname(), pid: process.pid, time: now, started: now };
     const name = await writeLock(store, keys, info);
     const lock = new RepositoryLock(store, keys, name, info);
     try {

@@ -66,7 +66,8 @@ export class PackWriter {
       await this.#repo.store.create(sealed.name, sealed.data);
       const index = await this.#repo.index();
       for (const e of sealed.entries) {
-        index.add(e.id, { packId: sealed.id, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
+        // Replace: a fresh copy of a blob recorded as damaged must win over the damaged one.
+        index.add(e.id, { packId: sealed.id, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength }, true);
       }
       this.#uncommitted.push({ packId: sealed.id, entries: sealed.entries });
       this.stats.packs++;

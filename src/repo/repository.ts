@@ -24,6 +24,8 @@ import { RepositoryLock, type LockKind } from './lock.ts';
 import { type SnapshotManifest, validateManifest, parseSnapshotName } from './manifest.ts';
 import { packIdFromName, packName, readPackHeader } from './pack.ts';
 import { mapLimit } from '../util/concurrency.ts';
+import { IdSet } from './id-set.ts';
+import { loadReuseExclusions } from './reuse.ts';
 
 export const TOOL_VERSION = '0.1.0';
 
@@ -90,6 +92,8 @@ export class Repository {
   readonly keySlot: string | undefined;
   #index: BlobIndex | undefined;
   #indexLoad: Promise<BlobIndex> | undefined;
+  /** Ids writers must not deduplicate against (reuse.ts); loaded with the index. */
+  #avoid = new IdSet();
   /** Index files that failed to load, with the reason. */
   readonly damagedIndexFiles: Array<{ name: string; error: string }> = [];
   readonly indexFiles = new Set<string>();
@@ -236,29 +240,80 @@ export class Repository {
     return this.#indexLoad;
   }
 
+  /**
+   * True when writers must not deduplicate against `id` although the index may have it: a
+   * pending garbage collection condemned it, or its only copy is recorded as damaged. The writer
+   * stores a fresh copy instead (docs/repository-format.md §Garbage collection, §Damage records).
+   * Valid once `index()` has resolved.
+   */
+  avoids(id: Uint8Array): boolean {
+    return this.#avoid.has(id);
+  }
+
+  /**
+   * Forgets the loaded index so the next `index()` reads the index files again. A process must
+   * hold its lock before the index it uses is loaded (garbage collection relies on it), so a
+   * long-lived Repository reloads the index at the start of each locked operation.
+   */
+  invalidateIndex(): void {
+    this.#index = undefined;
+    this.#indexLoad = undefined;
+    this.#avoid = new IdSet();
+    this.indexFiles.clear();
+    this.damagedIndexFiles.length = 0;
+  }
+
   async #loadIndex(): Promise<BlobIndex> {
+    // Garbage collection deletes index files once a newer one supersedes them: a file listed
+    // here may be gone when it is read. Then the superseding file exists: list again.
+    for (let attempt = 1; ; attempt++) {
+      const index = await this.#tryLoadIndex(attempt < 4);
+      if (index) return index;
+    }
+  }
+
+  async #tryLoadIndex(retryOnVanished: boolean): Promise<BlobIndex | undefined> {
+    this.indexFiles.clear();
+    this.damagedIndexFiles.length = 0;
+    const exclusions = await loadReuseExclusions(this.store, this.keys);
     const names: string[] = [];
     for await (const b of this.store.list('index/')) if (indexFileId(b.name)) names.push(b.name);
+    let vanished = false;
     const loaded = await mapLimit(names, 8, async (name) => {
       try {
         return { name, content: decodeIndexFile(this.keys, name, await this.store.read(name)) };
       } catch (err) {
-        if ((err as TresorError).code === 'blob-not-found') return undefined; // superseded and deleted meanwhile
+        if ((err as TresorError).code === 'blob-not-found') {
+          vanished = true; // superseded and deleted meanwhile
+          return undefined;
+        }
         this.damagedIndexFiles.push({ name, error: (err as Error).message });
         return undefined;
       }
     });
+    if (vanished && retryOnVanished) return undefined;
     const superseded = new Set<string>();
     for (const l of loaded) for (const s of l?.content.supersedes ?? []) superseded.add(`index/${s.toString('hex')}`);
+    this.damagedIndexFiles.splice(0, this.damagedIndexFiles.length, ...this.damagedIndexFiles.filter((d) => !superseded.has(d.name)));
     let total = 0;
     for (const l of loaded) if (l && !superseded.has(l.name)) for (const p of l.content.packs) total += p.entries.length;
     const index = new BlobIndex(Math.ceil(total / 0.6));
+    // Recorded damaged copies go in last, so any other copy of the same blob wins.
+    const deferred: IndexedPack[] = [];
+    const add = (p: IndexedPack) => addPack(index, p, exclusions.damaged, deferred);
     for (const l of loaded) {
       if (!l || superseded.has(l.name)) continue;
       this.indexFiles.add(l.name);
-      for (const p of l.content.packs) addPack(index, p);
+      for (const p of l.content.packs) add(p);
     }
-    if (this.damagedIndexFiles.length > 0) await this.#indexUnindexedPacks(index);
+    if (this.damagedIndexFiles.length > 0) await this.#indexUnindexedPacks(index, add);
+    for (const p of deferred) addPack(index, p);
+    const avoid = exclusions.condemned;
+    for (const [hex, packs] of exclusions.damaged) {
+      const loc = index.get(Buffer.from(hex, 'hex'));
+      if (loc && packs.has(loc.packId.toString('hex'))) avoid.add(Buffer.from(hex, 'hex'));
+    }
+    this.#avoid = avoid;
     return index;
   }
 
@@ -266,7 +321,7 @@ export class Repository {
    * Packs are self-describing: when an index file is damaged, the packs it described are found
    * by reading the headers of every pack no intact index file lists.
    */
-  async #indexUnindexedPacks(index: BlobIndex): Promise<void> {
+  async #indexUnindexedPacks(index: BlobIndex, add: (p: IndexedPack) => void): Promise<void> {
     const known = new Set(index.packIds().map((p) => p.toString('hex')));
     const missing: Array<{ name: string; size: number }> = [];
     for await (const b of this.store.list('data/')) {
@@ -276,7 +331,7 @@ export class Repository {
     await mapLimit(missing, 8, async (b) => {
       try {
         const entries = await readPackHeader(this.keys, b.name, b.size, (o, l) => this.store.read(b.name, { offset: o, length: l }));
-        addPack(index, { packId: packIdFromName(b.name)!, entries });
+        add({ packId: packIdFromName(b.name)!, entries });
       } catch {
         // A pack whose header is unreadable stays unknown; verify reports the chunks as missing.
       }
@@ -383,6 +438,19 @@ export class Repository {
   }
 }
 
-function addPack(index: BlobIndex, p: IndexedPack): void {
-  for (const e of p.entries) index.add(e.id, { packId: p.packId, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
+/** Adds a pack's entries; copies recorded as damaged are set aside in `deferred` instead. */
+function addPack(index: BlobIndex, p: IndexedPack, damaged?: Map<string, Set<string>>, deferred?: IndexedPack[]): void {
+  let packHex: string | undefined;
+  let held: IndexedPack | undefined;
+  for (const e of p.entries) {
+    if (damaged !== undefined && damaged.size > 0 && deferred !== undefined) {
+      const packs = damaged.get(e.id.toString('hex'));
+      if (packs?.has(packHex ??= p.packId.toString('hex'))) {
+        if (!held) deferred.push(held = { packId: p.packId, entries: [] });
+        held.entries.push(e);
+        continue;
+      }
+    }
+    index.add(e.id, { packId: p.packId, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
+  }
 }

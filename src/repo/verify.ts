@@ -13,7 +13,7 @@
  * Damage is reported per object with the snapshots, disks and disk offsets it affects.
  */
 import { ZERO_ID, BlobType, BLOB_TYPE_NAMES, type BlobTypeValue } from './codec.ts';
-import type { CodecPool } from './codec-pool.ts';
+import { type CodecPool, noteGarbage } from './codec-pool.ts';
 import type { DecodeItem } from './codec-ops.ts';
 import { DiskMapReader } from './disk-map.ts';
 import type { SnapshotManifest } from './manifest.ts';
@@ -34,6 +34,8 @@ export interface Damage {
   object: string;
   error: string;
   affects: Affected[];
+  /** For a damaged blob copy: its id, type and pack (hex), as damage records keep them. */
+  copy?: { id: string; type: number; pack: string };
 }
 
 export interface VerifyReport {
@@ -102,12 +104,13 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
       bad.set(hex, { kind: 'missing-blob', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: 'not in any index (its pack is missing or unindexed)', affects: [] });
     } else {
       const size = packSizes.get(loc.packId.toString('hex'));
+      const copy = { id: hex, type, pack: loc.packId.toString('hex') };
       if (size === undefined) {
-        bad.set(hex, { kind: 'missing-pack', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `its pack ${packName(loc.packId)} does not exist`, affects: [] });
+        bad.set(hex, { kind: 'missing-pack', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `its pack ${packName(loc.packId)} does not exist`, affects: [], copy });
       } else if (loc.offset + loc.length > size) {
-        bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `its pack ${packName(loc.packId)} is truncated (${size} bytes, blob ends at ${loc.offset + loc.length})`, affects: [] });
+        bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `its pack ${packName(loc.packId)} is truncated (${size} bytes, blob ends at ${loc.offset + loc.length})`, affects: [], copy });
       } else if (loc.type !== type) {
-        bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `the index says it is a ${BLOB_TYPE_NAMES[loc.type]}`, affects: [] });
+        bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `the index says it is a ${BLOB_TYPE_NAMES[loc.type]}`, affects: [], copy });
       }
     }
   };
@@ -141,7 +144,10 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
       }
     }
   }
-  for (const [pid, error] of pieceErrors) bad.set(pid, { kind: 'index-piece', object: `index piece ${pid}`, error, affects: [] });
+  for (const [pid, error] of pieceErrors) {
+    const loc = refs.get(pid)?.loc;
+    bad.set(pid, { kind: 'index-piece', object: `index piece ${pid}`, error, affects: [], copy: loc && { id: pid, type: BlobType.indexPiece, pack: loc.packId.toString('hex') } });
+  }
 
   // Read and decode every referenced chunk, grouped by pack.
   let blobsChecked = 0;
@@ -180,9 +186,10 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
         }));
         const results = await pool.decode(items);
         results.forEach((r, n) => {
-          if (!r.ok) bad.set(list[i + n].hex, { kind: 'chunk', object: `chunk ${list[i + n].hex} in ${pack}`, error: r.message, affects: [] });
+          if (!r.ok) bad.set(list[i + n].hex, { kind: 'chunk', object: `chunk ${list[i + n].hex} in ${pack}`, error: r.message, affects: [], copy: { id: list[i + n].hex, type: BlobType.chunk, pack: list[i + n].loc.packId.toString('hex') } });
         });
         blobsChecked += items.length;
+        noteGarbage(data.length * 2); // the range read and its plaintexts (codec-pool.ts)
         opts.progress?.(blobsChecked, total);
         i = j;
       }

@@ -2,6 +2,7 @@
 import type { Command } from 'commander';
 import { Repository, DEFAULTS } from '../../repo/repository.ts';
 import { listLocks } from '../../repo/lock.ts';
+import { requireFullAccess } from '../../repo/access.ts';
 import { UsageError } from '../../util/errors.ts';
 import { openRepository, openStore, readPassphrase } from '../context.ts';
 import { formatBytes, parseSize, printResult } from '../output.ts';
@@ -85,6 +86,7 @@ export function registerRepoCommands(program: Command, env: CommandEnv): void {
     .action(async (o: { label?: string }) => {
       const g = env.globals();
       const r = await openRepository(g);
+      await requireFullAccess(r, 'add a key');
       const pw = process.env.TRESOR_NEW_PASSPHRASE ?? await readPassphrase({ ...g, passphraseFile: undefined }, 'add as a new key slot', true);
       const id = await r.addPassphrase(pw, o.label);
       printResult(g, { ok: true, slot: id }, () => `added key slot ${id}`);
@@ -92,6 +94,7 @@ export function registerRepoCommands(program: Command, env: CommandEnv): void {
   key.command('remove <slot>').description('remove a key slot (never the last passphrase)').action(async (slot: string) => {
     const g = env.globals();
     const r = await openRepository(g);
+    await requireFullAccess(r, 'remove a key');
     const lock = await r.lock('exclusive', 'key remove');
     try {
       await r.removeKeySlot(slot);
@@ -107,6 +110,7 @@ export function registerRepoCommands(program: Command, env: CommandEnv): void {
     .action(async (o: { all: boolean }) => {
       const g = env.globals();
       const r = await openRepository(g);
+      if (o.all) await requireFullAccess(r, 'remove the locks of running processes');
       const removed: string[] = [];
       for (const l of await listLocks(r.store, r.keys)) {
         if (o.all || l.stale) {

@@ -1,0 +1,98 @@
+/**
+ * `tresor prune`: applies retention rules (retention.ts) to each backup group (snapshots of the
+ * same type and id) and deletes the manifests of the snapshots no rule keeps, then their notes.
+ * Data is freed later by garbage collection (gc.ts). Protected snapshots are never deleted.
+ *
+ * Prune takes a shared lock: it runs beside backups and restores. Deleting a manifest is atomic;
+ * a crash between a manifest and its notes leaves orphan notes that GC removes. A snapshot
+ * protected while prune runs is re-checked just before its manifest is deleted.
+ */
+import { UsageError } from '../util/errors.ts';
+import { mapLimit } from '../util/concurrency.ts';
+import { requireFullAccess } from './access.ts';
+import { deleteNotes, readSnapshotState, readSnapshotStates } from './notes.ts';
+import type { Repository } from './repository.ts';
+import { type RetentionPolicy, applyRetention, policyIsEmpty, RULES } from './retention.ts';
+
+export interface PruneOptions {
+  policy: RetentionPolicy;
+  /** Only this backup id (all types); otherwise `all` must be set. */
+  id?: string;
+  all?: boolean;
+  dryRun?: boolean;
+  timeZone?: 'utc' | 'local';
+}
+
+export interface PruneDecisionReport {
+  name: string;
+  time: string;
+  action: 'keep' | 'remove';
+  reason: string;
+}
+
+export interface PruneReport {
+  dryRun: boolean;
+  groups: Array<{ group: string; snapshots: PruneDecisionReport[] }>;
+  removed: string[];
+  kept: number;
+  /** Snapshots that were protected meanwhile and therefore not removed. */
+  skipped: string[];
+  /** Manifests that could not be read: never pruned. */
+  unreadable: Array<{ object: string; error: string }>;
+}
+
+export function describePolicy(p: RetentionPolicy): string {
+  return RULES.filter((r) => p[r]).map((r) => `keep-${r} ${p[r]}`).join(', ');
+}
+
+export async function pruneSnapshots(repo: Repository, opts: PruneOptions): Promise<PruneReport> {
+  if (!opts.all && !opts.id) throw new UsageError('prune needs --id NAME or --all', 'say which backup groups the rules apply to');
+  if (opts.all && opts.id) throw new UsageError('give either --id or --all, not both');
+  if (policyIsEmpty(opts.policy)) {
+    throw new UsageError('no retention rule given: prune would keep everything, or with a careless default delete everything',
+      'give at least one of --keep-last, --keep-hourly, --keep-daily, --keep-weekly, --keep-monthly, --keep-yearly');
+  }
+  if (!opts.dryRun) await requireFullAccess(repo, 'prune snapshots');
+  const lock = await repo.lock('shared', 'prune');
+  try {
+    const { snapshots, damaged } = await repo.listSnapshots(opts.id ? { id: opts.id } : undefined);
+    const { states } = await readSnapshotStates(repo, snapshots.map((m) => m.name));
+    const groups = new Map<string, typeof snapshots>();
+    for (const m of snapshots) {
+      const g = `${m.type}/${m.id}`;
+      let list = groups.get(g);
+      if (!list) groups.set(g, (list = []));
+      list.push(m);
+    }
+    const report: PruneReport = { dryRun: opts.dryRun === true, groups: [], removed: [], kept: 0, skipped: [], unreadable: damaged };
+    const doomed: string[] = [];
+    for (const [group, list] of [...groups].sort(([a], [b]) => (a < b ? -1 : 1))) {
+      const decisions = applyRetention(list.map((m) => ({ name: m.name, time: new Date(m.time), protected: states.get(m.name)?.protected })), opts.policy, { timeZone: opts.timeZone });
+      report.groups.push({
+        group,
+        snapshots: decisions.map((d) => ({ name: d.name, time: d.time.toISOString(), action: d.keep ? 'keep' : 'remove', reason: d.reason })),
+      });
+      for (const d of decisions) {
+        if (d.keep) report.kept++;
+        else doomed.push(d.name);
+      }
+    }
+    if (opts.dryRun) {
+      report.removed = doomed;
+      return report;
+    }
+    await mapLimit(doomed, 8, async (name) => {
+      if ((await readSnapshotState(repo, name)).protected) {
+        report.skipped.push(name);
+        return;
+      }
+      await repo.store.delete(repo.snapshotKey(name));
+      await deleteNotes(repo, name);
+      report.removed.push(name);
+    });
+    report.removed.sort();
+    return report;
+  } finally {
+    await lock.release();
+  }
+}
