@@ -17,7 +17,7 @@ export type CodecRequest =
   | { op: 'hash'; req: number; batch: number; data: ArrayBuffer; byteLength: number; chunkSize: number }
   | { op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue }
   | { op: 'drop'; req: number; batch: number }
-  | { op: 'decode'; req: number; items: DecodeItem[] };
+  | { op: 'decode'; req: number; items: DecodeItem[]; checkOnly?: boolean };
 
 export interface DecodeItem {
   type: BlobTypeValue;
@@ -91,8 +91,11 @@ export class CodecExecutor {
         const results: DecodeResult[] = msg.items.map((it) => {
           garbage += it.stored.length + it.rawLength;
           try {
-            const plain = owned(decodeBlob(this.#keys, it.type, it.id, it.stored, { id: it.id, maxLength: it.rawLength, exactLength: true },
-              () => ({ what: it.label, context: {} })));
+            const decoded = decodeBlob(this.#keys, it.type, it.id, it.stored, { id: it.id, maxLength: it.rawLength, exactLength: true },
+              () => ({ what: it.label, context: {} }));
+            // Verification only needs the verdict: do not ship plaintext back.
+            if (msg.checkOnly) return { ok: true, plain: new Uint8Array(0) };
+            const plain = owned(decoded);
             if (!transfer.includes(plain.buffer as ArrayBuffer)) transfer.push(plain.buffer as ArrayBuffer);
             return { ok: true, plain };
           } catch (err) {

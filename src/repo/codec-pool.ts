@@ -186,6 +186,12 @@ export class CodecPool {
     return r.results;
   }
 
+  /** Like decode, but returns only the verdicts (no plaintext travels back): for verification. */
+  async check(items: DecodeItem[]): Promise<DecodeResult[]> {
+    const r = await this.#executors[this.#pick()].call<{ results: DecodeResult[] }>({ op: 'decode', req: this.#nextReq++, items, checkOnly: true });
+    return r.results;
+  }
+
   async close(): Promise<void> {
     await Promise.all(this.#executors.map((e) => e.close()));
   }

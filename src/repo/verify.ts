@@ -162,13 +162,13 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
       list.push({ hex, loc: r.loc });
     }
     const total = [...byPack.values()].reduce((n, l) => n + l.length, 0);
-    await mapLimit([...byPack.values()], 4, async (list) => {
+    await mapLimit([...byPack.values()], 2, async (list) => {
       list.sort((a, b) => a.loc.offset - b.loc.offset);
       const pack = packName(list[0].loc.packId);
       for (let i = 0; i < list.length;) {
         // Read up to ~8 MiB of consecutive blobs at once.
         let j = i + 1;
-        while (j < list.length && list[j].loc.offset + list[j].loc.length - list[i].loc.offset <= 8 << 20) j++;
+        while (j < list.length && list[j].loc.offset + list[j].loc.length - list[i].loc.offset <= 4 << 20) j++;
         const from = list[i].loc.offset;
         const to = list[j - 1].loc.offset + list[j - 1].loc.length;
         let data: Buffer;
@@ -184,7 +184,7 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
           type: BlobType.chunk, id: Buffer.from(b.hex, 'hex'), rawLength: b.loc.rawLength,
           stored: data.subarray(b.loc.offset - from, b.loc.offset - from + b.loc.length), label: `chunk ${b.hex} in ${pack}`,
         }));
-        const results = await pool.decode(items);
+        const results = await pool.check(items);
         results.forEach((r, n) => {
           if (!r.ok) bad.set(list[i + n].hex, { kind: 'chunk', object: `chunk ${list[i + n].hex} in ${pack}`, error: r.message, affects: [], copy: { id: list[i + n].hex, type: BlobType.chunk, pack: list[i + n].loc.packId.toString('hex') } });
         });
