@@ -114,6 +114,8 @@ export async function exportDiskImage(opts: DiskImageExportOptions): Promise<Dis
   const deadline = Date.now() + READY_TIMEOUT_MS;
   for (;;) {
     if (child.exitCode !== null || child.signalCode !== null) {
+      // 'close' comes only after stderr was read to the end: the reason must be complete.
+      await exited;
       throw exportFailure(stderr, context);
     }
     if (existsSync(opts.socketPath) && await canConnect(opts.socketPath)) break;
