@@ -38,6 +38,7 @@ import type { StepRecord, VmFacts, VmRunFacts } from './report.ts';
 import { VM_TOOLS } from './report.ts';
 import { processCpuSeconds } from './steps.ts';
 import type { HelperMatch, StepRunner } from './steps.ts';
+import { processAlive } from '../src/util/process.ts';
 
 /** The corpus disk's target in every bench domain (virtio-scsi, so HMP qemu-io can write to it). */
 const DISK_TARGET = 'sda';
@@ -211,14 +212,6 @@ async function sweepStaleDomains(virsh: Virsh): Promise<void> {
   }
 }
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 /**
  * Synchronous last-resort cleanup (Ctrl-C): stops this run's domains, and undefines them (with

@@ -27,3 +27,15 @@ fi
 # npm ci fails on optional platform packages here; install against the committed lockfile.
 npm install --no-audit --no-fund --loglevel=error
 node_modules/.bin/node --version
+
+# libvirt without systemd: give /dev/kvm the owner and mode Debian's udev rule would (without it
+# libvirt re-probes QEMU forever), then start virtlogd and libvirtd unless they already answer.
+if [ -e /dev/kvm ] && getent group kvm >/dev/null; then
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm || true
+fi
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  pgrep -x virtlogd >/dev/null || virtlogd -d
+  pgrep -x libvirtd >/dev/null || libvirtd -d
+  for _ in $(seq 1 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+  virsh -c qemu:///system version >/dev/null || { echo "setup: libvirtd did not start" >&2; exit 1; }
+fi

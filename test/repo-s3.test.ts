@@ -1,7 +1,7 @@
 /** The repository suite on the S3 backend, against a real Ceph radosgw started for this file. */
 import { S3Client, ListObjectsV2Command, GetObjectCommand, PutObjectCommand } from '@aws-sdk/client-s3';
 import { repositorySuite } from './repo-suite.ts';
-import { startCeph, type CephLab } from './lab/ceph.ts';
+import { labS3Client, startCeph, type CephLab } from './lab/ceph.ts';
 import { openS3Store } from '../src/store/s3.ts';
 
 let lab: CephLab;
@@ -19,11 +19,7 @@ repositorySuite({
   setup: async () => {
     lab = await startCeph();
     await lab.createBucket(BUCKET);
-    s3 = new S3Client({
-      endpoint: lab.endpoint, region: lab.region, forcePathStyle: true,
-      credentials: { accessKeyId: lab.accessKeyId, secretAccessKey: lab.secretAccessKey },
-      requestChecksumCalculation: 'WHEN_REQUIRED', responseChecksumValidation: 'WHEN_REQUIRED',
-    });
+    s3 = labS3Client(lab);
   },
   teardown: async () => {
     s3?.destroy();

@@ -5,7 +5,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { readFile, writeFile, truncate, open, copyFile } from 'node:fs/promises';
+import { readFile, writeFile, truncate, copyFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { tresor, tresorOk, spawnTresor } from './helpers/cli.ts';
 import { tempDir } from './helpers/tmp.ts';
@@ -333,7 +333,6 @@ export function repositorySuite(fx: BackendFixture): void {
       const flag = await tresor(['--repo', loc, '--passphrase', 'x', 'snapshots']);
       assert.equal(flag.code, 2);
       assert.match(flag.stderr, /never accepted on the command line/);
-      void open;
     });
   });
 }

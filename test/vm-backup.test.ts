@@ -5,15 +5,15 @@
  * shut-off VMs, the consistency policies, a killed Tresor, and a VM migrated to another host.
  */
 import assert from 'node:assert/strict';
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { readFile, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
-import { LabHost, SYSTEM_URI, e2fsckClean, qemuIoWrite, readGuestLog, waitForAgent, type TestDomain } from './lab/guest.ts';
+import { LabHost, SYSTEM_URI, defineTestDomain, e2fsckClean, qemuIoWrite, readGuestLog, type TestDomain } from './lab/guest.ts';
 import { startLibvirtHosts, type LibvirtHostLab } from './lab/hosts.ts';
-import { tresor, spawnTresor, CLI } from './helpers/cli.ts';
+import { tresor, spawnTresor } from './helpers/cli.ts';
 import { openLibvirt } from '../src/hypervisor/libvirt.ts';
 
 const run = promisify(execFile);
@@ -244,9 +244,6 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       const disk = lab.path('mig-sda.qcow2');
       await run('qemu-img', ['create', '-f', 'qcow2', disk, '64M']);
       await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x21 0 8M', disk]);
-      const xml = (await run('virsh', ['-c', SYSTEM_URI, 'dumpxml', main.name])).stdout;
-      void xml;
-      const { defineTestDomain } = await import('./lab/guest.ts');
       const dom = await defineTestDomain(h1.uri, { name: `tresor-lab-${process.pid}-mig`, disks: [{ path: disk, bus: 'scsi', target: 'sda' }], guest: undefined, consoleLog: lab.path('mig.console.log'), agent: false });
       await run('virsh', ['-c', h1.uri, 'start', dom.name]);
       const first = await backup(dom.name, ['--id', 'mig'], h1.uri);
@@ -268,9 +265,6 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, out]);
       await run('virsh', ['-c', h2.uri, 'destroy', dom.name]).catch(() => undefined);
       await run('virsh', ['-c', h2.uri, 'undefine', dom.name, '--checkpoints-metadata']).catch(() => undefined);
-      void CLI;
-      void spawn;
-      void waitForAgent;
     });
   });
 });

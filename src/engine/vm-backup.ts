@@ -37,6 +37,7 @@ import { TresorError, UsageError, ExitCode } from '../util/errors.ts';
 import { backupDisk, type DiskBackupStats } from './disk-backup.ts';
 import { SnapshotSession } from './snapshot-writer.ts';
 import { RateLimitedSource, TokenBucket } from './rate-limit.ts';
+import { processAlive } from '../util/process.ts';
 
 export type ConsistencyPolicy = 'require' | 'try' | 'off';
 
@@ -551,11 +552,3 @@ async function cleanUpLeftovers(hv: Hypervisor, dom: DomainInfo, vmDir: string, 
   for (const f of ['nbd.sock']) await rm(join(vmDir, f), { force: true });
 }
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code !== 'ESRCH';
-  }
-}

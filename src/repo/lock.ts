@@ -17,6 +17,7 @@
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { TresorError, ExitCode } from '../util/errors.ts';
+import { processAlive } from '../util/process.ts';
 import type { BlobStore } from '../store/store.ts';
 import { BlobType, type CodecKeys, decodeBlob, encodeBlob } from './codec.ts';
 
@@ -56,13 +57,7 @@ function lockContext(name: string): Buffer {
 function isStale(info: LockInfo, now: number): boolean {
   const t = Date.parse(info.time);
   if (!Number.isFinite(t) || now - t > STALE_MS) return true;
-  if (info.host === hostname()) {
-    try {
-      process.kill(info.pid, 0);
-    } catch (err) {
-      return (err as NodeJS.ErrnoException).code === 'ESRCH';
-    }
-  }
+  if (info.host === hostname() && !processAlive(info.pid)) return true;
   return false;
 }
 

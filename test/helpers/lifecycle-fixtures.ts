@@ -5,7 +5,7 @@ import { S3Client, ListObjectsV2Command, GetObjectCommand, PutObjectCommand, Del
 import type { LifecycleFixture } from '../lifecycle-suite.ts';
 import { LocalStore } from '../../src/store/local.ts';
 import { openS3Store } from '../../src/store/s3.ts';
-import { startCeph, type CephLab } from '../lab/ceph.ts';
+import { labS3Client, startCeph, type CephLab } from '../lab/ceph.ts';
 import { tempDir } from './tmp.ts';
 
 async function walk(dir: string, base = dir): Promise<Array<{ name: string; size: number }>> {
@@ -59,11 +59,7 @@ export function s3Fixture(opts: { crashTrials: number; concurrentSeconds: number
     setup: async () => {
       lab = await startCeph();
       await lab.createBucket(bucket);
-      s3 = new S3Client({
-        endpoint: lab.endpoint, region: lab.region, forcePathStyle: true,
-        credentials: { accessKeyId: lab.accessKeyId, secretAccessKey: lab.secretAccessKey },
-        requestChecksumCalculation: 'WHEN_REQUIRED', responseChecksumValidation: 'WHEN_REQUIRED',
-      });
+      s3 = labS3Client(lab);
     },
     teardown: async () => {
       s3?.destroy();

@@ -596,3 +596,12 @@ export async function startCeph(): Promise<CephLab> {
     }
   }
 }
+
+/** A raw S3 client on the lab's endpoint as its user (for tests that look behind Tresor's back). */
+export function labS3Client(lab: CephLab): S3Client {
+  return new S3Client({
+    endpoint: lab.endpoint, region: lab.region, forcePathStyle: true,
+    credentials: { accessKeyId: lab.accessKeyId, secretAccessKey: lab.secretAccessKey },
+    requestChecksumCalculation: 'WHEN_REQUIRED', responseChecksumValidation: 'WHEN_REQUIRED',
+  });
+}

@@ -26,6 +26,7 @@ import { Virsh } from '../../src/hypervisor/virsh.ts';
 import { childElement, childElements, parseXml, renderXml, type XmlInput } from '../../src/util/xml.ts';
 import { ensureGuestImage, labDir, type GuestImage } from './guest-image.ts';
 import { ensureLibvirtd, SYSTEM_URI } from './libvirtd.ts';
+import { processAlive } from '../../src/util/process.ts';
 
 export { ensureGuestImage, labDir, type GuestImage } from './guest-image.ts';
 export { ensureLibvirtd, SYSTEM_URI } from './libvirtd.ts';
@@ -505,14 +506,6 @@ async function sweepStaleDomains(virsh: Virsh): Promise<void> {
   }
 }
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 

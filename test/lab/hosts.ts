@@ -24,6 +24,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { labDir } from './guest-image.ts';
 import { ensureLibvirtd } from './libvirtd.ts';
+import { processAlive } from '../../src/util/process.ts';
 
 export interface LabLibvirtHost {
   /** h1, h2... (also the host name inside its UTS namespace). */
@@ -246,14 +247,6 @@ async function sweepStaleNamespaces(): Promise<void> {
   }
 }
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 function ip(args: string[]): Promise<string> {
   return run('ip', args);
