@@ -54,6 +54,12 @@ export interface StepRecord {
   helperCount?: number;
   helperCpuSeconds?: number;
   helperWaitSeconds?: number;
+  /**
+   * the `sync` run right after the command, until the step's output is on disk (already inside
+   * wallSeconds): tools that fsync pay inside their own time, tools that leave data in the page
+   * cache pay here, so every step is measured to the same point ("durable")
+   */
+  syncSeconds?: number;
   /** live VM: CPU seconds (user+sys) the domain's QEMU process used during the step */
   qemuCpuSeconds?: number;
   /** live VM: bytes the tool read from the VM's disk by its own account (Tresor's bytesRead, virtnbdbackup's data extents) */

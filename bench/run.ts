@@ -407,7 +407,7 @@ async function main(): Promise<number> {
       ...Object.fromEntries(peers.map((p) => [p.label, p.configuration])),
     },
     measurement: [
-      'wall time: spawn to exit of each command; MiB/s = disk size (or its allocated part at that moment) / wall time',
+      'wall time: spawn to exit of each command, plus a `sync` right after it, so every step ends with its output durable (tools that fsync pay inside their own time, the others in the sync); MiB/s = disk size (or its allocated part at that moment) / wall time',
       useGnuTime
         ? 'CPU time (user+sys) and peak RSS: GNU time (/usr/bin/time, rusage from wait4); peak RSS is the largest single process of the command'
         : 'CPU time and peak RSS NOT measured: /usr/bin/time (Debian package `time`) is missing',

@@ -6,8 +6,10 @@
  * for a backup (NBD export, copy-before-write) belongs to that backup. And a step can name helper
  * daemons its command starts and leaves behind (virtnbdrestore's `qemu-nbd --fork`, which still
  * flushes the restored image after virtnbdrestore exits): the step lasts until they are gone, and
- * their CPU time and memory count as the step's.
+ * their CPU time and memory count as the step's. Every step ends with `sync`, inside its wall
+ * time: a step is done when its output is durable, whether the tool fsyncs or not.
  */
+import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, readdirSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
@@ -219,6 +221,7 @@ export class StepRunner {
         throw err;
       }
       if (helpers !== undefined) measurement = withHelpers(record, measurement, await helpers.finish(this.timeoutMs));
+      measurement = withSync(record, measurement);
       const qemuAfter = plan.qemuPid === undefined ? undefined : processCpuSeconds(plan.qemuPid);
       if (qemuBefore !== undefined && qemuAfter !== undefined) record.qemuCpuSeconds = qemuAfter - qemuBefore;
       this.recordTimes(record, measurement, plan);
@@ -263,6 +266,14 @@ export class StepRunner {
       record.allocatedMiBps = plan.disk.allocated / MIB / m.wallSeconds;
     }
   }
+}
+
+/** The step lasts until its output is durable: `sync` runs and its time joins the wall time. */
+function withSync(record: StepRecord, m: Measurement): Measurement {
+  const started = performance.now();
+  spawnSync('sync');
+  record.syncSeconds = (performance.now() - started) / 1000;
+  return { ...m, wallSeconds: m.wallSeconds + record.syncSeconds };
 }
 
 /** The step lasts until its helpers are gone; their CPU adds to the command's, their memory competes for the peak. */

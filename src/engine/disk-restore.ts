@@ -3,12 +3,14 @@
  *
  * Works piece by piece of the disk map (pieceSlots slots, e.g. 64 MiB of disk): the distinct
  * chunks of a piece are located in the index, grouped by pack and sorted by offset, adjacent
- * ones are fetched with one ranged read, decoded (decrypted, decompressed, identity-checked) in
+ * ones are fetched with one ranged read, decoded (decrypted, decompressed, identity-checked:
+ * by the AES-GCM tag when encrypted, codec.ts DecodeExpect.trustAead) in
  * the worker pool, and written to every slot that uses them. Holes are never written, so raw
  * output stays sparse. Several pieces are in flight to keep storage and both cores busy.
  */
 import { ZERO_ID, BlobType } from '../repo/codec.ts';
-import { type CodecPool, noteGarbage } from '../repo/codec-pool.ts';
+import type { CodecPool } from '../repo/codec-pool.ts';
+import { releaseBuffer } from '../util/bytes.ts';
 import type { DecodeItem } from '../repo/codec-ops.ts';
 import { DiskMapReader, slotLength } from '../repo/disk-map.ts';
 import type { DiskRecord } from '../repo/manifest.ts';
@@ -86,7 +88,6 @@ export async function restoreDisk(
         await restoreRun(run);
       } finally {
         budget.release(cost);
-        noteGarbage(cost);
       }
     });
     done += Math.min(disk.pieceSlots * disk.chunkSize, disk.size - firstSlot * disk.chunkSize);
@@ -102,7 +103,10 @@ export async function restoreDisk(
       stored: data.subarray(w.loc.offset - run.offset, w.loc.offset - run.offset + w.loc.length),
       label: `chunk ${w.id.toString('hex')} in ${pack}`,
     }));
-    const results = await pool.decode(items);
+    // The range moves to the worker (no copy); it is detached here from now on.
+    const whole = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength && data.buffer instanceof ArrayBuffer;
+    const results = await pool.decode(items, whole ? [data.buffer as ArrayBuffer] : [], { trustAead: true });
+    const placed: Array<{ slot: number; plain: Buffer }> = [];
     for (let n = 0; n < results.length; n++) {
       const r = results[n];
       const w = run.blobs[n];
@@ -117,11 +121,22 @@ export async function restoreDisk(
         if (plain.length !== slotLength(disk.size, disk.chunkSize, s)) {
           throw new DamageError('damaged-chunk', `chunk ${w.id.toString('hex')} has ${plain.length} bytes but disk ${disk.name} of snapshot ${snapshot} needs ${slotLength(disk.size, disk.chunkSize, s)} at offset ${s * disk.chunkSize}`, { context: { snapshot, disk: disk.name } });
         }
-        await out.write(s * disk.chunkSize, plain);
-        stats.bytesWritten += plain.length;
+        placed.push({ slot: s, plain });
       }
       stats.chunks++;
     }
+    await writeSlots(placed);
+    for (const p of placed) releaseBuffer(p.plain);
+  };
+
+  // All writes of a run go out at once: page-cache writes are latency-bound, not busy.
+  const writeSlots = async (placed: Array<{ slot: number; plain: Buffer }>): Promise<void> => {
+    const settled = await Promise.allSettled(placed.map(async ({ slot, plain }) => {
+      await out.write(slot * disk.chunkSize, plain);
+      stats.bytesWritten += plain.length;
+    }));
+    const failed = settled.find((x) => x.status === 'rejected');
+    if (failed) throw failed.reason;
   };
 
   // Pieces in flight: enough to overlap fetching and decoding, bounded for memory.

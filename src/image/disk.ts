@@ -39,6 +39,7 @@ export interface DiskSource {
  */
 export interface DiskWriter {
   readonly size: number;
+  /** Writes `data` at `offset`; the writer is done with `data` once the promise settles. */
   write(offset: number, data: Uint8Array): Promise<void>;
   close(): Promise<void>;
   abort(): Promise<void>;

@@ -1,23 +1,24 @@
 /**
  * The codec operations the pool runs: hashing and zero detection, encoding and decoding of
  * chunks. One `CodecExecutor` holds a set of keys and the batches between `hash` and `encode`;
- * it runs in a worker thread (codec-worker.ts) or inline on the main thread (codec-pool.ts).
- * Protocol:
+ * it runs in a worker thread (codec-worker.ts). Protocol:
  *  - hash {batch, data, chunkSize}: split `data` into chunks; reply ids (32 bytes each, all-zero
  *    id for an all-zero chunk). The executor keeps the data until `encode` or `drop`.
  *  - encode {batch, which[]}: reply the encoded blobs of the chosen chunks; forget the batch.
  *  - drop {batch}: forget the batch.
  *  - decode {items[]}: decode stored blobs (verifying ids); reply plaintexts or error messages.
- * Replies own their ArrayBuffers whole, so a worker can transfer rather than copy them.
+ * The executor owns every buffer a request brings (they arrived by message: copied or
+ * transferred) and frees large ones when done. Replies own their ArrayBuffers whole, so they
+ * are transferred rather than copied.
  */
 import { type BlobTypeValue, type CodecKeys, ZERO_ID, computeId, decodeBlob, encodeBlob } from './codec.ts';
-import { isAllZero } from '../util/bytes.ts';
+import { isAllZero, releaseBuffer } from '../util/bytes.ts';
 
 export type CodecRequest =
   | { op: 'hash'; req: number; batch: number; data: ArrayBuffer; byteLength: number; chunkSize: number }
   | { op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue }
   | { op: 'drop'; req: number; batch: number }
-  | { op: 'decode'; req: number; items: DecodeItem[]; checkOnly?: boolean };
+  | { op: 'decode'; req: number; items: DecodeItem[]; checkOnly?: boolean; trustAead?: boolean };
 
 export interface DecodeItem {
   type: BlobTypeValue;
@@ -47,7 +48,7 @@ function chunkAt(data: Buffer, chunkSize: number, i: number): Buffer {
 
 export class CodecExecutor {
   readonly #keys: CodecKeys;
-  readonly #batches = new Map<number, { data: Buffer; chunkSize: number }>();
+  readonly #batches = new Map<number, { data: Buffer; chunkSize: number; ids: Buffer }>();
 
   constructor(keys: CodecKeys) {
     this.#keys = keys;
@@ -58,13 +59,17 @@ export class CodecExecutor {
       case 'hash': {
         const data = Buffer.from(msg.data, 0, msg.byteLength);
         const n = Math.ceil(data.length / msg.chunkSize);
-        const ids = Buffer.from(new ArrayBuffer(n * 32));
+        const ids = Buffer.allocUnsafe(n * 32);
         for (let i = 0; i < n; i++) {
           const chunk = chunkAt(data, msg.chunkSize, i);
           (isAllZero(chunk) ? ZERO_ID : computeId(this.#keys, chunk)).copy(ids, i * 32);
         }
-        this.#batches.set(msg.batch, { data, chunkSize: msg.chunkSize });
-        return { message: { req: msg.req, ids }, transfer: [ids.buffer as ArrayBuffer], garbage: 0 };
+        // The ids are kept for `encode` (a chunk's id is its blob's context): hashing twice would
+        // cost a quarter of the backup's CPU. The reply gets a copy (small) to transfer.
+        this.#batches.set(msg.batch, { data, chunkSize: msg.chunkSize, ids });
+        const reply = Buffer.from(new ArrayBuffer(n * 32));
+        ids.copy(reply);
+        return { message: { req: msg.req, ids: reply }, transfer: [reply.buffer as ArrayBuffer], garbage: 0 };
       }
       case 'encode': {
         const b = this.#batches.get(msg.batch);
@@ -74,24 +79,25 @@ export class CodecExecutor {
         const transfer: ArrayBuffer[] = [];
         for (const i of msg.which) {
           const chunk = chunkAt(b.data, b.chunkSize, i);
-          const blob = owned(encodeBlob(this.#keys, msg.type, computeId(this.#keys, chunk), chunk));
+          const blob = owned(encodeBlob(this.#keys, msg.type, b.ids.subarray(i * 32, i * 32 + 32), chunk));
           blobs.push(blob);
           transfer.push(blob.buffer as ArrayBuffer);
         }
-        return { message: { req: msg.req, blobs }, transfer, garbage: b.data.length * 3 };
+        releaseBuffer(b.data);
+        // What is left for the collector: cipher outputs small enough to live in Node's pool.
+        return { message: { req: msg.req, blobs }, transfer, garbage: blobs.reduce((n, x) => n + x.length, 0) };
       }
       case 'drop': {
-        const size = this.#batches.get(msg.batch)?.data.length ?? 0;
+        const b = this.#batches.get(msg.batch);
         this.#batches.delete(msg.batch);
-        return { message: { req: msg.req }, transfer: [], garbage: size };
+        if (b) releaseBuffer(b.data);
+        return { message: { req: msg.req }, transfer: [], garbage: 0 };
       }
       case 'decode': {
         const transfer: ArrayBuffer[] = [];
-        let garbage = 0;
         const results: DecodeResult[] = msg.items.map((it) => {
-          garbage += it.stored.length + it.rawLength;
           try {
-            const decoded = decodeBlob(this.#keys, it.type, it.id, it.stored, { id: it.id, maxLength: it.rawLength, exactLength: true },
+            const decoded = decodeBlob(this.#keys, it.type, it.id, it.stored, { id: it.id, maxLength: it.rawLength, exactLength: true, trustAead: msg.trustAead === true && !msg.checkOnly },
               () => ({ what: it.label, context: {} }));
             // Verification only needs the verdict: do not ship plaintext back.
             if (msg.checkOnly) return { ok: true, plain: new Uint8Array(0) };
@@ -102,6 +108,12 @@ export class CodecExecutor {
             return { ok: false, message: err instanceof Error ? err.message : String(err), code: (err as { code?: string }).code ?? 'error' };
           }
         });
+        // The stored bytes came in a message (copied or transferred): this executor's own.
+        let garbage = 0;
+        for (const it of msg.items) {
+          garbage += it.stored.length;
+          releaseBuffer(it.stored, 'arraybuffer');
+        }
         return { message: { req: msg.req, results }, transfer, garbage };
       }
     }

@@ -1,12 +1,15 @@
 /**
- * A pool of codec executors (codec-ops.ts): worker threads plus one executor inline on the main
- * thread. With N cores there are N-1 workers and the main thread takes a share of the work in
- * the gaps between its I/O callbacks: every core is busy, and the process carries one isolate
- * (≈40 MiB of runtime and garbage) less than with N workers.
+ * A pool of codec executors (codec-ops.ts), one worker thread per core (up to 8). The main
+ * thread does no codec work: it reads, looks up, packs and writes, and a synchronous compression
+ * on it would stall every worker waiting for its next batch (measured: with the main thread as
+ * one of two executors, the worker idled 45 % of a backup).
  *
  * Chunk processing is two-phase so chunks already in the repository are never compressed or
  * encrypted: `hash` returns the ids of a batch while the executor keeps its data; the caller
  * checks them against the blob index and asks the same executor to `encode` only the new ones.
+ *
+ * Buffers cross threads by transfer, not copy, wherever the sender is done with them; each side
+ * frees large buffers explicitly at the end of their life (util/bytes.ts releaseBuffer).
  */
 import { Worker } from 'node:worker_threads';
 import { availableParallelism } from 'node:os';
@@ -14,7 +17,7 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { TresorError } from '../util/errors.ts';
 import type { CodecKeys, BlobTypeValue } from './codec.ts';
-import { CodecExecutor, GarbageCollector, type CodecRequest, type DecodeItem, type DecodeResult } from './codec-ops.ts';
+import { GarbageCollector, type CodecRequest, type DecodeItem, type DecodeResult } from './codec-ops.ts';
 
 export type { DecodeItem, DecodeResult } from './codec-ops.ts';
 
@@ -88,34 +91,6 @@ class WorkerExecutor implements Executor {
   }
 }
 
-class InlineExecutor implements Executor {
-  readonly #executor: CodecExecutor;
-  load = 0;
-
-  constructor(keys: CodecKeys) {
-    this.#executor = new CodecExecutor(keys);
-  }
-
-  call<T>(msg: CodecRequest): Promise<T> {
-    this.load++;
-    // Run on a later turn of the event loop, like a worker reply, so pending I/O callbacks go first.
-    return new Promise<T>((resolve, reject) => {
-      setImmediate(() => {
-        this.load--;
-        try {
-          const reply = this.#executor.handle(msg);
-          noteGarbage(reply.garbage);
-          resolve(reply.message as T);
-        } catch (err) {
-          reject(new TresorError('codec', `codec failed: ${err instanceof Error ? err.message : String(err)}`));
-        }
-      });
-    });
-  }
-
-  async close(): Promise<void> {}
-}
-
 export interface HashedBatch {
   executor: number;
   batch: number;
@@ -128,25 +103,22 @@ export class CodecPool {
   #nextReq = 1;
   #nextBatch = 1;
 
-  /** `size` executors in all (default: one per core, up to 8): size-1 workers and the main thread. */
+  /** `size` workers (default: one per core, up to 8). */
   constructor(keys: CodecKeys, size = Math.max(1, Math.min(availableParallelism(), 8))) {
     enableCollection();
-    this.#executors = [new InlineExecutor(keys), ...Array.from({ length: size - 1 }, () => new WorkerExecutor(keys))];
+    this.#executors = Array.from({ length: size }, () => new WorkerExecutor(keys));
   }
 
   get size(): number {
     return this.#executors.length;
   }
 
-  /**
-   * The least loaded executor; the main thread counts as busier (it also does all the I/O), so
-   * it gets work only when the workers have more queued.
-   */
+  /** The least loaded executor. */
   #pick(): number {
     let best = 0;
     let bestLoad = Infinity;
     this.#executors.forEach((e, i) => {
-      const load = e.load + (e instanceof InlineExecutor ? 1 : 0);
+      const load = e.load;
       if (load < bestLoad) {
         best = i;
         bestLoad = load;
@@ -181,18 +153,36 @@ export class CodecPool {
     return r.blobs.map((u) => Buffer.from(u.buffer, u.byteOffset, u.byteLength));
   }
 
-  async decode(items: DecodeItem[]): Promise<DecodeResult[]> {
-    const r = await this.#executors[this.#pick()].call<{ results: DecodeResult[] }>({ op: 'decode', req: this.#nextReq++, items });
+  /**
+   * Decodes stored blobs. `transfer`: ArrayBuffers under the items' `stored` views that the
+   * caller gives up (they move to the worker instead of being copied, and are detached here).
+   * `trustAead`: codec.ts DecodeExpect.
+   */
+  async decode(items: DecodeItem[], transfer: ArrayBuffer[] = [], opts: { trustAead?: boolean } = {}): Promise<DecodeResult[]> {
+    const r = await this.#executors[this.#pick()].call<{ results: DecodeResult[] }>({ op: 'decode', req: this.#nextReq++, items: compactIds(items), trustAead: opts.trustAead }, transfer);
     return r.results;
   }
 
   /** Like decode, but returns only the verdicts (no plaintext travels back): for verification. */
   async check(items: DecodeItem[]): Promise<DecodeResult[]> {
-    const r = await this.#executors[this.#pick()].call<{ results: DecodeResult[] }>({ op: 'decode', req: this.#nextReq++, items, checkOnly: true });
+    const r = await this.#executors[this.#pick()].call<{ results: DecodeResult[] }>({ op: 'decode', req: this.#nextReq++, items: compactIds(items), checkOnly: true });
     return r.results;
   }
 
   async close(): Promise<void> {
     await Promise.all(this.#executors.map((e) => e.close()));
   }
+}
+
+/**
+ * Ids are usually small Buffers that live in Node's 64 KiB allocation pool, and posting a view
+ * copies its whole ArrayBuffer: 16 ids could cost 1 MiB of copying per message. One packed
+ * buffer for all ids of a message costs 32 bytes each.
+ */
+function compactIds(items: DecodeItem[]): DecodeItem[] {
+  const ids = new Uint8Array(items.length * 32);
+  return items.map((it, i) => {
+    ids.set(it.id, i * 32);
+    return { ...it, id: ids.subarray(i * 32, i * 32 + 32) };
+  });
 }

@@ -9,7 +9,7 @@ import type { Repository } from './repository.ts';
 import type { BlobTypeValue } from './codec.ts';
 import type { IndexedPack } from './index-file.ts';
 import { MAX_PACK_SIZE, PackBuilder } from './pack.ts';
-import { noteGarbage } from './codec-pool.ts';
+import { releaseBuffer } from '../util/bytes.ts';
 
 export interface PackWriterStats {
   packs: number;
@@ -46,6 +46,7 @@ export class PackWriter {
     return true;
   }
 
+  /** Adds an encoded blob; the writer owns `encoded` from now on (and frees it once packed). */
   async add(type: BlobTypeValue, id: Buffer, encoded: Buffer, rawLength: number): Promise<void> {
     if (this.#failure) throw this.#failure;
     this.#pendingIds.add(id.toString('hex'));
@@ -61,7 +62,7 @@ export class PackWriter {
     this.#current = new PackBuilder();
     while (this.#uploads.size >= this.#maxUploads) await Promise.race(this.#uploads);
     if (this.#failure) throw this.#failure;
-    const sealed = builder.seal(this.#repo.keys);
+    const sealed = builder.seal(this.#repo.keys, { consumeParts: true });
     const upload = (async () => {
       await this.#repo.store.create(sealed.name, sealed.data);
       const index = await this.#repo.index();
@@ -72,12 +73,9 @@ export class PackWriter {
       this.#uncommitted.push({ packId: sealed.id, entries: sealed.entries });
       this.stats.packs++;
       this.stats.bytes += sealed.data.length;
-    })().then(() => {
-      // The pack's buffers (its blobs and their concatenation) are garbage now (codec-pool.ts).
-      noteGarbage(sealed.data.length * 2);
-    }).catch((err) => {
+    })().catch((err) => {
       this.#failure ??= err;
-    });
+    }).finally(() => releaseBuffer(sealed.data));
     const tracked = upload.finally(() => this.#uploads.delete(tracked));
     this.#uploads.add(tracked);
   }

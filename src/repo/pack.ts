@@ -10,6 +10,7 @@
  * A pack is named by a random 32-byte id: data/<first 2 hex>/<64 hex>.
  */
 import { randomBytes } from 'node:crypto';
+import { releaseBuffer } from '../util/bytes.ts';
 import { DamageError } from '../util/errors.ts';
 import { BlobType, type BlobTypeValue, type CodecKeys, ZERO_ID, decodeBlob, encodeBlob } from './codec.ts';
 
@@ -60,12 +61,18 @@ export class PackBuilder {
     return this.entries.length;
   }
 
-  seal(keys: CodecKeys): SealedPack {
+  /**
+   * Lays the pack out in one buffer. `consumeParts`: the builder owns the blobs it was given
+   * (pack-writer.ts) and frees them once copied.
+   */
+  seal(keys: CodecKeys, opts: { consumeParts?: boolean } = {}): SealedPack {
     const header = encodeBlob(keys, BlobType.packHeader, ZERO_ID, encodePackHeader(this.entries));
     const tail = Buffer.allocUnsafe(PACK_TRAILER);
     tail.writeUInt32LE(header.length, 0);
     PACK_MAGIC.copy(tail, 4);
     const data = Buffer.concat([...this.#parts, header, tail]);
+    if (opts.consumeParts) for (const part of this.#parts) releaseBuffer(part);
+    this.#parts.length = 0;
     // Random, not content-derived: every blob inside is authenticated (or CRC- and id-checked)
     // on its own, and hashing each pack would cost the main thread ~1 s per GiB stored.
     const id = randomBytes(32);

@@ -9,3 +9,26 @@ export function isAllZero(buf: Uint8Array): boolean {
   }
   return true;
 }
+
+/**
+ * Frees a large buffer now instead of at some later garbage collection, by detaching its
+ * ArrayBuffer. Tresor's pipelines churn through hundreds of MiB of short-lived buffers (batches,
+ * compressed and encrypted blobs, packs); V8 frees a buffer only when it collects the object that
+ * holds it, which for buffers that lived long enough to be promoted means a full collection.
+ * Releasing at the end of a buffer's life keeps memory bounded without forcing collections.
+ *
+ * Only for buffers the caller owns exclusively: `whole` views (the buffer is exactly its
+ * ArrayBuffer), or any view when `owner` says the whole ArrayBuffer belongs to the caller (e.g.
+ * the output of a zlib call). Every other view of it reads as empty afterwards. Small buffers,
+ * which may share Node's allocation pool (Buffer.poolSize), are left alone.
+ */
+export function releaseBuffer(buf: Uint8Array, owner: 'whole' | 'arraybuffer' = 'whole'): void {
+  const ab = buf.buffer;
+  if (!(ab instanceof ArrayBuffer) || ab.detached || ab.byteLength <= Buffer.poolSize) return;
+  if (owner === 'whole' && (buf.byteOffset !== 0 || buf.byteLength !== ab.byteLength)) return;
+  try {
+    ab.transfer(0);
+  } catch {
+    // Not detachable (Node's own buffers): it is left to the garbage collector.
+  }
+}
