@@ -35,7 +35,8 @@ import { BlobType, ZERO_ID, computeId, encodeBlob } from '../src/repo/codec.ts';
 import { snapshotName, type SnapshotManifest } from '../src/repo/manifest.ts';
 
 const ROOT = dirname(dirname(fileURLToPath(import.meta.url)));
-const CLI = join(ROOT, 'src', 'cli', 'main.ts');
+// The command as users run it (bin/tresor.ts: compile cache, so no TypeScript stripper in memory).
+const CLI = join(ROOT, 'bin', 'tresor.ts');
 const PASS = 'lifecycle benchmark';
 
 interface Options {

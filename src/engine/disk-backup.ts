@@ -32,7 +32,7 @@ export interface DiskBackupOptions {
   signal?: AbortSignal;
   /** Batches in flight (default: one per worker + 2). */
   inFlight?: number;
-  /** Bytes per batch (default 2 MiB, at least one chunk). */
+  /** Bytes per batch (default 2 MiB, at least one chunk; codec-pool.ts sizes its output buffers for it). */
   batchBytes?: number;
 }
 
@@ -52,7 +52,7 @@ export async function backupDisk(
   const map = new DiskMapWriter(repo, writer, source.size, chunkSize, repo.config.pieceSlots);
   const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0 };
   const slots = slotCount(source.size, chunkSize);
-  const slotsPerBatch = Math.max(1, Math.floor((opts.batchBytes ?? 4 << 20) / chunkSize));
+  const slotsPerBatch = Math.max(1, Math.floor((opts.batchBytes ?? 2 << 20) / chunkSize));
   const inFlight = opts.inFlight ?? pool.size + 2;
   let done = 0;
 
@@ -115,12 +115,16 @@ export async function backupDisk(
       }
       map.set(firstSlot + k, id);
     }
-    const blobs = await pool.encode(hashed, encodeWhich, BlobType.chunk);
-    for (let n = 0; n < blobs.length; n++) {
-      const k = encodeWhich[n];
-      const id = Buffer.from(hashed.ids.subarray(k * 32, k * 32 + 32));
-      await writer.add(BlobType.chunk, id, blobs[n], Math.min(chunkSize, source.size - (firstSlot + k) * chunkSize));
-      stats.newChunks++;
+    const { blobs, release } = await pool.encode(hashed, encodeWhich, BlobType.chunk);
+    try {
+      for (let n = 0; n < blobs.length; n++) {
+        const k = encodeWhich[n];
+        const id = Buffer.from(hashed.ids.subarray(k * 32, k * 32 + 32));
+        await writer.add(BlobType.chunk, id, blobs[n], Math.min(chunkSize, source.size - (firstSlot + k) * chunkSize));
+        stats.newChunks++;
+      }
+    } finally {
+      release();
     }
   };
 

@@ -9,8 +9,7 @@
  * output stays sparse. Several pieces are in flight to keep storage and both cores busy.
  */
 import { ZERO_ID, BlobType } from '../repo/codec.ts';
-import type { CodecPool } from '../repo/codec-pool.ts';
-import { releaseBuffer } from '../util/bytes.ts';
+import { type CodecPool, transferable } from '../repo/codec-pool.ts';
 import type { DecodeItem } from '../repo/codec-ops.ts';
 import { DiskMapReader, slotLength } from '../repo/disk-map.ts';
 import type { DiskRecord } from '../repo/manifest.ts';
@@ -18,7 +17,7 @@ import { packName } from '../repo/pack.ts';
 import type { Repository } from '../repo/repository.ts';
 import type { DiskWriter } from '../image/disk.ts';
 import { DamageError, TresorError } from '../util/errors.ts';
-import { ByteBudget, mapLimit } from '../util/concurrency.ts';
+import { SharedBufferPool, mapLimit } from '../util/concurrency.ts';
 import type { BlobLocation } from '../repo/blob-index.ts';
 
 export interface DiskRestoreOptions {
@@ -52,7 +51,10 @@ export async function restoreDisk(
   const stats: DiskRestoreStats = { bytesWritten: 0, bytesFetched: 0, chunks: 0 };
   const gap = opts.coalesceGap ?? 256 * 1024;
   const maxRead = opts.maxReadBytes ?? 2 << 20;
-  const budget = new ByteBudget(opts.inFlightBytes ?? 24 << 20);
+  // Plaintexts land in a few reused shared buffers (codec-ops.ts decode `into`): memory is fixed
+  // up front, and the number of buffers bounds the runs in flight (each also holds ≤ maxRead).
+  const slabBytes = Math.max(4 << 20, disk.chunkSize);
+  const slabs = new SharedBufferPool(Math.max(1, Math.floor((opts.inFlightBytes ?? 24 << 20) / (slabBytes + maxRead))), slabBytes);
   let done = 0;
 
   const restorePiece = async (p: number): Promise<void> => {
@@ -80,32 +82,35 @@ export async function restoreDisk(
       }
       w.slots.push(firstSlot + k);
     }
-    const runs = coalesce([...wanted.values()], gap, maxRead);
+    const runs = coalesce([...wanted.values()], gap, maxRead, slabBytes);
     await mapLimit(runs, 4, async (run) => {
-      const cost = run.length + run.blobs.reduce((n, w) => n + w.loc.rawLength, 0);
-      await budget.acquire(cost);
+      const slab = await slabs.acquire();
       try {
-        await restoreRun(run);
+        await restoreRun(run, slab);
       } finally {
-        budget.release(cost);
+        slabs.release(slab);
       }
     });
     done += Math.min(disk.pieceSlots * disk.chunkSize, disk.size - firstSlot * disk.chunkSize);
     opts.progress?.(done);
   };
 
-  const restoreRun = async (run: ReadRun): Promise<void> => {
+  const restoreRun = async (run: ReadRun, slab: SharedArrayBuffer): Promise<void> => {
     const pack = packName(run.packId);
     const data = await repo.store.read(pack, { offset: run.offset, length: run.length });
     stats.bytesFetched += data.length;
-    const items: DecodeItem[] = run.blobs.map((w) => ({
-      type: BlobType.chunk, id: w.id, rawLength: w.loc.rawLength,
-      stored: data.subarray(w.loc.offset - run.offset, w.loc.offset - run.offset + w.loc.length),
-      label: `chunk ${w.id.toString('hex')} in ${pack}`,
-    }));
+    let at = 0;
+    const items: DecodeItem[] = run.blobs.map((w) => {
+      const item = {
+        type: BlobType.chunk, id: w.id, rawLength: w.loc.rawLength, at,
+        stored: data.subarray(w.loc.offset - run.offset, w.loc.offset - run.offset + w.loc.length),
+        label: `chunk ${w.id.toString('hex')} in ${pack}`,
+      };
+      at += w.loc.rawLength;
+      return item;
+    });
     // The range moves to the worker (no copy); it is detached here from now on.
-    const whole = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength && data.buffer instanceof ArrayBuffer;
-    const results = await pool.decode(items, whole ? [data.buffer as ArrayBuffer] : [], { trustAead: true });
+    const results = await pool.decodeInto(items, slab, transferable(data), { trustAead: true });
     const placed: Array<{ slot: number; plain: Buffer }> = [];
     for (let n = 0; n < results.length; n++) {
       const r = results[n];
@@ -116,7 +121,7 @@ export async function restoreDisk(
           context: { snapshot, disk: disk.name, chunk: w.id.toString('hex'), pack, offsets: offsets.slice(0, 64) },
         });
       }
-      const plain = Buffer.from(r.plain.buffer, r.plain.byteOffset, r.plain.byteLength);
+      const plain = Buffer.from(slab, items[n].at, w.loc.rawLength);
       for (const s of w.slots) {
         if (plain.length !== slotLength(disk.size, disk.chunkSize, s)) {
           throw new DamageError('damaged-chunk', `chunk ${w.id.toString('hex')} has ${plain.length} bytes but disk ${disk.name} of snapshot ${snapshot} needs ${slotLength(disk.size, disk.chunkSize, s)} at offset ${s * disk.chunkSize}`, { context: { snapshot, disk: disk.name } });
@@ -126,7 +131,6 @@ export async function restoreDisk(
       stats.chunks++;
     }
     await writeSlots(placed);
-    for (const p of placed) releaseBuffer(p.plain);
   };
 
   // All writes of a run go out at once: page-cache writes are latency-bound, not busy.
@@ -149,20 +153,25 @@ interface ReadRun {
   packId: Buffer;
   offset: number;
   length: number;
+  /** plaintext bytes of its blobs */
+  raw: number;
   blobs: Wanted[];
 }
 
-function coalesce(wanted: Wanted[], gap: number, maxRead: number): ReadRun[] {
+/** Runs of blobs read with one request: ≤ maxRead stored bytes, ≤ maxRaw plaintext bytes. */
+function coalesce(wanted: Wanted[], gap: number, maxRead: number, maxRaw: number): ReadRun[] {
   wanted.sort((a, b) => Buffer.compare(a.loc.packId, b.loc.packId) || a.loc.offset - b.loc.offset);
   const runs: ReadRun[] = [];
   let cur: ReadRun | undefined;
   for (const w of wanted) {
     const end = w.loc.offset + w.loc.length;
-    if (cur && cur.packId.equals(w.loc.packId) && w.loc.offset - (cur.offset + cur.length) <= gap && end - cur.offset <= maxRead) {
+    if (cur && cur.packId.equals(w.loc.packId) && w.loc.offset - (cur.offset + cur.length) <= gap && end - cur.offset <= maxRead
+      && cur.raw + w.loc.rawLength <= maxRaw) {
       cur.length = end - cur.offset;
+      cur.raw += w.loc.rawLength;
       cur.blobs.push(w);
     } else {
-      cur = { packId: w.loc.packId, offset: w.loc.offset, length: w.loc.length, blobs: [w] };
+      cur = { packId: w.loc.packId, offset: w.loc.offset, length: w.loc.length, raw: w.loc.rawLength, blobs: [w] };
       runs.push(cur);
     }
   }

@@ -4,9 +4,14 @@
  * it runs in a worker thread (codec-worker.ts). Protocol:
  *  - hash {batch, data, chunkSize}: split `data` into chunks; reply ids (32 bytes each, all-zero
  *    id for an all-zero chunk). The executor keeps the data until `encode` or `drop`.
- *  - encode {batch, which[]}: reply the encoded blobs of the chosen chunks; forget the batch.
+ *  - encode {batch, which[], into?}: encode the chosen chunks; reply their lengths, the blobs
+ *    one after another in `into` (a SharedArrayBuffer the caller reuses) when they fit, else in
+ *    one buffer of the reply; forget the batch.
  *  - drop {batch}: forget the batch.
- *  - decode {items[]}: decode stored blobs (verifying ids); reply plaintexts or error messages.
+ *  - decode {items[], into?}: decode stored blobs (verifying ids); reply plaintexts or error
+ *    messages. With `into` (a SharedArrayBuffer the caller reuses) each plaintext is copied to
+ *    its item's `at` and only verdicts travel back: no buffer is allocated per chunk that
+ *    outlives the request, which keeps malloc's per-thread arenas from fragmenting.
  * The executor owns every buffer a request brings (they arrived by message: copied or
  * transferred) and frees large ones when done. Replies own their ArrayBuffers whole, so they
  * are transferred rather than copied.
@@ -16,9 +21,9 @@ import { isAllZero, releaseBuffer } from '../util/bytes.ts';
 
 export type CodecRequest =
   | { op: 'hash'; req: number; batch: number; data: ArrayBuffer; byteLength: number; chunkSize: number }
-  | { op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue }
+  | { op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue; into?: SharedArrayBuffer }
   | { op: 'drop'; req: number; batch: number }
-  | { op: 'decode'; req: number; items: DecodeItem[]; checkOnly?: boolean; trustAead?: boolean };
+  | { op: 'decode'; req: number; items: DecodeItem[]; checkOnly?: boolean; trustAead?: boolean; into?: SharedArrayBuffer };
 
 export interface DecodeItem {
   type: BlobTypeValue;
@@ -26,6 +31,8 @@ export interface DecodeItem {
   stored: Uint8Array;
   rawLength: number;
   label: string;
+  /** With a decode `into` a shared buffer: where this item's plaintext goes in it. */
+  at?: number;
 }
 
 export type DecodeResult = { ok: true; plain: Uint8Array } | { ok: false; message: string; code: string };
@@ -75,17 +82,30 @@ export class CodecExecutor {
         const b = this.#batches.get(msg.batch);
         this.#batches.delete(msg.batch);
         if (!b) throw new Error(`unknown batch ${msg.batch}`);
-        const blobs: Buffer[] = [];
-        const transfer: ArrayBuffer[] = [];
+        // Each blob is copied out and freed at once, on this thread: nothing allocated here
+        // outlives the request. Into the caller's shared buffer when given and big enough
+        // (codec-pool.ts), else into one buffer transferred back.
+        const encoded: Buffer[] = [];
+        let total = 0;
         for (const i of msg.which) {
-          const chunk = chunkAt(b.data, b.chunkSize, i);
-          const blob = owned(encodeBlob(this.#keys, msg.type, b.ids.subarray(i * 32, i * 32 + 32), chunk));
-          blobs.push(blob);
-          transfer.push(blob.buffer as ArrayBuffer);
+          const blob = encodeBlob(this.#keys, msg.type, b.ids.subarray(i * 32, i * 32 + 32), chunkAt(b.data, b.chunkSize, i));
+          encoded.push(blob);
+          total += blob.length;
         }
         releaseBuffer(b.data);
+        const shared = msg.into !== undefined && total <= msg.into.byteLength;
+        const out = shared ? new Uint8Array(msg.into!, 0, total) : Buffer.from(new ArrayBuffer(total));
+        const lengths: number[] = [];
+        let at = 0;
+        for (const blob of encoded) {
+          out.set(blob, at);
+          at += blob.length;
+          lengths.push(blob.length);
+          releaseBuffer(blob);
+        }
         // What is left for the collector: cipher outputs small enough to live in Node's pool.
-        return { message: { req: msg.req, blobs }, transfer, garbage: blobs.reduce((n, x) => n + x.length, 0) };
+        if (shared) return { message: { req: msg.req, lengths, shared: true }, transfer: [], garbage: total };
+        return { message: { req: msg.req, out, lengths }, transfer: [out.buffer as ArrayBuffer], garbage: total };
       }
       case 'drop': {
         const b = this.#batches.get(msg.batch);
@@ -100,7 +120,17 @@ export class CodecExecutor {
             const decoded = decodeBlob(this.#keys, it.type, it.id, it.stored, { id: it.id, maxLength: it.rawLength, exactLength: true, trustAead: msg.trustAead === true && !msg.checkOnly },
               () => ({ what: it.label, context: {} }));
             // Verification only needs the verdict: do not ship plaintext back.
-            if (msg.checkOnly) return { ok: true, plain: new Uint8Array(0) };
+            if (msg.checkOnly) {
+              if (decoded.buffer !== it.stored.buffer) releaseBuffer(decoded, 'arraybuffer');
+              return { ok: true, plain: new Uint8Array(0) };
+            }
+            if (msg.into) {
+              const at = it.at ?? -1;
+              if (!(at >= 0 && at + decoded.length <= msg.into.byteLength)) throw new Error(`plaintext of ${it.label} does not fit the shared buffer at ${at}`);
+              new Uint8Array(msg.into, at, decoded.length).set(decoded);
+              if (decoded.buffer !== it.stored.buffer) releaseBuffer(decoded, 'arraybuffer');
+              return { ok: true, plain: new Uint8Array(0) };
+            }
             const plain = owned(decoded);
             if (!transfer.includes(plain.buffer as ArrayBuffer)) transfer.push(plain.buffer as ArrayBuffer);
             return { ok: true, plain };

@@ -16,6 +16,8 @@ import { availableParallelism } from 'node:os';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { TresorError } from '../util/errors.ts';
+import { releaseBuffer } from '../util/bytes.ts';
+import { SharedBufferPool } from '../util/concurrency.ts';
 import type { CodecKeys, BlobTypeValue } from './codec.ts';
 import { GarbageCollector, type CodecRequest, type DecodeItem, type DecodeResult } from './codec-ops.ts';
 
@@ -91,15 +93,30 @@ class WorkerExecutor implements Executor {
   }
 }
 
+/**
+ * Shared output buffers for `encode`: a batch of up to 2 MiB of chunks (disk-backup.ts's
+ * default) and their overhead. Larger batches fall back to a buffer per reply.
+ */
+const ENCODE_SLAB_BYTES = (2 << 20) + (64 << 10);
+
+export interface EncodedBlobs {
+  blobs: Buffer[];
+  /** Frees the buffer under `blobs` (after they were copied into a pack). */
+  release(): void;
+}
+
 export interface HashedBatch {
   executor: number;
   batch: number;
   /** 32 bytes per chunk; all-zero id = the chunk is all zeros. */
   ids: Buffer;
+  /** bytes of chunk data in the batch */
+  byteLength: number;
 }
 
 export class CodecPool {
   readonly #executors: Executor[];
+  #slabs: SharedBufferPool | undefined;
   #nextReq = 1;
   #nextBatch = 1;
 
@@ -107,6 +124,12 @@ export class CodecPool {
   constructor(keys: CodecKeys, size = Math.max(1, Math.min(availableParallelism(), 8))) {
     enableCollection();
     this.#executors = Array.from({ length: size }, () => new WorkerExecutor(keys));
+  }
+
+  /** Created on first use: restores and verification never encode. */
+  get #encodeSlabs(): SharedBufferPool {
+    this.#slabs ??= new SharedBufferPool(2 * this.#executors.length + 2, ENCODE_SLAB_BYTES);
+    return this.#slabs;
   }
 
   get size(): number {
@@ -131,6 +154,7 @@ export class CodecPool {
   async hash(data: Buffer, chunkSize: number): Promise<HashedBatch> {
     const e = this.#pick();
     const batch = this.#nextBatch++;
+    const byteLength = data.length; // `data` may be detached by the transfer below
     // Transfer needs a whole, unshared ArrayBuffer; copy when `data` is a view into a larger one.
     let ab: ArrayBuffer;
     if (data.byteOffset === 0 && data.buffer.byteLength === data.length && data.buffer instanceof ArrayBuffer) {
@@ -140,17 +164,47 @@ export class CodecPool {
       new Uint8Array(ab).set(data);
     }
     const r = await this.#executors[e].call<{ ids: Uint8Array }>({ op: 'hash', req: this.#nextReq++, batch, data: ab, byteLength: data.length, chunkSize }, [ab]);
-    return { executor: e, batch, ids: Buffer.from(r.ids.buffer, r.ids.byteOffset, r.ids.byteLength) };
+    return { executor: e, batch, ids: Buffer.from(r.ids.buffer, r.ids.byteOffset, r.ids.byteLength), byteLength };
   }
 
-  /** Encodes chunks `which` of a hashed batch and releases the batch. */
-  async encode(b: HashedBatch, which: number[], type: BlobTypeValue): Promise<Buffer[]> {
+  /**
+   * Encodes chunks `which` of a hashed batch and releases the batch. The blobs are views into
+   * one buffer: hand them to a PackWriter (which copies them), then call `release`.
+   */
+  async encode(b: HashedBatch, which: number[], type: BlobTypeValue): Promise<EncodedBlobs> {
     if (which.length === 0) {
       await this.#executors[b.executor].call({ op: 'drop', req: this.#nextReq++, batch: b.batch });
-      return [];
+      return { blobs: [], release: () => undefined };
     }
-    const r = await this.#executors[b.executor].call<{ blobs: Uint8Array[] }>({ op: 'encode', req: this.#nextReq++, batch: b.batch, which, type });
-    return r.blobs.map((u) => Buffer.from(u.buffer, u.byteOffset, u.byteLength));
+    // Output into a reused shared buffer when the batch surely fits (blobs are at most the
+    // chunk plus a small overhead): the common case allocates nothing per batch.
+    const bound = b.byteLength + which.length * 64;
+    const slab = bound <= ENCODE_SLAB_BYTES ? await this.#encodeSlabs.acquire() : undefined;
+    let r: { out?: Uint8Array; lengths: number[]; shared?: boolean };
+    try {
+      r = await this.#executors[b.executor].call({ op: 'encode', req: this.#nextReq++, batch: b.batch, which, type, into: slab });
+    } catch (err) {
+      if (slab) this.#encodeSlabs.release(slab);
+      throw err;
+    }
+    if (slab && !r.shared) this.#encodeSlabs.release(slab);
+    const out = r.shared ? Buffer.from(slab!, 0, r.lengths.reduce((n, x) => n + x, 0)) : Buffer.from(r.out!.buffer, r.out!.byteOffset, r.out!.byteLength);
+    const blobs: Buffer[] = [];
+    let at = 0;
+    for (const n of r.lengths) {
+      blobs.push(out.subarray(at, at + n));
+      at += n;
+    }
+    let released = false;
+    return {
+      blobs,
+      release: () => {
+        if (released) return;
+        released = true;
+        if (r.shared) this.#encodeSlabs.release(slab!);
+        else releaseBuffer(out);
+      },
+    };
   }
 
   /**
@@ -163,9 +217,18 @@ export class CodecPool {
     return r.results;
   }
 
+  /**
+   * Like decode, but each plaintext is copied into `into` at its item's `at` (the caller keeps
+   * and reuses `into`; see codec-ops.ts); results carry only verdicts.
+   */
+  async decodeInto(items: DecodeItem[], into: SharedArrayBuffer, transfer: ArrayBuffer[] = [], opts: { trustAead?: boolean } = {}): Promise<DecodeResult[]> {
+    const r = await this.#executors[this.#pick()].call<{ results: DecodeResult[] }>({ op: 'decode', req: this.#nextReq++, items: compactIds(items), trustAead: opts.trustAead, into }, transfer);
+    return r.results;
+  }
+
   /** Like decode, but returns only the verdicts (no plaintext travels back): for verification. */
-  async check(items: DecodeItem[]): Promise<DecodeResult[]> {
-    const r = await this.#executors[this.#pick()].call<{ results: DecodeResult[] }>({ op: 'decode', req: this.#nextReq++, items: compactIds(items), checkOnly: true });
+  async check(items: DecodeItem[], transfer: ArrayBuffer[] = []): Promise<DecodeResult[]> {
+    const r = await this.#executors[this.#pick()].call<{ results: DecodeResult[] }>({ op: 'decode', req: this.#nextReq++, items: compactIds(items), checkOnly: true }, transfer);
     return r.results;
   }
 
@@ -185,4 +248,10 @@ function compactIds(items: DecodeItem[]): DecodeItem[] {
     ids.set(it.id, i * 32);
     return { ...it, id: ids.subarray(i * 32, i * 32 + 32) };
   });
+}
+
+/** The ArrayBuffer under `data` when `data` is all of it (so it can be transferred whole). */
+export function transferable(data: Uint8Array): ArrayBuffer[] {
+  const ab = data.buffer;
+  return ab instanceof ArrayBuffer && data.byteOffset === 0 && data.byteLength === ab.byteLength ? [ab] : [];
 }

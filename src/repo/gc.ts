@@ -36,7 +36,8 @@ import { mapLimit } from '../util/concurrency.ts';
 import { requireFullAccess } from './access.ts';
 import { BlobIndex } from './blob-index.ts';
 import { BlobType, ZERO_ID, type BlobTypeValue, decodeBlob } from './codec.ts';
-import { type CodecPool, noteGarbage } from './codec-pool.ts';
+import type { CodecPool } from './codec-pool.ts';
+import { releaseBuffer } from '../util/bytes.ts';
 import { type DamagedCopy, readDamageRecords, writeDamageRecord } from './damage-records.ts';
 import {
   type GcPlan, type LockIdentity, type PlanHeader, blockersName, decodeBlockers, encodeBlockers, encodePlan, planName, readPlans,
@@ -411,16 +412,16 @@ class GarbageCollection {
     const newPacks: IndexedPack[] = [];
     const repacked: Array<{ hex: string }> = [];
     const damaged: DamagedCopy[] = [];
-    let builder = new PackBuilder();
+    let builder = new PackBuilder(target + (1 << 20));
     const seal = async () => {
       if (builder.count === 0) return;
       const sealed = builder.seal(repo.keys);
-      builder = new PackBuilder();
+      builder = new PackBuilder(target + (1 << 20));
       await repo.store.create(sealed.name, sealed.data);
       newPacks.push({ packId: sealed.id, entries: sealed.entries });
       this.#report.writtenPacks++;
       this.#report.writtenPackBytes += sealed.data.length;
-      noteGarbage(sealed.data.length * 2); // the pack and the blobs it was made of (codec-pool.ts)
+      releaseBuffer(sealed.data, 'arraybuffer');
     };
     let done = 0;
     for (const c of candidates) {
@@ -431,7 +432,8 @@ class GarbageCollection {
       const to = sorted.at(-1)!.offset + sorted.at(-1)!.length;
       if ((packSizes.get(c.hex) ?? 0) < to) continue; // truncated: left alone for `tresor check` to report
       const data = await repo.store.read(name, { offset: from, length: to - from });
-      const results = await this.#opts.pool.decode(sorted.map((e) => ({
+      // Verdicts only: the stored bytes are copied as they are, the plaintext is not needed.
+      const results = await this.#opts.pool.check(sorted.map((e) => ({
         type: e.type, id: e.id, rawLength: e.rawLength, stored: data.subarray(e.offset - from, e.offset - from + e.length),
         label: `${blobTypeName(e.type)} ${e.id.toString('hex')} in ${name}`,
       })));
@@ -448,7 +450,7 @@ class GarbageCollection {
         builder.add(e.type, e.id, data.subarray(e.offset - from, e.offset - from + e.length), e.rawLength);
         if (builder.size >= target) await seal();
       }
-      noteGarbage(data.length * 2); // the decoded copies, and the range once the pack is sealed
+      releaseBuffer(data); // its blobs were copied into the new pack
       repacked.push({ hex: c.hex });
       this.#report.repackedPacks++;
       this.#report.repackedBlobs += sorted.length;

@@ -21,7 +21,7 @@ export interface PackWriterStats {
 export class PackWriter {
   readonly #repo: Repository;
   readonly #maxUploads: number;
-  #current = new PackBuilder();
+  #current: PackBuilder;
   readonly #pendingIds = new Set<string>();
   readonly #uploads = new Set<Promise<void>>();
   #uncommitted: IndexedPack[] = [];
@@ -31,6 +31,13 @@ export class PackWriter {
   constructor(repo: Repository, opts: { maxUploads?: number } = {}) {
     this.#repo = repo;
     this.#maxUploads = opts.maxUploads ?? 2;
+    this.#current = this.#newBuilder();
+  }
+
+  /** Room for a full pack plus the blob that overflows it and the header, allocated once. */
+  #newBuilder(): PackBuilder {
+    const target = Math.min(this.#repo.config.packSize, MAX_PACK_SIZE);
+    return new PackBuilder(target + Math.min(target, this.#repo.config.chunkSize + (256 << 10)));
   }
 
   /** True when the blob is written or being written by this writer (not yet in the index). */
@@ -46,7 +53,7 @@ export class PackWriter {
     return true;
   }
 
-  /** Adds an encoded blob; the writer owns `encoded` from now on (and frees it once packed). */
+  /** Adds an encoded blob (copied: the caller may free or reuse `encoded` once this returns). */
   async add(type: BlobTypeValue, id: Buffer, encoded: Buffer, rawLength: number): Promise<void> {
     if (this.#failure) throw this.#failure;
     this.#pendingIds.add(id.toString('hex'));
@@ -59,10 +66,10 @@ export class PackWriter {
   async #sealCurrent(): Promise<void> {
     if (this.#current.count === 0) return;
     const builder = this.#current;
-    this.#current = new PackBuilder();
+    this.#current = this.#newBuilder();
     while (this.#uploads.size >= this.#maxUploads) await Promise.race(this.#uploads);
     if (this.#failure) throw this.#failure;
-    const sealed = builder.seal(this.#repo.keys, { consumeParts: true });
+    const sealed = builder.seal(this.#repo.keys);
     const upload = (async () => {
       await this.#repo.store.create(sealed.name, sealed.data);
       const index = await this.#repo.index();
@@ -75,7 +82,7 @@ export class PackWriter {
       this.stats.bytes += sealed.data.length;
     })().catch((err) => {
       this.#failure ??= err;
-    }).finally(() => releaseBuffer(sealed.data));
+    }).finally(() => releaseBuffer(sealed.data, 'arraybuffer'));
     const tracked = upload.finally(() => this.#uploads.delete(tracked));
     this.#uploads.add(tracked);
   }

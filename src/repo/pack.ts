@@ -46,14 +46,25 @@ export function packIdFromName(name: string): Buffer | undefined {
   return m && m[2].startsWith(m[1]) ? Buffer.from(m[2], 'hex') : undefined;
 }
 
+/**
+ * Lays a pack out as blobs arrive: each blob is copied into one growing buffer (so callers may
+ * free or reuse theirs at once, and sealing is no second copy of the whole pack), then the
+ * header and trailer are appended. `capacity`: the expected pack size, allocated up front.
+ */
 export class PackBuilder {
-  readonly #parts: Buffer[] = [];
   readonly entries: PackEntry[] = [];
   size = 0;
+  #buf: Buffer | undefined;
+  readonly #capacity: number;
 
-  add(type: BlobTypeValue, id: Buffer, encoded: Buffer, rawLength: number): void {
+  constructor(capacity = 1 << 20) {
+    this.#capacity = capacity;
+  }
+
+  add(type: BlobTypeValue, id: Buffer, encoded: Uint8Array, rawLength: number): void {
+    this.#reserve(encoded.length);
+    this.#buf!.set(encoded, this.size);
     this.entries.push({ type, id, offset: this.size, length: encoded.length, rawLength });
-    this.#parts.push(encoded);
     this.size += encoded.length;
   }
 
@@ -62,21 +73,35 @@ export class PackBuilder {
   }
 
   /**
-   * Lays the pack out in one buffer. `consumeParts`: the builder owns the blobs it was given
-   * (pack-writer.ts) and frees them once copied.
+   * Appends header and trailer; the builder is spent. `data` is a view of a buffer that belongs
+   * to the sealed pack alone (free it with releaseBuffer(data, 'arraybuffer') once stored).
    */
-  seal(keys: CodecKeys, opts: { consumeParts?: boolean } = {}): SealedPack {
+  seal(keys: CodecKeys): SealedPack {
     const header = encodeBlob(keys, BlobType.packHeader, ZERO_ID, encodePackHeader(this.entries));
     const tail = Buffer.allocUnsafe(PACK_TRAILER);
     tail.writeUInt32LE(header.length, 0);
     PACK_MAGIC.copy(tail, 4);
-    const data = Buffer.concat([...this.#parts, header, tail]);
-    if (opts.consumeParts) for (const part of this.#parts) releaseBuffer(part);
-    this.#parts.length = 0;
+    this.#reserve(header.length + tail.length);
+    const buf = this.#buf!;
+    buf.set(header, this.size);
+    buf.set(tail, this.size + header.length);
+    const data = buf.subarray(0, this.size + header.length + tail.length);
+    this.#buf = undefined;
     // Random, not content-derived: every blob inside is authenticated (or CRC- and id-checked)
     // on its own, and hashing each pack would cost the main thread ~1 s per GiB stored.
     const id = randomBytes(32);
     return { id, name: packName(id), data, entries: this.entries };
+  }
+
+  #reserve(n: number): void {
+    const need = this.size + n;
+    if (this.#buf && need <= this.#buf.length) return;
+    const grown = Buffer.allocUnsafeSlow(Math.max(need, this.#buf ? this.#buf.length * 2 : this.#capacity));
+    if (this.#buf) {
+      this.#buf.copy(grown, 0, 0, this.size);
+      releaseBuffer(this.#buf);
+    }
+    this.#buf = grown;
   }
 }
 

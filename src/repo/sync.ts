@@ -23,7 +23,7 @@ import { mapLimit } from '../util/concurrency.ts';
 import { credentialAccess } from './access.ts';
 import type { BlobLocation } from './blob-index.ts';
 import { BlobType, ZERO_ID, computeId, encodeBlob } from './codec.ts';
-import { type CodecPool, noteGarbage } from './codec-pool.ts';
+import { type CodecPool, noteGarbage, transferable } from './codec-pool.ts';
 import { DiskMapReader, diskMapDigest } from './disk-map.ts';
 import { readPlans } from './gc-plan.ts';
 import { IdMap } from './id-set.ts';
@@ -319,7 +319,7 @@ async function readChunks(source: Repository, pool: CodecPool, group: Array<{ id
     type: BlobType.chunk, id: w.id, rawLength: w.loc.rawLength,
     stored: data.subarray(w.loc.offset - from, w.loc.offset - from + w.loc.length),
     label: `chunk ${w.id.toString('hex')} in ${pack} (snapshot ${snapshot})`,
-  })));
+  })), transferable(data));
   return results.map((r) => {
     if (!r.ok) {
       throw new TresorError('sync-source-damaged', `cannot copy snapshot ${snapshot}: ${r.message}`, {
@@ -354,11 +354,15 @@ async function sendChunks(
       if (ZERO_ID.equals(id) || usable(id) || !writer.claim(id)) report.chunksAlreadyThere++;
       else encodeWhich.push(k);
     });
-    const blobs = await pool.encode(hashed, encodeWhich, BlobType.chunk);
-    for (let n = 0; n < blobs.length; n++) {
-      const i = members[encodeWhich[n]];
-      await writer.add(BlobType.chunk, ids[i], blobs[n], plains[i].length);
-      report.chunksSent++;
+    const { blobs, release } = await pool.encode(hashed, encodeWhich, BlobType.chunk);
+    try {
+      for (let n = 0; n < blobs.length; n++) {
+        const i = members[encodeWhich[n]];
+        await writer.add(BlobType.chunk, ids[i], blobs[n], plains[i].length);
+        report.chunksSent++;
+      }
+    } finally {
+      release();
     }
   }
   return ids;

@@ -13,7 +13,7 @@
  * Damage is reported per object with the snapshots, disks and disk offsets it affects.
  */
 import { ZERO_ID, BlobType, BLOB_TYPE_NAMES, type BlobTypeValue } from './codec.ts';
-import { type CodecPool, noteGarbage } from './codec-pool.ts';
+import { type CodecPool, transferable } from './codec-pool.ts';
 import type { DecodeItem } from './codec-ops.ts';
 import { DiskMapReader } from './disk-map.ts';
 import type { SnapshotManifest } from './manifest.ts';
@@ -184,12 +184,12 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
           type: BlobType.chunk, id: Buffer.from(b.hex, 'hex'), rawLength: b.loc.rawLength,
           stored: data.subarray(b.loc.offset - from, b.loc.offset - from + b.loc.length), label: `chunk ${b.hex} in ${pack}`,
         }));
-        const results = await pool.check(items);
+        // The range moves to the worker (detached here): no copy, and freed there once checked.
+        const results = await pool.check(items, transferable(data));
         results.forEach((r, n) => {
           if (!r.ok) bad.set(list[i + n].hex, { kind: 'chunk', object: `chunk ${list[i + n].hex} in ${pack}`, error: r.message, affects: [], copy: { id: list[i + n].hex, type: BlobType.chunk, pack: list[i + n].loc.packId.toString('hex') } });
         });
         blobsChecked += items.length;
-        noteGarbage(data.length * 2); // the range read and its plaintexts (codec-pool.ts)
         opts.progress?.(blobsChecked, total);
         i = j;
       }

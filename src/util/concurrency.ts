@@ -49,3 +49,30 @@ export class ByteBudget {
     return this.#used === 0 || this.#used + n <= this.limit;
   }
 }
+
+/**
+ * A fixed set of equally sized shared buffers, handed out one at a time and returned for reuse:
+ * memory that is allocated once per operation instead of once per piece of work (so malloc has
+ * nothing to fragment), and a bound on the work in flight (callers wait for a free buffer).
+ */
+export class SharedBufferPool {
+  readonly size: number;
+  readonly #free: SharedArrayBuffer[];
+  readonly #waiting: Array<(b: SharedArrayBuffer) => void> = [];
+
+  constructor(count: number, size: number) {
+    this.size = size;
+    this.#free = Array.from({ length: count }, () => new SharedArrayBuffer(size));
+  }
+
+  acquire(): Promise<SharedArrayBuffer> {
+    const b = this.#free.pop();
+    return b ? Promise.resolve(b) : new Promise((go) => this.#waiting.push(go));
+  }
+
+  release(b: SharedArrayBuffer): void {
+    const next = this.#waiting.shift();
+    if (next) next(b);
+    else this.#free.push(b);
+  }
+}
