@@ -57,6 +57,11 @@ class WorkerExecutor implements Executor {
 
   constructor(keys: CodecKeys) {
     this.#worker = new Worker(new URL('./codec-worker.ts', import.meta.url), {
+      // A small young generation: a worker's objects are short-lived wrappers around native
+      // buffers (cipher and zstd outputs), and frequent cheap scavenges free those buffers
+      // promptly instead of letting malloc's per-thread arena grow. Measured on the 4 GiB
+      // corpus: peak RSS of a backup 322 → 245 MiB, of a restore 323 → 251 MiB, same speed.
+      resourceLimits: { maxYoungGenerationSizeMb: 3 },
       workerData: { encKey: keys.master?.encKey, idKey: keys.master?.idKey, compressionLevel: keys.compressionLevel, compressionStrategy: keys.compressionStrategy },
     });
     this.#worker.unref();
