@@ -184,11 +184,22 @@ export async function createRawWriter(path: string, size: number, opts: RawWrite
 /** Zero runs at this granularity are left as holes inside partly-zero writes. */
 const SPARSE_BLOCK = 4096;
 
+/**
+ * Dirty bytes after which the writer asks the kernel to start writing back (fdatasync in the
+ * background). Without it a restore fills the page cache and the final fsync then waits for
+ * the whole image to reach the disk; with it the disk writes while the restore still decodes.
+ * Restore of the 4 GiB reference corpus: 7.2-7.4 s without, 6.3-7.0 s at 128 MiB, 5.5-5.9 s at
+ * 16 MiB (8 MiB: no better).
+ */
+const WRITEBACK_BYTES = 16 << 20;
+
 abstract class RawWriterBase implements DiskWriter {
   readonly size: number;
   protected readonly path: string;
   protected readonly fh: FileHandle;
   private finished = false;
+  private dirty = 0;
+  private writeback: Promise<void> | undefined;
 
   constructor(path: string, fh: FileHandle, size: number) {
     this.path = path;
@@ -204,6 +215,14 @@ abstract class RawWriterBase implements DiskWriter {
     }
     checkRange({ size: this.size, description: this.path }, offset, data.length);
     await this.writeRange(offset, data);
+    this.dirty += data.length;
+    if (this.dirty >= WRITEBACK_BYTES && this.writeback === undefined) {
+      this.dirty = 0;
+      // One flush at a time; an error surfaces at close (the final fsync repeats it anyway).
+      this.writeback = this.fh.datasync().catch(() => undefined).finally(() => {
+        this.writeback = undefined;
+      });
+    }
   }
 
   protected abstract writeRange(offset: number, data: Uint8Array): Promise<void>;
@@ -214,6 +233,7 @@ abstract class RawWriterBase implements DiskWriter {
     if (this.finished) return;
     this.finished = true;
     try {
+      await this.writeback;
       await this.finish();
       await this.fh.sync();
     } finally {
@@ -224,6 +244,7 @@ abstract class RawWriterBase implements DiskWriter {
   async abort(): Promise<void> {
     if (this.finished) return;
     this.finished = true;
+    await this.writeback;
     await this.fh.close().catch(() => undefined);
     await this.discard();
   }
