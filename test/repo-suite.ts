@@ -258,7 +258,11 @@ export function repositorySuite(fx: BackendFixture): void {
       const loc = await init();
       const img = join(dir.path, 'crash.raw');
       generateCorpus(img, { size: 96 << 20, seed: 31 });
+      // Kill moments spread over how long a backup takes here (process start included), so the
+      // kills land midway whatever the machine's (and Tresor's) speed.
+      const started = performance.now();
       await ok(loc, ['backup', 'image', img, '--id', 'crash']);
+      const span = Math.max(300, performance.now() - started);
       let committed = (await snapshots(loc)).length;
       const trials = Number(process.env.TRESOR_CRASH_TRIALS ?? fx.crashTrials);
       let killedMidway = 0;
@@ -269,7 +273,7 @@ export function repositorySuite(fx: BackendFixture): void {
         let out = '';
         child.stdout!.on('data', (d) => (out += d));
         const exited = new Promise<number | null>((res) => child.on('close', (c) => res(c)));
-        const delay = 150 + ((t * 7919) % 1500);
+        const delay = Math.round(150 + ((t * 7919) % 1000) / 1000 * (span - 150));
         const timer = setTimeout(() => child.kill('SIGKILL'), delay);
         const code = await exited;
         clearTimeout(timer);
