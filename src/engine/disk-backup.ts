@@ -15,6 +15,7 @@ import type { PackWriter } from '../repo/pack-writer.ts';
 import type { Repository } from '../repo/repository.ts';
 import type { DiskSource, Extent } from '../image/disk.ts';
 import { TresorError } from '../util/errors.ts';
+import { ByteBudget } from '../util/concurrency.ts';
 
 export interface DiskBackupStats {
   bytesRead: number;
@@ -30,7 +31,7 @@ export interface DiskBackupOptions {
   /** Called with the number of disk bytes done so far. */
   progress?: (doneBytes: number) => void;
   signal?: AbortSignal;
-  /** Batches in flight (default: one per worker + 2). */
+  /** Batches' worth of data read and being encoded at once (default: one per worker + 2). */
   inFlight?: number;
   /** Bytes per batch (default 2 MiB, at least one chunk; codec-pool.ts sizes its output buffers for it). */
   batchBytes?: number;
@@ -52,8 +53,14 @@ export async function backupDisk(
   const map = new DiskMapWriter(repo, writer, source.size, chunkSize, repo.config.pieceSlots);
   const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0 };
   const slots = slotCount(source.size, chunkSize);
-  const slotsPerBatch = Math.max(1, Math.floor((opts.batchBytes ?? 2 << 20) / chunkSize));
+  const batchBytes = Math.max(chunkSize, opts.batchBytes ?? 2 << 20);
+  const slotsPerBatch = Math.floor(batchBytes / chunkSize);
   const inFlight = opts.inFlight ?? pool.size + 2;
+  // Memory is bounded by the bytes being read and encoded, not by batches: an incremental's
+  // batches mostly read nothing or a chunk or two, and counting those as full batches would
+  // leave the source (an NBD server with its own latency) with few requests in flight.
+  const readBudget = new ByteBudget(inFlight * batchBytes);
+  const batchesInFlight = Math.max(inFlight, 32);
   let done = 0;
 
   const processBatch = async (first: number, count: number): Promise<void> => {
@@ -100,6 +107,15 @@ export async function backupDisk(
   const readRun = async (firstSlot: number, count: number): Promise<void> => {
     const offset = firstSlot * chunkSize;
     const length = Math.min(count * chunkSize, source.size - offset);
+    await readBudget.acquire(length);
+    try {
+      await readAndStore(firstSlot, count, offset, length);
+    } finally {
+      readBudget.release(length);
+    }
+  };
+
+  const readAndStore = async (firstSlot: number, count: number, offset: number, length: number): Promise<void> => {
     const data = await source.read(offset, length);
     stats.bytesRead += length;
     const hashed: HashedBatch = await pool.hash(data, chunkSize);
@@ -136,7 +152,7 @@ export async function backupDisk(
       .catch((err) => { failure ??= err; })
       .finally(() => running.delete(p));
     running.add(p);
-    if (running.size >= inFlight) await Promise.race(running);
+    if (running.size >= batchesInFlight) await Promise.race(running);
   }
   await Promise.all(running);
   if (failure !== undefined) throw failure;

@@ -107,8 +107,13 @@ export async function backupVm(repo: Repository, hv: Hypervisor, domainRef: stri
 
   const session = await SnapshotSession.start(repo, `backup vm ${id}`);
   try {
-    const parent = await findParent(session, id, dom, say);
-    const allDisks = await hv.disks(dom.name);
+    // Independent questions to libvirt and the repository, asked at once.
+    const [parent, allDisks, domainXml, inactiveXml] = await Promise.all([
+      findParent(session, id, dom, say),
+      hv.disks(dom.name),
+      hv.domainXml(dom.name),
+      dom.persistent ? hv.domainXml(dom.name, { inactive: true }) : Promise.resolve(undefined),
+    ]);
     const excluded = new Set(opts.excludeDisks ?? []);
     for (const t of excluded) {
       if (!allDisks.some((d) => d.target === t)) throw new UsageError(`domain ${dom.name} has no disk ${t} to exclude`, `its disks are: ${allDisks.map((d) => d.target).join(', ')}`);
@@ -116,8 +121,6 @@ export async function backupVm(repo: Repository, hv: Hypervisor, domainRef: stri
     const disks = allDisks.filter((d) => !excluded.has(d.target));
     if (disks.length === 0) throw new UsageError(`nothing to back up: every disk of ${dom.name} is excluded`);
     for (const t of excluded) say(`disk ${t} excluded by request`);
-    const domainXml = await hv.domainXml(dom.name);
-    const inactiveXml = dom.persistent ? await hv.domainXml(dom.name, { inactive: true }) : undefined;
     const common = { repo, hv, dom, id, opts, session, parent, disks, domainXml, inactiveXml, vmDir, say, log };
     return dom.state === 'shutoff'
       ? await backupStoppedVm(common)
@@ -152,14 +155,17 @@ async function backupRunningVm(c: Common): Promise<VmBackupResult> {
       hint: 'wait until it is running or shut off', context: { domain: dom.name },
     });
   }
-  const sizes = new Map<string, number>();
-  for (const d of c.disks) sizes.set(d.target, (await hv.blockInfo(dom.name, d.target)).capacity);
+  const [infos, allCheckpoints] = await Promise.all([
+    Promise.all(c.disks.map((d) => hv.blockInfo(dom.name, d.target))),
+    hv.checkpoints(dom.name),
+  ]);
+  const sizes = new Map<string, number>(c.disks.map((d, i) => [d.target, infos[i].capacity]));
   await checkScratchSpace(c.vmDir, [...sizes.values()], opts.scratchReserve ?? 0.1);
   const bitmapCapable = c.disks.filter((d) => d.format === 'qcow2').map((d) => d.target);
   for (const d of c.disks) {
     if (d.format !== 'qcow2') say(`disk ${d.target} is ${d.format ?? 'of unknown format'}: it cannot carry a dirty bitmap, so it is read whole every time`);
   }
-  const checkpoints = (await hv.checkpoints(dom.name)).filter((cp) => cp.name.startsWith(CHECKPOINT_PREFIX));
+  const checkpoints = allCheckpoints.filter((cp) => cp.name.startsWith(CHECKPOINT_PREFIX));
   let plan = await planIncremental(c, checkpoints, sizes);
 
   // Application consistency: freeze as briefly as possible, around the job's start only.
