@@ -175,6 +175,7 @@ async function backupRunningVm(c: Common): Promise<VmBackupResult> {
   let job: BackupJob | undefined;
   let pointInTime = new Date();
   let committed = false;
+  let ending: Promise<unknown> | undefined;
   try {
     try {
       job = await beginJob(c, plan, newCheckpoint, bitmapCapable);
@@ -191,19 +192,24 @@ async function backupRunningVm(c: Common): Promise<VmBackupResult> {
     }
     say(`backup job started at ${pointInTime.toISOString()} (${plan.from ? `incremental from checkpoint ${plan.from}` : 'full'}; new checkpoint ${newCheckpoint ?? 'none'}); consistency: ${consistency.level}`);
     const results = await readDisks(c, plan, job);
-    const checkpointXml = newCheckpoint ? await hv.checkpointXml(dom.name, newCheckpoint) : undefined;
-    await job.finish();
+    // Everything is read: the job ends while the snapshot is committed (both take a few hundred
+    // ms). The data does not depend on the job's end; a job that cannot be ended is aborted by
+    // the next run's clean-up.
+    ending = job.finish().catch((err) => say(`could not end the libvirt backup job: ${(err as Error).message}`));
     job = undefined;
+    const checkpointXml = newCheckpoint ? await hv.checkpointXml(dom.name, newCheckpoint) : undefined;
     const manifest = await c.session.commit(
       { type: 'vm', id: c.id, tags: opts.tags, source: vmSource(c, consistency, plan, newCheckpoint ? { name: newCheckpoint, xml: checkpointXml! } : undefined, c.log) },
       pointInTime, results.records, c.parent?.name ?? null, results.stats,
     );
     committed = true;
     say(`snapshot ${manifest.name} committed`);
+    await ending;
     await removeOldCheckpoints(c, newCheckpoint);
     return { manifest, log: c.log };
   } finally {
     if (job) await job.finish().catch(() => undefined);
+    await ending;
     if (!committed && newCheckpoint) {
       // The checkpoint marks a point no snapshot holds: an incremental from it would be wrong.
       await hv.deleteCheckpoint(dom.name, newCheckpoint).catch((err) => say(`could not delete checkpoint ${newCheckpoint}: ${(err as Error).message}`));
@@ -332,6 +338,7 @@ function addStats(into: DiskBackupStats, s: DiskBackupStats): void {
 
 /** After a commit only the new checkpoint is needed; older Tresor checkpoints only cost I/O. */
 async function removeOldCheckpoints(c: Common, keep: string | undefined): Promise<void> {
+  // Listed again: planning may have redefined a checkpoint that was not there before.
   const ours = (await c.hv.checkpoints(c.dom.name)).filter((cp) => cp.name.startsWith(CHECKPOINT_PREFIX) && cp.name !== keep);
   for (const cp of ours) {
     try {
