@@ -31,6 +31,7 @@ export class NbdDiskSource implements DiskSource {
   readonly dirtyBitmap: string | undefined;
   private readonly hasAllocation: boolean;
   private readonly statusWindow: number;
+  private readonly windows = new Map<number, Promise<Extent[]>>();
 
   /** Takes ownership of `reader`: close() closes it. */
   constructor(reader: NbdReader, options: NbdDiskSourceOptions = {}) {
@@ -77,22 +78,42 @@ export class NbdDiskSource implements DiskSource {
     return this.reader.description;
   }
 
+  /**
+   * Extents come from block status over whole aligned windows of `statusWindow` bytes, each
+   * asked once and kept while the caller walks forward: a backup asks about every 2 MiB batch,
+   * and one round trip (two with a dirty bitmap) per batch would dominate an incremental.
+   */
   async *extents(offset: number, length: number): AsyncIterable<Extent> {
     this.checkRange(offset, length);
     const end = offset + length;
     let pending: Extent | undefined;
-    for (let windowStart = offset; windowStart < end; windowStart += this.statusWindow) {
-      const windowLength = Math.min(this.statusWindow, end - windowStart);
-      for (const extent of await this.classifyWindow(windowStart, windowLength)) {
-        if (pending !== undefined && pending.kind === extent.kind) {
-          pending.length += extent.length;
+    for (let index = Math.floor(offset / this.statusWindow); index * this.statusWindow < end; index++) {
+      for (const extent of await this.windowExtents(index)) {
+        const from = Math.max(extent.offset, offset);
+        const to = Math.min(extent.offset + extent.length, end);
+        if (to <= from) continue;
+        if (pending !== undefined && pending.kind === extent.kind && pending.offset + pending.length === from) {
+          pending.length += to - from;
           continue;
         }
         if (pending !== undefined) yield pending;
-        pending = extent;
+        pending = { offset: from, length: to - from, kind: extent.kind };
       }
     }
     if (pending !== undefined) yield pending;
+  }
+
+  private windowExtents(index: number): Promise<Extent[]> {
+    let window = this.windows.get(index);
+    if (window === undefined) {
+      const start = index * this.statusWindow;
+      window = this.classifyWindow(start, Math.min(this.statusWindow, this.size - start));
+      window.catch(() => undefined); // awaited by every caller; a failure is theirs to see
+      this.windows.set(index, window);
+      // Callers walk forward: windows before the previous one are done with.
+      for (const k of this.windows.keys()) if (k < index - 1) this.windows.delete(k);
+    }
+    return window;
   }
 
   read(offset: number, length: number): Promise<Buffer> {
