@@ -14,33 +14,23 @@
 import { Worker } from 'node:worker_threads';
 import { availableParallelism } from 'node:os';
 import { setFlagsFromString } from 'node:v8';
-import { runInNewContext } from 'node:vm';
 import { TresorError } from '../util/errors.ts';
 import { releaseBuffer } from '../util/bytes.ts';
 import { SharedBufferPool } from '../util/concurrency.ts';
 import type { CodecKeys, BlobTypeValue } from './codec.ts';
-import { GarbageCollector, type CodecRequest, type DecodeItem, type DecodeResult } from './codec-ops.ts';
+import type { CodecRequest, DecodeItem, DecodeResult } from './codec-ops.ts';
 
 export type { DecodeItem, DecodeResult } from './codec-ops.ts';
 
-type GcFunction = ConstructorParameters<typeof GarbageCollector>[0];
-
 /**
  * Worker isolates get `gc()` (codec-ops.ts GarbageCollector explains why); the flag must be set
- * before they are created. The main thread gets one from a fresh context.
+ * before they are created.
  */
-let mainCollector: GarbageCollector | undefined;
-function enableCollection(): GarbageCollector {
-  if (!mainCollector) {
-    setFlagsFromString('--expose-gc');
-    mainCollector = new GarbageCollector(runInNewContext('gc') as GcFunction);
-  }
-  return mainCollector;
-}
-
-/** Tells the main thread's collector that `bytes` of large buffers became garbage. */
-export function noteGarbage(bytes: number): void {
-  mainCollector?.note(bytes);
+let gcExposed = false;
+function exposeGcToWorkers(): void {
+  if (gcExposed) return;
+  setFlagsFromString('--expose-gc');
+  gcExposed = true;
 }
 
 interface Executor {
@@ -127,7 +117,7 @@ export class CodecPool {
 
   /** `size` workers (default: one per core, up to 8). */
   constructor(keys: CodecKeys, size = Math.max(1, Math.min(availableParallelism(), 8))) {
-    enableCollection();
+    exposeGcToWorkers();
     this.#executors = Array.from({ length: size }, () => new WorkerExecutor(keys));
   }
 

@@ -23,7 +23,8 @@ import { mapLimit } from '../util/concurrency.ts';
 import { credentialAccess } from './access.ts';
 import type { BlobLocation } from './blob-index.ts';
 import { BlobType, ZERO_ID, computeId, encodeBlob } from './codec.ts';
-import { type CodecPool, noteGarbage, transferable } from './codec-pool.ts';
+import { type CodecPool, transferable } from './codec-pool.ts';
+import { releaseBuffer } from '../util/bytes.ts';
 import { DiskMapReader, diskMapDigest } from './disk-map.ts';
 import { readPlans } from './gc-plan.ts';
 import { IdMap } from './id-set.ts';
@@ -265,7 +266,6 @@ async function copyPiece(
     for (const group of groupByPack(wanted as Array<{ id: Buffer; slots: number[]; loc: BlobLocation }>)) {
       const plains = await readChunks(source, opts.sourcePool, group, reader.snapshot);
       const targetIds = await sendChunks(target, opts.targetPool, writer, plains, usable, report);
-      noteGarbage(plains.reduce((n, pl) => n + pl.length, 0) * 3); // read range, plaintexts, batch (codec-pool.ts)
       group.forEach((w, i) => {
         const tid = targetIds[i];
         for (const k of w.slots) tid.copy(out, k);
@@ -281,7 +281,10 @@ async function copyPiece(
   return id.toString('hex');
 }
 
-/** Groups wanted chunks by pack, sorted by offset, at most ~8 MiB of stored data per group. */
+/**
+ * Groups wanted chunks by pack, sorted by offset, at most ~2 MiB of stored data per group (the
+ * size the codec pool's reusable encode buffers hold: codec-pool.ts).
+ */
 function groupByPack<T extends { loc: BlobLocation }>(wanted: T[]): T[][] {
   const byPack = new Map<string, T[]>();
   for (const w of wanted) {
@@ -296,7 +299,7 @@ function groupByPack<T extends { loc: BlobLocation }>(wanted: T[]): T[][] {
     let current: T[] = [];
     let bytes = 0;
     for (const w of list) {
-      if (current.length > 0 && bytes + w.loc.length > 8 << 20) {
+      if (current.length > 0 && bytes + w.loc.length > 2 << 20) {
         groups.push(current);
         current = [];
         bytes = 0;
@@ -345,6 +348,8 @@ async function sendChunks(
   for (const members of batches) {
     if (members.length === 0) continue;
     const data = Buffer.concat(members.map((i) => plains[i]));
+    const lengths = plains.map((pl) => pl.length);
+    for (const i of members) releaseBuffer(plains[i]); // copied into `data`
     const hashed = await pool.hash(data, chunkSize);
     const encodeWhich: number[] = [];
     members.forEach((i, k) => {
@@ -358,7 +363,7 @@ async function sendChunks(
     try {
       for (let n = 0; n < blobs.length; n++) {
         const i = members[encodeWhich[n]];
-        await writer.add(BlobType.chunk, ids[i], blobs[n], plains[i].length);
+        await writer.add(BlobType.chunk, ids[i], blobs[n], lengths[i]);
         report.chunksSent++;
       }
     } finally {

@@ -2,6 +2,7 @@
  * Repository lifecycle commands: `tresor prune`, `protect`, `unprotect`, `gc`, `sync`, `check`,
  * and `tresor key add-append-only`.
  */
+import { availableParallelism } from 'node:os';
 import type { Command } from 'commander';
 import { LocalStore } from '../../store/local.ts';
 import type { BlobStore } from '../../store/store.ts';
@@ -152,8 +153,11 @@ export function registerLifecycleCommands(program: Command, env: CommandEnv): vo
       const source = await openRepository(g);
       const targetStore = await openTargetStore(o.to, o.toS3Endpoint ?? g.s3Endpoint);
       const target = await Repository.open(targetStore, () => targetPassphrase(o, targetStore.location));
-      const sourcePool = new CodecPool(source.keys);
-      const targetPool = new CodecPool(target.keys);
+      // Two key sets, two pools; together one worker per core (decoding the source is the
+      // lighter half: the target hashes, compresses and encrypts).
+      const cores = Math.max(2, Math.min(availableParallelism(), 8));
+      const sourcePool = new CodecPool(source.keys, Math.max(1, Math.floor(cores / 2)));
+      const targetPool = new CodecPool(target.keys, Math.max(1, Math.ceil(cores / 2)));
       const progress = new Progress('sync', g);
       try {
         const r = await syncRepositories(source, target, {
