@@ -153,10 +153,11 @@ export class CodecExecutor {
 type GcFunction = (opts: { type: 'minor' | 'major'; execution: 'sync' }) => void;
 
 /**
- * Prompt garbage collection. The codec churns through large short-lived buffers (input batches,
- * zstd and AES outputs, packs). V8 collects them only once an isolate's external memory has grown
- * by tens of MiB, which across isolates blows the memory budget; so every 12 MiB of garbage a
- * scavenge runs (cheap: the wrappers are young), and every 8th time a full collection.
+ * Prompt garbage collection in the codec workers. Large buffers are freed explicitly
+ * (util/bytes.ts releaseBuffer), but the small ones Node's crypto and zlib hand back live until a
+ * collection, and V8 waits for tens of MiB of external memory before it collects; so every 12 MiB
+ * of processed data a scavenge runs (cheap: the wrappers are young), and every 8th time a full
+ * collection.
  */
 export class GarbageCollector {
   readonly #gc: GcFunction | undefined;
