@@ -324,6 +324,38 @@ describe('qemu-nbd (unix socket, qcow2 with a dirty bitmap)', () => {
     }
   });
 
+  it('NbdDiskSource asks block status once per window while a backup walks the disk in small batches', async () => {
+    const source = await NbdDiskSource.open(target, { exportName: 'disk', dirtyBitmap: BITMAP, statusWindow: 16 * MiB });
+    try {
+      const whole = await collect(source, 0, DISK_SIZE);
+      const fresh = await NbdDiskSource.open(target, { exportName: 'disk', dirtyBitmap: BITMAP, statusWindow: 16 * MiB });
+      const freshReader = fresh.reader as { blockStatus: (...args: never[]) => Promise<unknown> };
+      const freshStatus = freshReader.blockStatus.bind(freshReader);
+      let freshAsked = 0;
+      freshReader.blockStatus = (...args: never[]) => {
+        freshAsked++;
+        return freshStatus(...args);
+      };
+      try {
+        const walked: Array<{ offset: number; length: number; kind: string }> = [];
+        for (let at = 0; at < DISK_SIZE; at += 2 * MiB) {
+          for (const e of await collect(fresh, at, Math.min(2 * MiB, DISK_SIZE - at))) {
+            const last = walked.at(-1);
+            if (last && last.kind === e.kind && last.offset + last.length === e.offset) last.length += e.length;
+            else walked.push({ ...e });
+          }
+        }
+        assert.deepEqual(walked, whole.map((e) => ({ ...e })));
+        // Two contexts (allocation, bitmap) per 16 MiB window, however many batches asked.
+        assert.equal(freshAsked, 2 * Math.ceil(DISK_SIZE / (16 * MiB)));
+      } finally {
+        await fresh.close();
+      }
+    } finally {
+      await source.close();
+    }
+  });
+
   it('refuses an incremental source when the bitmap context is not granted', async () => {
     await expectNbdError(NbdDiskSource.open(target, { exportName: 'disk', dirtyBitmap: 'qemu:dirty-bitmap:nosuch' }), 'nbd-context-missing', /impossible/);
   });
