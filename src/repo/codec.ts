@@ -107,15 +107,17 @@ function looksIncompressible(plaintext: Uint8Array): boolean {
   return true;
 }
 
-function compress(plaintext: Uint8Array, level: number, strategy?: number): Buffer | undefined {
-  if (level <= 0 || plaintext.length < 64 || looksIncompressible(plaintext)) return undefined;
+function compress(plaintext: Uint8Array, level: number, strategy: number | undefined, sample: boolean): Buffer | undefined {
+  if (level <= 0 || plaintext.length < 64 || (sample && looksIncompressible(plaintext))) return undefined;
   const out = zstd(plaintext, level, strategy);
   // Keep it only when it saves at least 1/32: otherwise restore pays decompression for nothing.
   return out.length < plaintext.length - (plaintext.length >> 5) ? out : undefined;
 }
 
 export function encodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint8Array, plaintext: Uint8Array): Buffer {
-  const compressed = compress(plaintext, keys.compressionLevel, keys.compressionStrategy);
+  // Only disk data is sampled first: metadata is small, and a disk-map piece is random ids
+  // with runs of zero ids (holes) that samples can miss.
+  const compressed = compress(plaintext, keys.compressionLevel, keys.compressionStrategy, type === BlobType.chunk);
   const payload = compressed ?? plaintext;
   const flags = (compressed ? FLAG_COMPRESSED : 0) | (keys.master ? FLAG_ENCRYPTED : 0);
   const header = Buffer.from([MAGIC0, MAGIC1, VERSION, flags]);
