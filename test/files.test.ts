@@ -118,13 +118,9 @@ async function ntfsImage(path: string, tree: string, startSector: number): Promi
 async function xfsImage(path: string, tree: string): Promise<void> {
   await run('truncate', ['-s', '300M', path]);
   await run('mkfs.xfs', ['-q', '-f', '-L', 'tresor-xfs', path]);
-  const mnt = join(work, 'mnt-xfs');
-  await mounts.mount('mount', ['-o', 'loop', path], mnt);
-  try {
-    await run('cp', ['-a', `${tree}/.`, mnt]);
-  } finally {
-    await mounts.unmount(mnt);
-  }
+  await mounts.withLoopMount(path, join(work, 'mnt-xfs'), async (dir) => {
+    await run('cp', ['-a', `${tree}/.`, dir]);
+  });
 }
 
 /** GPT: 1 ext4, 2 FAT32, 3 NTFS, 4 XFS. */

@@ -100,13 +100,7 @@ async function fillLoopImage(dir: string): Promise<void> {
 async function loopImage(image: string): Promise<void> {
   await run('truncate', ['-s', '320M', image]);
   await run('mkfs.xfs', ['-q', '-f', '-i', 'nrext64=1', '-L', 'tresor-xfs', image]);
-  const mnt = join(work, 'mnt');
-  await mounts.mount('mount', ['-o', 'loop', image], mnt);
-  try {
-    await fillLoopImage(mnt);
-  } finally {
-    await mounts.unmount(mnt);
-  }
+  await mounts.withLoopMount(image, join(work, 'mnt'), fillLoopImage);
 }
 
 async function xfsDb(image: string, ...commands: string[]): Promise<string> {

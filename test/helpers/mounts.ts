@@ -39,6 +39,27 @@ export class MountTracker {
     await run('umount', [mountPoint]);
   }
 
+  /**
+   * Mounts `image` with the kernel driver on a loop device of its own, runs `fill`, then
+   * unmounts and detaches it. Not `mount -o loop`: its loop device clears itself in the
+   * background after `umount`, and a reader of the image file right after could still find
+   * metadata the loop device had not written yet (seen as CRC errors under load). `losetup -d`
+   * returns once the device's queue is drained.
+   */
+  async withLoopMount(image: string, mountPoint: string, fill: (dir: string) => Promise<void>): Promise<void> {
+    const loop = await this.attachLoop(image);
+    try {
+      await this.mount('mount', [loop], mountPoint);
+      try {
+        await fill(mountPoint);
+      } finally {
+        await this.unmount(mountPoint);
+      }
+    } finally {
+      await this.detachLoop(loop);
+    }
+  }
+
   /** Mounts a FUSE filesystem on a loop device of `image`, runs `fill`, then unmounts and detaches. */
   async withFuse(image: string, cmd: string, options: string[], mountPoint: string, fill: (dir: string) => Promise<void>): Promise<void> {
     const loop = await this.attachLoop(image);
