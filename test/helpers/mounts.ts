@@ -6,7 +6,9 @@
  * FUSE filesystems are mounted on a loop device (fuseblk), so that `umount` waits for the
  * daemon to flush and exit before the image is read.
  */
-import { mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { basename } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { run } from './tools.ts';
 
 export class MountTracker {
@@ -20,10 +22,20 @@ export class MountTracker {
     return dev;
   }
 
+  /**
+   * Detaches a loop device and waits until it is gone. The kernel only defers the detach (and
+   * returns success) while the device is still in use, e.g. by a filesystem that another mount
+   * namespace still holds: the image's last writes may not be in the file yet.
+   */
   async detachLoop(dev: string): Promise<void> {
     const i = this.loops.indexOf(dev);
     if (i >= 0) this.loops.splice(i, 1);
     await run('losetup', ['-d', dev]);
+    const backing = `/sys/block/${basename(dev)}/loop/backing_file`;
+    for (const started = Date.now(); existsSync(backing);) {
+      if (Date.now() - started > 30_000) throw new Error(`${dev} is still attached 30 s after losetup -d: something else holds it (${readFileSync(backing, 'utf8').trim()})`);
+      await sleep(50);
+    }
   }
 
   /** Runs a mount command (`mount`, `ntfs-3g`, `mount.exfat-fuse`...) whose last argument is the mount point. */

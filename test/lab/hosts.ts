@@ -20,6 +20,7 @@ import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { cpSync, existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { labDir } from './guest-image.ts';
@@ -141,8 +142,13 @@ async function createHost(lab: HostLab, id: string, index: number, address: stri
   if (existsSync(capabilities)) cpSync(capabilities, join(dir, 'cache', 'qemu', 'capabilities'), { recursive: true });
 
   const mounts = Object.entries(LIBVIRT_DIRS).map(([sub, target]) => `mount --bind '${join(dir, sub)}' '${target}'`).join(' && ');
+  // The new mount namespace starts with a copy of every mount, including images other test files
+  // have mounted under their scratch directories (/tmp/tresor-*) at that moment. A copy held here
+  // would keep such a filesystem alive after its test unmounts it (nothing written back, the loop
+  // device not released): drop them first.
+  const dropForeign = `for m in $(awk '{print $5}' /proc/self/mountinfo | grep '^${tmpdir()}/tresor-' | sort -r); do umount -l "$m" || true; done`;
   // The default pid file (/run/libvirtd.pid) is the main daemon's: keep ours in the private /run/libvirt.
-  const script = `${mounts} && hostname ${name} && exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid`;
+  const script = `${dropForeign}; ${mounts} && hostname ${name} && exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid`;
   const child = spawn('setpriv', ['--pdeathsig', 'KILL', '--', 'ip', 'netns', 'exec', netns,
     'unshare', '--mount', '--uts', '--propagation', 'private', '--', 'sh', '-ec', script], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
