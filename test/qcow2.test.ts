@@ -30,7 +30,18 @@ let luksImages: Promise<unknown> = Promise.resolve();
 before(() => {
   dir = mkdtempSync(join(tmpdir(), 'tresor-qcow2-'));
   const secret = ['--object', 'secret,id=sec0,data=tresor-test'];
-  const create = promisify(execFile);
+  const exec = promisify(execFile);
+  // QEMU times its key stretching by the thread's CPU clock, which here can tick too coarsely for
+  // its first probe and fail with "Unable to get accurate CPU usage": a fixture problem, retried.
+  const create = async (cmd: string, args: string[]): Promise<unknown> => {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await exec(cmd, args);
+      } catch (err) {
+        if (attempt >= 5 || !/accurate CPU usage/.test(String((err as { stderr?: string }).stderr ?? err))) throw err;
+      }
+    }
+  };
   luksImages = Promise.all([
     create('qemu-img', ['create', '-q', ...secret, '-f', 'qcow2',
       '-o', 'encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10', join(dir, 'luks.qcow2'), '1M']),
