@@ -34,7 +34,7 @@ import { createHash } from 'node:crypto';
 import {
   closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync,
 } from 'node:fs';
-import { availableParallelism, cpus, release, totalmem, type as osType } from 'node:os';
+import { availableParallelism } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -44,7 +44,7 @@ import { LocalStore } from '../src/store/local.ts';
 import type { BlobStore, ReadRange } from '../src/store/store.ts';
 import { TresorError, UsageError, describeError } from '../src/util/errors.ts';
 import { LogText, Prng, RandomBytes, formatSize, parseSize } from './corpus.ts';
-import { CommandFailedError, allocatedBytes, capture, createCacheDropper, hasGnuTime, killActiveCommand, runChecked, sha256File } from './measure.ts';
+import { CommandFailedError, allocatedBytes, capture, createCacheDropper, hasGnuTime, killActiveCommand, machineFacts, runChecked, sha256File } from './measure.ts';
 import type { CommandSpec, Measurement } from './measure.ts';
 import { PASSPHRASE, baseEnv, parseJsonDocument, tresorCliPath, tresorNode, tresorVersion } from './peers.ts';
 import { replaceSection } from './report.ts';
@@ -961,16 +961,6 @@ export function writeFilesDoc(path: string, results: FilesResults): void {
 // Main
 // ---------------------------------------------------------------------------------------------
 
-function machineFacts(scratch: string): Record<string, string> {
-  const osRelease = existsSync('/etc/os-release') ? readFileSync('/etc/os-release', 'utf8') : '';
-  const pretty = /^PRETTY_NAME="?([^"\n]*)"?/m.exec(osRelease)?.[1] ?? 'unknown';
-  return {
-    cpu: `${cpus()[0]?.model ?? 'unknown'} × ${availableParallelism()} cores`,
-    memory: formatSize(totalmem()),
-    system: `${pretty}, ${osType()} ${release()}`,
-    'scratch filesystem': capture(['findmnt', '-n', '-T', scratch, '-o', 'SOURCE,FSTYPE']).replace(/\s+/g, ' ') || 'unknown',
-  };
-}
 
 function toolVersions(): Record<string, string> {
   const debian = (pkg: string) => capture(['dpkg-query', '-W', '-f', '${Version}', pkg]) || 'not installed';

@@ -6,9 +6,10 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, createReadStream, existsSync, openSync, readFileSync, readSync, readdirSync, statSync, writeFileSync } from 'node:fs';
-import { constants } from 'node:os';
+import { availableParallelism, constants, cpus, release, totalmem, type as osType } from 'node:os';
 import { join } from 'node:path';
 import { TresorError } from '../src/util/errors.ts';
+import { formatSize } from './corpus.ts';
 
 export const GNU_TIME = '/usr/bin/time';
 
@@ -241,4 +242,16 @@ export function findFile(dir: string, name: string): string | undefined {
     }
   }
   return undefined;
+}
+
+/** The machine a run measured: CPU, memory, system, and the scratch directory's filesystem. */
+export function machineFacts(scratch: string): Record<string, string> {
+  const osRelease = existsSync('/etc/os-release') ? readFileSync('/etc/os-release', 'utf8') : '';
+  const pretty = /^PRETTY_NAME="?([^"\n]*)"?/m.exec(osRelease)?.[1] ?? 'unknown';
+  return {
+    cpu: `${cpus()[0]?.model ?? 'unknown'} × ${availableParallelism()} cores`,
+    memory: formatSize(totalmem()),
+    system: `${pretty}, ${osType()} ${release()}`,
+    'scratch filesystem': capture(['findmnt', '-n', '-T', scratch, '-o', 'SOURCE,FSTYPE']).replace(/\s+/g, ' ') || 'unknown',
+  };
 }

@@ -24,13 +24,12 @@
  * of the raw corpus file for the "stored smaller than restic" target.
  */
 import { mkdirSync, rmSync, statSync, writeFileSync, readFileSync, existsSync } from 'node:fs';
-import { availableParallelism, cpus, release, totalmem, type as osType } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { UsageError, describeError } from '../src/util/errors.ts';
 import { formatSize, generateCorpus, parseSize, rewriteCorpus, BLOCK } from './corpus.ts';
-import { allocatedBytes, capture, createCacheDropper, hasGnuTime, killActiveCommand, sha256File } from './measure.ts';
+import { allocatedBytes, capture, createCacheDropper, hasGnuTime, killActiveCommand, machineFacts, sha256File } from './measure.ts';
 import { BUSY_SHARE, StepRunner } from './steps.ts';
 import { BorgPeer, ResticPeer, TresorPeer, tresorCliPath, tresorNode, tresorVersion } from './peers.ts';
 import type { BackupLabel, Peer, PeerSetting } from './peers.ts';
@@ -268,16 +267,6 @@ function firstLine(text: string): string {
   return text.split('\n')[0].trim();
 }
 
-function machineFacts(scratch: string): Record<string, string> {
-  const osRelease = existsSync('/etc/os-release') ? readFileSync('/etc/os-release', 'utf8') : '';
-  const pretty = /^PRETTY_NAME="?([^"\n]*)"?/m.exec(osRelease)?.[1] ?? 'unknown';
-  return {
-    cpu: `${cpus()[0]?.model ?? 'unknown'} × ${availableParallelism()} cores`,
-    memory: formatSize(totalmem()),
-    system: `${pretty}, ${osType()} ${release()}`,
-    'scratch filesystem': capture(['findmnt', '-n', '-T', scratch, '-o', 'SOURCE,FSTYPE']).replace(/\s+/g, ' ') || 'unknown',
-  };
-}
 
 function toolVersions(): Record<string, string> {
   const debian = (pkg: string) => capture(['dpkg-query', '-W', '-f', '${Version}', pkg]);
@@ -498,24 +487,30 @@ async function runImagePhases(state: RunState, options: Options, peers: Peer[], 
   await runInits(state, peers);
   await runBackups(state, peers, 'full');
 
-  const rewriteStart = performance.now();
-  const rewrite = rewriteCorpus(corpusPath, { fraction: options.fraction, seed: options.seed });
-  const rewriteSeconds = (performance.now() - rewriteStart) / 1000;
-  runner.progress(`rewrote ${rewrite.extents.length} extents (${formatSize(rewrite.bytesRewritten)}) in ${rewriteSeconds.toFixed(1)} s`);
-  const sha256After = chunkMode ? '' : await sha256File(corpusPath);
-  results.corpus.rewrite = {
-    fraction: options.fraction,
-    extents: rewrite.extents.length,
-    bytesRewritten: rewrite.bytesRewritten,
-    seconds: rewriteSeconds,
-    allocatedBytesAfter: allocatedBytes(corpusPath),
-    sha256After,
-  };
+  const rewrite = await rewriteAndRecord(corpusPath, options, !chunkMode);
+  results.corpus.rewrite = rewrite;
+  runner.progress(`rewrote ${rewrite.extents} extents (${formatSize(rewrite.bytesRewritten)}) in ${rewrite.seconds.toFixed(1)} s`);
+  const { sha256After } = rewrite;
 
   await runBackups(state, peers, 'second');
   if (!chunkMode) await runRestores(state, peers, 'second', sha256After);
 
   describeRepositories(state, peers, results);
+}
+
+/** Rewrites the corpus in place (the 2 % rewrite) and describes what changed; the digest only when asked. */
+async function rewriteAndRecord(corpusPath: string, options: Options, withDigest: boolean): Promise<NonNullable<NonNullable<BenchResults['corpus']>['rewrite']>> {
+  const started = performance.now();
+  const rewrite = rewriteCorpus(corpusPath, { fraction: options.fraction, seed: options.seed });
+  const seconds = (performance.now() - started) / 1000;
+  return {
+    fraction: options.fraction,
+    extents: rewrite.extents.length,
+    bytesRewritten: rewrite.bytesRewritten,
+    seconds,
+    allocatedBytesAfter: allocatedBytes(corpusPath),
+    sha256After: withDigest ? await sha256File(corpusPath) : '',
+  };
 }
 
 function describeRepositories(state: RunState, peers: Peer[], results: BenchResults): void {
@@ -543,18 +538,9 @@ async function runVmPhases(state: RunState, options: Options, peers: Peer[], res
   await runBackups(state, peers, 'full');
 
   const allocatedBefore = results.corpus.allocatedBytes;
-  const rewriteStart = performance.now();
-  const rewrite = rewriteCorpus(corpusPath, { fraction: options.fraction, seed: options.seed });
-  const rewriteSeconds = (performance.now() - rewriteStart) / 1000;
-  results.corpus.rewrite = {
-    fraction: options.fraction,
-    extents: rewrite.extents.length,
-    bytesRewritten: rewrite.bytesRewritten,
-    seconds: rewriteSeconds,
-    allocatedBytesAfter: allocatedBytes(corpusPath),
-    sha256After: '',
-  };
-  runner.progress(`reference: raw corpus rewritten (${rewrite.extents.length} extents, ${formatSize(rewrite.bytesRewritten)})`);
+  const rewrite = await rewriteAndRecord(corpusPath, options, false);
+  results.corpus.rewrite = rewrite;
+  runner.progress(`reference: raw corpus rewritten (${rewrite.extents} extents, ${formatSize(rewrite.bytesRewritten)})`);
 
   results.vm = await runLiveVm({
     runner, scratch, rewrittenCorpus: corpusPath, image, imageFacts, size: state.size,

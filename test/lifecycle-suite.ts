@@ -18,30 +18,18 @@ import { tresor, spawnTresor, type CliResult } from './helpers/cli.ts';
 import { tempDir } from './helpers/tmp.ts';
 import { sha256File } from './helpers/exec.ts';
 import { generateCorpus, rewriteCorpus, Prng } from '../bench/corpus.ts';
-import type { BlobStore } from '../src/store/store.ts';
 import { DEFAULTS, Repository } from '../src/repo/repository.ts';
 import { packName } from '../src/repo/pack.ts';
 import { CodecPool } from '../src/repo/codec-pool.ts';
 import { verifyRepository } from '../src/repo/verify.ts';
 import { checkRepository } from '../src/repo/check.ts';
 import { restoreImage } from '../src/engine/image-restore.ts';
+import type { BackendFixture } from './repo-suite.ts';
 
-export interface LifecycleFixture {
-  label: string;
-  setup(): Promise<void>;
-  teardown(): Promise<void>;
-  /** A fresh, empty repository location (path or s3://bucket/prefix). */
-  newLocation(): Promise<string>;
-  /** Extra CLI environment (credentials) and arguments (endpoint). */
-  env: () => Record<string, string>;
-  args: () => string[];
-  list(location: string): Promise<Array<{ name: string; size: number }>>;
-  read(location: string, name: string): Promise<Buffer>;
-  /** Replaces an object's bytes behind Tresor's back (to simulate damage). */
-  overwrite(location: string, name: string, data: Buffer): Promise<void>;
+/** A repository backend for the lifecycle tests: the repository suite's, plus deletion behind Tresor's back. */
+export interface LifecycleFixture extends BackendFixture {
   /** Deletes an object behind Tresor's back. */
   remove(location: string, name: string): Promise<void>;
-  openStore(location: string): Promise<BlobStore>;
   /** SIGKILL trials (backup, prune, gc, sync in turn); at least 30 over both backends. */
   crashTrials: number;
   /** How long GC runs beside a backup loop. */

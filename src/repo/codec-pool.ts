@@ -158,7 +158,7 @@ export class CodecPool {
       ab = new ArrayBuffer(data.length);
       new Uint8Array(ab).set(data);
     }
-    const r = await this.#executors[e].call<{ ids: Uint8Array }>({ op: 'hash', req: this.#nextReq++, batch, data: ab, byteLength: data.length, chunkSize }, [ab]);
+    const r = await this.#executors[e].call<{ ids: Uint8Array }>({ op: 'hash', req: this.#nextReq++, batch, data: ab, byteLength, chunkSize }, [ab]);
     return { executor: e, batch, ids: Buffer.from(r.ids.buffer, r.ids.byteOffset, r.ids.byteLength), byteLength };
   }
 

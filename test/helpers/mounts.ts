@@ -55,25 +55,18 @@ export class MountTracker {
    * Mounts `image` with the kernel driver on a loop device of its own, runs `fill`, then
    * unmounts and detaches it. Not `mount -o loop`: its loop device clears itself in the
    * background after `umount`, and a reader of the image file right after could still find
-   * metadata the loop device had not written yet (seen as CRC errors under load). `losetup -d`
-   * returns once the device's queue is drained.
+   * metadata the loop device had not written yet (seen as CRC errors under load).
    */
-  async withLoopMount(image: string, mountPoint: string, fill: (dir: string) => Promise<void>): Promise<void> {
-    const loop = await this.attachLoop(image);
-    try {
-      await this.mount('mount', [loop], mountPoint);
-      try {
-        await fill(mountPoint);
-      } finally {
-        await this.unmount(mountPoint);
-      }
-    } finally {
-      await this.detachLoop(loop);
-    }
+  withLoopMount(image: string, mountPoint: string, fill: (dir: string) => Promise<void>): Promise<void> {
+    return this.#onLoop(image, 'mount', [], mountPoint, fill);
   }
 
   /** Mounts a FUSE filesystem on a loop device of `image`, runs `fill`, then unmounts and detaches. */
-  async withFuse(image: string, cmd: string, options: string[], mountPoint: string, fill: (dir: string) => Promise<void>): Promise<void> {
+  withFuse(image: string, cmd: string, options: string[], mountPoint: string, fill: (dir: string) => Promise<void>): Promise<void> {
+    return this.#onLoop(image, cmd, options, mountPoint, fill);
+  }
+
+  async #onLoop(image: string, cmd: string, options: string[], mountPoint: string, fill: (dir: string) => Promise<void>): Promise<void> {
     const loop = await this.attachLoop(image);
     try {
       await this.mount(cmd, [...options, loop], mountPoint);
