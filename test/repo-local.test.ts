@@ -1,27 +1,18 @@
 /** The repository suite on the local filesystem backend, plus what only a local disk can do. */
 import { it, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFile, writeFile, readdir, stat } from 'node:fs/promises';
-import { join, relative } from 'node:path';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { repositorySuite } from './repo-suite.ts';
 import { LocalStore } from '../src/store/local.ts';
 import { tempDir } from './helpers/tmp.ts';
+import { listFiles } from './helpers/tools.ts';
 import { tresor } from './helpers/cli.ts';
 import { run, sha256File } from './helpers/exec.ts';
 import { generateCorpus } from '../bench/corpus.ts';
 
 let root: { path: string; cleanup(): Promise<void> };
 let n = 0;
-
-async function walk(dir: string, base = dir): Promise<Array<{ name: string; size: number }>> {
-  const out: Array<{ name: string; size: number }> = [];
-  for (const e of await readdir(dir, { withFileTypes: true })) {
-    const p = join(dir, e.name);
-    if (e.isDirectory()) out.push(...await walk(p, base));
-    else if (e.isFile()) out.push({ name: relative(base, p), size: (await stat(p)).size });
-  }
-  return out;
-}
 
 repositorySuite({
   label: 'local filesystem',
@@ -32,7 +23,7 @@ repositorySuite({
   newLocation: async () => join(root.path, `repo${n++}`),
   env: () => ({}),
   args: () => [],
-  list: async (loc) => (await walk(loc)).filter((o) => !o.name.startsWith('tmp/')),
+  list: async (loc) => (await listFiles(loc)).filter((o) => !o.name.startsWith('tmp/')),
   read: (loc, name) => readFile(join(loc, name)),
   overwrite: (loc, name, data) => writeFile(join(loc, name), data),
   crashTrials: 20,

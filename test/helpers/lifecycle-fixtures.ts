@@ -1,22 +1,13 @@
 /** Backend fixtures of the lifecycle suite (test/lifecycle-suite.ts): local directories, and S3 on a Ceph radosgw lab. */
-import { mkdir, readFile, readdir, stat, unlink, writeFile } from 'node:fs/promises';
-import { dirname, join, relative } from 'node:path';
+import { mkdir, readFile, unlink, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import { S3Client, ListObjectsV2Command, GetObjectCommand, PutObjectCommand, DeleteObjectCommand } from '@aws-sdk/client-s3';
 import type { LifecycleFixture } from '../lifecycle-suite.ts';
 import { LocalStore } from '../../src/store/local.ts';
 import { openS3Store } from '../../src/store/s3.ts';
 import { labS3Client, startCeph, type CephLab } from '../lab/ceph.ts';
 import { tempDir } from './tmp.ts';
-
-async function walk(dir: string, base = dir): Promise<Array<{ name: string; size: number }>> {
-  const out: Array<{ name: string; size: number }> = [];
-  for (const e of await readdir(dir, { withFileTypes: true })) {
-    const p = join(dir, e.name);
-    if (e.isDirectory()) out.push(...await walk(p, base));
-    else if (e.isFile()) out.push({ name: relative(base, p), size: (await stat(p)).size });
-  }
-  return out;
-}
+import { listFiles } from './tools.ts';
 
 export function localFixture(opts: { crashTrials: number; concurrentSeconds: number }): LifecycleFixture {
   let root: { path: string; cleanup(): Promise<void> };
@@ -30,7 +21,7 @@ export function localFixture(opts: { crashTrials: number; concurrentSeconds: num
     newLocation: async () => join(root.path, `repo${n++}`),
     env: () => ({}),
     args: () => [],
-    list: async (loc) => (await walk(loc)).filter((o) => !o.name.startsWith('tmp/')),
+    list: async (loc) => (await listFiles(loc)).filter((o) => !o.name.startsWith('tmp/')),
     read: (loc, name) => readFile(join(loc, name)),
     overwrite: async (loc, name, data) => {
       await mkdir(dirname(join(loc, name)), { recursive: true });

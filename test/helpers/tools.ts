@@ -4,6 +4,8 @@
  */
 import { execFile } from 'node:child_process';
 import { closeSync, openSync, readSync, writeSync } from 'node:fs';
+import { readdir, stat } from 'node:fs/promises';
+import { join, relative } from 'node:path';
 
 export interface RunOptions {
   env?: Record<string, string>;
@@ -52,4 +54,15 @@ export function readFileRange(path: string, offset: number, length: number): Buf
   } finally {
     closeSync(fd);
   }
+}
+
+/** Every regular file below `dir`, with its path relative to `base` and its size. */
+export async function listFiles(dir: string, base = dir): Promise<Array<{ name: string; size: number }>> {
+  const out: Array<{ name: string; size: number }> = [];
+  for (const e of await readdir(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    if (e.isDirectory()) out.push(...await listFiles(p, base));
+    else if (e.isFile()) out.push({ name: relative(base, p), size: (await stat(p)).size });
+  }
+  return out;
 }
