@@ -11,9 +11,8 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
-import { connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { NbdTarget } from '../nbd/client.ts';
+import { NbdClient, type NbdTarget } from '../nbd/client.ts';
 import { HypervisorError } from './errors.ts';
 
 export interface ImageBitmap {
@@ -118,7 +117,7 @@ export async function exportDiskImage(opts: DiskImageExportOptions): Promise<Dis
       await exited;
       throw exportFailure(stderr, context);
     }
-    if (existsSync(opts.socketPath) && await canConnect(opts.socketPath)) break;
+    if (existsSync(opts.socketPath) && await servesExport(opts.socketPath, exportName)) break;
     if (Date.now() > deadline) {
       await stopChild(child, exited);
       throw new HypervisorError('timeout', `qemu-nbd did not listen on ${opts.socketPath} within ${READY_TIMEOUT_MS} ms`, { context });
@@ -168,15 +167,18 @@ async function stopChild(child: ChildProcess, exited: Promise<unknown>): Promise
   clearTimeout(timer);
 }
 
-function canConnect(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const socket = connect(path);
-    socket.once('connect', () => {
-      socket.destroy();
-      resolve(true);
-    });
-    socket.once('error', () => resolve(false));
-  });
+/**
+ * Ready means the export answers an NBD handshake, not merely that the socket accepts: qemu-nbd
+ * listens before it has checked the bitmap it was asked for, and then exits.
+ */
+async function servesExport(socketPath: string, exportName: string): Promise<boolean> {
+  try {
+    const client = await NbdClient.connect({ unix: socketPath }, { exportName, timeoutMs: 5000 });
+    await client.close();
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 function runTool(cmd: string, args: string[], operation: string, path: string): Promise<string> {
