@@ -334,11 +334,13 @@ export class S3Store implements BlobStore {
     };
     const status = typeof e.$metadata?.httpStatusCode === 'number' ? e.$metadata.httpStatusCode : undefined;
     const netCode = typeof e.code === 'string' ? e.code : undefined;
-    // The SDK names service exceptions after the S3 error code; "Unknown"/"NotFound" for body-less answers.
+    // The SDK names service exceptions after the S3 error code; "Unknown"/"NotFound" for body-less
+    // answers, and plain "Error" when the body was cut off before its code (radosgw closes the
+    // connection right after refusing an upload whose body is still being sent).
     let s3Code: string | undefined;
     if (status !== undefined) {
       const named = typeof e.Code === 'string' ? e.Code : typeof e.name === 'string' ? e.name : undefined;
-      s3Code = named === 'Unknown' || named === 'UnknownError' ? undefined : named;
+      s3Code = named === 'Unknown' || named === 'UnknownError' || named === 'Error' ? undefined : named;
     }
     const message = this.#redact(typeof e.message === 'string' ? e.message : String(err));
     const requestId = typeof e.$metadata?.requestId === 'string' ? e.$metadata.requestId : undefined;
@@ -389,13 +391,23 @@ export class S3Store implements BlobStore {
       return make(`cannot ${what}: cannot talk to ${this.#endpointLabel}: ${facts.message}`,
         code === 'ENOTFOUND'
           ? 'the endpoint host name does not resolve; check --s3-endpoint / AWS_ENDPOINT_URL'
-          : 'check that the S3 service is running and reachable from this host (endpoint URL, firewall, TLS certificate)', transient);
+          : op === 'create' && (code === 'EPIPE' || code === 'ECONNRESET')
+            // Seen from radosgw: it answers 403 QuotaExceeded while a large upload is still being
+            // sent, then closes the connection, and the answer is lost with it.
+            ? 'the connection broke while the data was being sent; if this repeats, the service may be refusing uploads (a full bucket or user quota closes the connection this way on Ceph radosgw: check the quota), otherwise check the network'
+            : 'check that the S3 service is running and reachable from this host (endpoint URL, firewall, TLS certificate)', transient);
     }
 
     const status = facts.status;
     if (status === 403 && facts.s3Code === undefined) {
-      // HEAD answers carry no error code; a listing request tells what the server objects to.
+      // HEAD answers carry no error code, and a refused upload's answer may be cut off: a listing
+      // request tells what the server objects to.
       facts = { ...facts, s3Code: await this.#diagnoseForbidden() };
+      if (op === 'create' && facts.s3Code === 'AccessDenied') {
+        // Listing works, so the credentials are good; the upload's own reason was lost.
+        return make(`cannot ${what}: ${this.#endpointLabel} refused the upload (HTTP 403; its reason was cut off)`,
+          `either the credentials may read but not write bucket ${this.bucket} (check the bucket policy or ACL), or a bucket or user quota is exhausted (check the quota)`, false);
+      }
     }
     switch (facts.s3Code) {
       case 'NoSuchBucket':
