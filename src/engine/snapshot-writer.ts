@@ -39,9 +39,11 @@ export class SnapshotSession {
   static async start(repo: Repository, operation: string): Promise<SnapshotSession> {
     const lock = await repo.lock('shared', operation);
     try {
-      // The index must be loaded after the lock exists (garbage collection relies on it).
+      // The index must be loaded after the lock exists (garbage collection relies on it). It
+      // loads in the background while the caller plans (e.g. finds the parent snapshot); every
+      // user awaits `repo.index()`, which also reports a failure to load it.
       repo.invalidateIndex();
-      await repo.index();
+      repo.index().catch(() => undefined);
       return new SnapshotSession(repo, lock, new CodecPool(repo.keys));
     } catch (err) {
       await lock.release();

@@ -138,8 +138,8 @@ export class LibvirtHypervisor implements Hypervisor {
     return this.virsh.run(['dumpxml', domain, ...(opts.inactive === true ? ['--inactive'] : [])], { operation: 'dumpxml', domain });
   }
 
-  async disks(domain: DomainRef): Promise<DiskInfo[]> {
-    return parseDomainDisks(await this.domainXml(domain));
+  async disks(domain: DomainRef, opts: { fromXml?: string } = {}): Promise<DiskInfo[]> {
+    return parseDomainDisks(opts.fromXml ?? await this.domainXml(domain));
   }
 
   async blockInfo(domain: DomainRef, target: string): Promise<BlockInfo> {
@@ -153,18 +153,25 @@ export class LibvirtHypervisor implements Hypervisor {
   }
 
   async checkpoints(domain: DomainRef, opts: { sizes?: boolean } = {}): Promise<CheckpointInfo[]> {
-    const out = await this.virsh.run(['checkpoint-list', domain, '--name', '--topological'], { operation: 'checkpoint-list', domain });
-    const names = out.split('\n').map((line) => line.trim()).filter((line) => line !== '');
-    const infos: CheckpointInfo[] = [];
-    for (const name of names) {
+    const names = await this.checkpointNames(domain);
+    const describe = async (name: string): Promise<CheckpointInfo> => {
       const info = parseCheckpointXml(await this.checkpointXml(domain, name));
       if (opts.sizes === true) {
         const sized = parseCheckpointXml(await this.virsh.run(['checkpoint-dumpxml', domain, name, '--no-domain', '--size'], { operation: 'checkpoint-dumpxml', domain }));
         info.disks = sized.disks;
       }
-      infos.push(info);
+      return info;
+    };
+    const infos: CheckpointInfo[] = [];
+    for (let i = 0; i < names.length; i += LIST_CONCURRENCY) {
+      infos.push(...await Promise.all(names.slice(i, i + LIST_CONCURRENCY).map(describe)));
     }
     return infos;
+  }
+
+  async checkpointNames(domain: DomainRef): Promise<string[]> {
+    const out = await this.virsh.run(['checkpoint-list', domain, '--name', '--topological'], { operation: 'checkpoint-list', domain });
+    return out.split('\n').map((line) => line.trim()).filter((line) => line !== '');
   }
 
   checkpointXml(domain: DomainRef, name: string): Promise<string> {
@@ -190,7 +197,8 @@ export class LibvirtHypervisor implements Hypervisor {
       throw new HypervisorError('disk-not-found', 'a backup needs at least one disk', { context, hint: 'name the disks to back up (all excluded?)' });
     }
     if (opts.checkpointName !== undefined) validateCheckpointName(opts.checkpointName);
-    const allDisks = await this.disks(domain);
+    // libvirt waits 30 s for its job lock before refusing a second job: find out at once.
+    const [allDisks, active] = await Promise.all([this.disks(domain, { fromXml: opts.definition }), this.jobInfo(domain)]);
     for (const disk of opts.disks) {
       if (!allDisks.some((candidate) => candidate.target === disk.target)) {
         throw new HypervisorError('disk-not-found', `domain ${domain} has no disk ${disk.target} (it has ${allDisks.map((d) => d.target).join(', ') || 'none'})`, {
@@ -198,8 +206,6 @@ export class LibvirtHypervisor implements Hypervisor {
         });
       }
     }
-    // libvirt waits 30 s for its job lock before refusing a second job: find out at once.
-    const active = await this.jobInfo(domain);
     if (active !== undefined) {
       throw new HypervisorError('backup-job-running', `domain ${domain} already has a ${active.kind} job running`, {
         context: { ...context, job: active.kind },

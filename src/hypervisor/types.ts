@@ -91,6 +91,11 @@ export interface PullBackupOptions {
   checkpointName?: string;
   /** Disks the new checkpoint tracks with a bitmap (default: every backed-up disk); others get checkpoint='no'. */
   checkpointDisks?: string[];
+  /**
+   * The domain's live definition, when the caller has just read it: saves asking again. (A disk
+   * added or removed since then makes libvirt refuse the job, so this is only a shortcut.)
+   */
+  definition?: string;
 }
 
 export interface BackupJobDisk {
@@ -163,10 +168,15 @@ export interface Hypervisor {
   getDomain(domain: DomainRef): Promise<DomainInfo>;
   /** The domain definition; `inactive` gives the persistent definition of a running domain. */
   domainXml(domain: DomainRef, opts?: { inactive?: boolean }): Promise<string>;
-  /** Disks of device type 'disk' (cdrom, floppy and lun are left out). */
-  disks(domain: DomainRef): Promise<DiskInfo[]>;
+  /**
+   * Disks of device type 'disk' (cdrom, floppy and lun are left out); from `fromXml` (a definition
+   * `domainXml` returned) instead of asking again when given.
+   */
+  disks(domain: DomainRef, opts?: { fromXml?: string }): Promise<DiskInfo[]>;
   blockInfo(domain: DomainRef, target: string): Promise<BlockInfo>;
   checkpoints(domain: DomainRef, opts?: { sizes?: boolean }): Promise<CheckpointInfo[]>;
+  /** Names of the domain's checkpoints, parents before children (cheaper than `checkpoints`). */
+  checkpointNames(domain: DomainRef): Promise<string[]>;
   checkpointXml(domain: DomainRef, name: string): Promise<string>;
   /** Recreates checkpoint metadata from a saved XML; `validate` checks the bitmaps exist and are consistent. */
   redefineCheckpoint(domain: DomainRef, xml: string, opts?: { validate?: boolean }): Promise<void>;

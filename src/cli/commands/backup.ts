@@ -52,8 +52,8 @@ export function registerBackupCommands(program: Command, env: CommandEnv): void 
     .action(async (domain: string, o: { connect?: string; id?: string; consistency: string; full: boolean; excludeDisk: string[]; bwlimit?: string; scratchDir?: string; tag: string[] }) => {
       const g = env.globals();
       if (!['require', 'try', 'off'].includes(o.consistency)) throw new UsageError(`unknown consistency policy ${JSON.stringify(o.consistency)}`, 'use --consistency require, try or off');
-      const repo = await openRepository(g);
-      const hv = await openLibvirt(connectUri(o));
+      // The repository's key derivation and libvirt's version check take a while each: at once.
+      const [repo, hv] = await Promise.all([openRepository(g), openLibvirt(connectUri(o))]);
       const progress = new Progress(`backup ${domain}`, g);
       const r = await backupVm(repo, hv, domain, {
         id: o.id, consistency: o.consistency as ConsistencyPolicy, full: o.full, excludeDisks: o.excludeDisk,
