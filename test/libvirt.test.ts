@@ -18,6 +18,7 @@ import { DIRTY_BITMAP_FLAG_DIRTY, NbdClient } from '../src/nbd/client.ts';
 import { parseDomainDisks } from '../src/hypervisor/domain-xml.ts';
 import { HypervisorError, openLibvirt, type BackupJob, type Hypervisor, type HypervisorEvent } from '../src/hypervisor/libvirt.ts';
 import { exportDiskImage, readImageInfo } from '../src/hypervisor/offline-disk.ts';
+import { Virsh } from '../src/hypervisor/virsh.ts';
 import { parseXml, childText } from '../src/util/xml.ts';
 import {
   LabHost, SYSTEM_URI, e2fsckClean, qemuIoWrite, readGuestFile, readGuestLog, type TestDomain,
@@ -158,11 +159,30 @@ describe('libvirt driver with live TCG guests', { timeout: 300_000 }, () => {
     assert.ok(!inactive.includes('<alias'), 'the inactive definition has no runtime aliases');
   });
 
+  it('virsh sessions: calls reuse long-running virsh processes; one that misses its deadline is killed and the next call works', async () => {
+    const virsh = new Virsh(SYSTEM_URI, { sessions: true });
+    const started = performance.now();
+    const infos = await Promise.all(Array.from({ length: 12 }, () => virsh.run(['dominfo', main.uuid], { operation: 'dominfo' })));
+    for (const info of infos) assert.match(info, new RegExp(`^UUID:\\s+${main.uuid}$`, 'm'));
+    timings.twelveSessionCallsMs = Math.round(performance.now() - started);
+    assert.equal((await virsh.run(['dumpxml', main.uuid], { operation: 'dumpxml' })).trimStart().slice(0, 7), '<domain', 'the prompt and echoed command are not part of the output');
+    // `event --timeout` blocks the session for its timeout: past the call's deadline it is killed.
+    await assert.rejects(virsh.run(['event', '--all', '--timeout', '5'], { operation: 'event', timeoutMs: 300 }), (err: unknown) => err instanceof HypervisorError && err.code === 'timeout');
+    assert.match(await virsh.run(['version'], { operation: 'version' }), /Running hypervisor: QEMU/);
+    await assert.rejects(virsh.run(['dominfo', 'no such domain'], { operation: 'dominfo' }), (err: unknown) => err instanceof HypervisorError && err.code === 'domain-not-found');
+  });
+
   it('guest agent: ping, info, fsfreeze runs the hook and blocks writes until thaw', async () => {
     const agent = hv.guestAgent(main.uuid);
     await agent.ping();
     assert.ok((await agent.info()).supportedCommands.includes('guest-fsfreeze-freeze'));
     assert.equal(await agent.freezeStatus(), 'thawed');
+    // The writer logs once a second from boot: let it write a few lines first, so the frozen
+    // copy shows that writes before the freeze are all there.
+    for (const deadline = Date.now() + 30_000; (await readGuestLog(sda, { replayJournal: true })).entries.length <= 3;) {
+      assert.ok(Date.now() < deadline, 'the guest writer wrote no 4 lines within 30 s');
+      await sleep(500);
+    }
 
     const frozenCopy = lab.path('frozen-sda.raw');
     const freezeStarted = Date.now();

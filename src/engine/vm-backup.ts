@@ -100,10 +100,14 @@ export async function backupVm(repo: Repository, hv: Hypervisor, domainRef: stri
   };
   // The repository session (lock, index, codec workers) starts while libvirt is asked.
   const sessionStarting = SnapshotSession.start(repo, `backup vm ${opts.id ?? domainRef}`);
-  let dom: DomainInfo, id: string, vmDir: string;
+  let dom: DomainInfo, id: string, vmDir: string, parentFinding: Promise<SnapshotManifest | undefined>;
   try {
     dom = await hv.getDomain(domainRef);
     id = validateSourceId(opts.id ?? dom.name);
+    // Read-only, so it need not wait for the lock: whatever it finds is only used through the
+    // blob index, which loads after the lock (a parent pruned meanwhile fails loudly, never silently).
+    parentFinding = findParent(repo, id, dom, say);
+    parentFinding.catch(() => undefined); // awaited with the other answers
     const scratchRoot = opts.scratchDir ?? DEFAULT_SCRATCH_DIR;
     vmDir = join(scratchRoot, dom.uuid);
     await prepareScratchDir(scratchRoot, vmDir);
@@ -125,7 +129,7 @@ export async function backupVm(repo: Repository, hv: Hypervisor, domainRef: stri
       .then((pairs) => new Map(pairs.filter((pair) => pair !== undefined))) : undefined,
   };
   const answers = Promise.all([
-    sessionStarting.then((session) => findParent(session, id, dom, say)),
+    parentFinding,
     disksAsked,
     xmlAsked,
     dom.persistent ? hv.domainXml(dom.name, { inactive: true }) : Promise.resolve(undefined),
@@ -509,8 +513,8 @@ function vmSource(c: Common, consistency: ConsistencyState, plan: IncrementalPla
   };
 }
 
-async function findParent(session: SnapshotSession, id: string, dom: DomainInfo, say: (l: string) => void): Promise<SnapshotManifest | undefined> {
-  const latest = await session.latest('vm', id);
+async function findParent(repo: Repository, id: string, dom: DomainInfo, say: (l: string) => void): Promise<SnapshotManifest | undefined> {
+  const latest = (await repo.listSnapshots({ type: 'vm', id })).snapshots.at(-1);
   if (!latest) return undefined;
   if (latest.source.uuid !== dom.uuid) {
     say(`the latest snapshot ${latest.name} of id ${id} is of another VM (UUID ${String(latest.source.uuid)}); not using it as a base`);
@@ -536,7 +540,12 @@ async function prepareScratchDir(root: string, vmDir: string): Promise<void> {
   }
 }
 
-function userId(name: string): Promise<number | undefined> {
+async function userId(name: string): Promise<number | undefined> {
+  // /etc/passwd holds system users such as libvirt-qemu; `id` (NSS) only for the others.
+  const passwd = await readFile('/etc/passwd', 'utf8').catch(() => '');
+  const entry = passwd.split('\n').find((line) => line.startsWith(`${name}:`));
+  const uid = entry === undefined ? Number.NaN : Number(entry.split(':')[2]);
+  if (Number.isSafeInteger(uid)) return uid;
   return new Promise((resolve) => {
     execFile('id', ['-u', name], (err, stdout) => resolve(err ? undefined : Number(stdout.trim())));
   });

@@ -9,10 +9,12 @@
  *   and procedure numbers and argument layouts that change between versions. virsh already speaks
  *   all of it for every URI form (qemu:///system, qemu+ssh://, qemu+tcp://, qemu+tls://,
  *   qemu+unix:///system?socket=...) with the user's libvirt client configuration.
- * - Robustness: one process per call, so a hung connection cannot wedge Tresor; every call has
- *   a deadline and a classified error (errors.ts).
- * - The cost is ~10–80 ms per call, which does not matter: a backup makes a few dozen control
- *   calls while it moves gigabytes over NBD, which does not go through libvirt at all.
+ * - Robustness: every call has a deadline and a classified error (errors.ts); a virsh that
+ *   misses one is killed, so a hung connection cannot wedge Tresor.
+ * - Cost: a virsh process per call costs ~20 ms (start, connect, authenticate), and a backup
+ *   makes a few dozen calls, mostly one after the other: a good part of an incremental backup's
+ *   time. So calls go to a few long-running interactive virsh processes (virsh.ts), ~2–3 ms
+ *   each. Data never goes through libvirt: disks are read over NBD.
  * - Secrets never go in argv (visible to every user): documents are passed in 0600 temporary
  *   files, and credentials stay in libvirt's own auth configuration.
  *
@@ -91,7 +93,7 @@ export class LibvirtHypervisor implements Hypervisor {
 
   constructor(uri: string, opts: OpenLibvirtOptions = {}) {
     this.uri = uri;
-    this.virsh = new Virsh(uri, { binary: opts.virshPath, timeoutMs: opts.timeoutMs });
+    this.virsh = new Virsh(uri, { binary: opts.virshPath, timeoutMs: opts.timeoutMs, sessions: true });
   }
 
   async versions(): Promise<LibvirtVersions> {
