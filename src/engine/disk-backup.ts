@@ -88,20 +88,30 @@ export async function backupDisk(
   // A parent's chunk is reused only while it may be: not condemned by a pending garbage
   // collection, not recorded as damaged, still in the index. Otherwise the slot is read again.
   const reuseParentSlots = async (firstSlot: number, count: number, reads: Array<Promise<void>>): Promise<void> => {
+    // Piece by piece, slot by slot without awaiting each: an incremental passes every slot of
+    // the disk through here (32 768 per 4 GiB), and a promise per slot cost more than the rest.
+    const pieceSlots = parent!.disk.pieceSlots;
+    const end = firstSlot + count;
     let rereadFrom = -1;
-    for (let s = firstSlot; s <= firstSlot + count; s++) {
-      const id = s < firstSlot + count ? await parent!.slot(s) : undefined;
-      const usable = id !== undefined && (ZERO_ID.equals(id) || (index.has(id) && !repo.avoids(id)));
-      if (usable) {
-        map.set(s, id);
-        stats.unchangedChunks++;
-      }
-      if (!usable && id !== undefined && rereadFrom < 0) rereadFrom = s;
-      if ((usable || id === undefined) && rereadFrom >= 0) {
-        reads.push(readRun(rereadFrom, s - rereadFrom));
-        rereadFrom = -1;
+    for (let s = firstSlot; s < end;) {
+      const p = Math.floor(s / pieceSlots);
+      const ids = await parent!.piece(p);
+      for (const pieceEnd = Math.min(end, (p + 1) * pieceSlots); s < pieceEnd; s++) {
+        const at = (s - p * pieceSlots) * 32;
+        const id = ids.subarray(at, at + 32);
+        if (ZERO_ID.equals(id) || (index.has(id) && !repo.avoids(id))) {
+          map.set(s, id);
+          stats.unchangedChunks++;
+          if (rereadFrom >= 0) {
+            reads.push(readRun(rereadFrom, s - rereadFrom));
+            rereadFrom = -1;
+          }
+        } else if (rereadFrom < 0) {
+          rereadFrom = s;
+        }
       }
     }
+    if (rereadFrom >= 0) reads.push(readRun(rereadFrom, end - rereadFrom));
   };
 
   const readRun = async (firstSlot: number, count: number): Promise<void> => {
