@@ -58,14 +58,14 @@ export class Virsh {
     if (opts.domain !== undefined) context.domain = opts.domain;
     const timeoutMs = opts.timeoutMs ?? this.defaultTimeoutMs;
     const line = this.useSessions ? sessionCommandLine(args) : undefined;
-    if (line !== undefined) return this.runInSession(line, args, opts, context, timeoutMs);
+    if (line !== undefined) return this.runInSession(line, opts, context, timeoutMs);
     return this.runProcess(args, opts, context, timeoutMs);
   }
 
-  private async runInSession(line: string, args: string[], opts: VirshCallOptions, context: HypervisorErrorContext, timeoutMs: number): Promise<string> {
+  private async runInSession(line: string, opts: VirshCallOptions, context: HypervisorErrorContext, timeoutMs: number): Promise<string> {
     const session = await this.acquireSession();
     try {
-      const { stdout, stderr } = await session.call(line, timeoutMs, context, () => this.timeoutError(args, opts, context, timeoutMs));
+      const { stdout, stderr } = await session.call(line, timeoutMs, context, () => this.timeoutError(opts, context, timeoutMs));
       if (/^error: /m.test(stderr)) throw classifyLibvirtError(stderr, context);
       return stdout;
     } finally {
@@ -99,7 +99,7 @@ export class Virsh {
     this.sessionWaiters.shift()?.();
   }
 
-  private timeoutError(args: string[], opts: VirshCallOptions, context: HypervisorErrorContext, timeoutMs: number): HypervisorError {
+  private timeoutError(opts: VirshCallOptions, context: HypervisorErrorContext, timeoutMs: number): HypervisorError {
     return new HypervisorError('timeout', `${opts.operation}${opts.domain === undefined ? '' : ` on domain ${opts.domain}`} did not finish within ${timeoutMs} ms`, {
       context: { ...context, timeoutMs },
       hint: 'libvirtd or the guest may be hung or overloaded; check `virsh domjobinfo` and libvirtd\'s log',
@@ -128,7 +128,7 @@ export class Virsh {
       child.stdout.on('data', collect(stdout));
       child.stderr.on('data', collect(stderr));
       const timer = setTimeout(() => {
-        failure ??= this.timeoutError(args, opts, context, timeoutMs);
+        failure ??= this.timeoutError(opts, context, timeoutMs);
         child.kill('SIGKILL');
       }, timeoutMs);
       child.on('error', (err: NodeJS.ErrnoException) => {
