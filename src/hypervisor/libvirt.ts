@@ -278,7 +278,28 @@ export class LibvirtHypervisor implements Hypervisor {
       if (err instanceof HypervisorError && err.code === 'no-backup-job') return false;
       throw err;
     }
+    await this.untilBackupEnded(domain);
     return true;
+  }
+
+  /**
+   * domjobabort returns while libvirt still tears the job down (QEMU's block jobs end a moment
+   * later): until then the domain still reports an active backup job, and checkpoint changes or
+   * a new job would be refused. Waits until it is gone.
+   */
+  private async untilBackupEnded(domain: DomainRef, timeoutMs = 60_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    for (let wait = 5; ; wait = Math.min(wait * 2, 200)) {
+      const job = await this.jobInfo(domain);
+      if (job === undefined || job.kind !== 'backup') return;
+      if (Date.now() > deadline) {
+        throw new HypervisorError('timeout', `the backup job on domain ${domain} was aborted but had not ended after ${timeoutMs} ms`, {
+          context: { uri: this.uri, domain, operation: 'domjobabort', timeoutMs },
+          hint: 'check `virsh domjobinfo` and libvirtd\'s log; the job may need `virsh domjobabort` again',
+        });
+      }
+      await new Promise((resolve) => setTimeout(resolve, wait));
+    }
   }
 
   async suspend(domain: DomainRef): Promise<void> {
