@@ -284,6 +284,8 @@ function between(text: string, beginMarker: string, endAt: number, echoedLines: 
   for (const echoed of echoedLines) {
     for (const prompt of ['virsh # ', 'virsh > ']) out = out.split(`${prompt}${echoed}\n`).join('');
   }
-  // Whatever echo is left (another line editor's rendering): whole prompt lines at either end.
-  return out.replace(/^(virsh [#>] [^\n]*\n)+/, '').replace(/(virsh [#>] [^\n]*)$/, '');
+  // Whatever echo is left (another line editor's rendering): whole prompt lines at either end;
+  // and the blank lines interactive virsh prints after the stderr marker (no command's output
+  // starts with one: they would end up in stored checkpoint XML).
+  return out.replace(/^(virsh [#>] [^\n]*\n|\n)+/, '').replace(/(virsh [#>] [^\n]*)$/, '');
 }
