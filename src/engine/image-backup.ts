@@ -24,7 +24,7 @@ export async function backupImage(repo: Repository, file: string, opts: ImageBac
     const pointInTime = new Date();
     const session = await SnapshotSession.start(repo, `backup image ${opts.id}`);
     try {
-      const parent = await session.latest('image', opts.id);
+      const parent = await repo.latestSnapshot('image', opts.id);
       const { map, stats } = await backupDisk(repo, session.pool, session.writer, source, {
         signal: opts.signal, progress: (done) => opts.progress?.(done, source.size),
       });

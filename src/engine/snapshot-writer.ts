@@ -51,12 +51,6 @@ export class SnapshotSession {
     }
   }
 
-  /** The latest committed snapshot of this type and id, if any. */
-  async latest(type: SnapshotType, id: string): Promise<SnapshotManifest | undefined> {
-    const { snapshots } = await this.repo.listSnapshots({ type, id });
-    return snapshots.at(-1);
-  }
-
   /**
    * Makes the snapshot durable and visible. The name's time is the snapshot's point in time; if
    * that second is taken (two backups of one id within a second), the next free second is used.

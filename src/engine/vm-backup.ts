@@ -121,20 +121,19 @@ export async function backupVm(repo: Repository, hv: Hypervisor, domainRef: stri
   // round trip of tens of ms, which adds up to a good part of an incremental backup's time.
   const xmlAsked = hv.domainXml(dom.name);
   const disksAsked = xmlAsked.then((xml) => hv.disks(dom.name, { fromXml: xml }));
-  const running = dom.state !== 'shutoff';
-  const prefetch: Prefetched = {
-    checkpoints: running ? hv.checkpoints(dom.name) : undefined,
+  const prefetch: Prefetched | undefined = dom.state === 'shutoff' ? undefined : {
+    checkpoints: hv.checkpoints(dom.name),
     // Of every disk, excluded ones too: one that cannot answer is asked again (and fails) only if needed.
-    blockInfos: running ? disksAsked.then((all) => Promise.all(all.map((d) => hv.blockInfo(dom.name, d.target).then((info) => [d.target, info] as const, () => undefined))))
-      .then((pairs) => new Map(pairs.filter((pair) => pair !== undefined))) : undefined,
+    blockInfos: disksAsked.then((all) => Promise.all(all.map((d) => hv.blockInfo(dom.name, d.target).then((info) => [d.target, info] as const, () => undefined))))
+      .then((pairs) => new Map(pairs.filter((pair) => pair !== undefined))),
   };
   const answers = Promise.all([
     parentFinding,
     disksAsked,
     xmlAsked,
     dom.persistent ? hv.domainXml(dom.name, { inactive: true }) : Promise.resolve(undefined),
-    prefetch.checkpoints,
-    prefetch.blockInfos,
+    prefetch?.checkpoints,
+    prefetch?.blockInfos,
   ]);
   answers.catch(() => undefined); // awaited below once the session is open; no unhandled rejection before
   const session = await sessionStarting;
@@ -156,15 +155,16 @@ export async function backupVm(repo: Repository, hv: Hypervisor, domainRef: stri
   }
 }
 
-/** Answers for a running domain, asked together with the others. */
+/** Answers about a domain that is not shut off, asked together with the others. */
 interface Prefetched {
-  checkpoints: Promise<CheckpointInfo[]> | undefined;
-  /** Block info of every disk of the definition, by target. */
-  blockInfos: Promise<Map<string, BlockInfo>> | undefined;
+  checkpoints: Promise<CheckpointInfo[]>;
+  /** Block info of every disk of the definition that answered, by target. */
+  blockInfos: Promise<Map<string, BlockInfo>>;
 }
 
 interface Common {
-  prefetch: Prefetched;
+  /** Undefined for a shut-off domain. */
+  prefetch: Prefetched | undefined;
   repo: Repository;
   hv: Hypervisor;
   dom: DomainInfo;
@@ -189,10 +189,7 @@ async function backupRunningVm(c: Common): Promise<VmBackupResult> {
       hint: 'wait until it is running or shut off', context: { domain: dom.name },
     });
   }
-  const [infos, allCheckpoints] = await Promise.all([
-    c.prefetch.blockInfos ?? Promise.resolve(new Map<string, BlockInfo>()),
-    c.prefetch.checkpoints ?? hv.checkpoints(dom.name),
-  ]);
+  const [infos, allCheckpoints] = await Promise.all([c.prefetch!.blockInfos, c.prefetch!.checkpoints]);
   const sizes = new Map<string, number>(await Promise.all(c.disks.map(async (d) =>
     [d.target, (infos.get(d.target) ?? await hv.blockInfo(dom.name, d.target)).capacity] as const)));
   await checkScratchSpace(c.vmDir, [...sizes.values()], opts.scratchReserve ?? 0.1);
@@ -514,7 +511,7 @@ function vmSource(c: Common, consistency: ConsistencyState, plan: IncrementalPla
 }
 
 async function findParent(repo: Repository, id: string, dom: DomainInfo, say: (l: string) => void): Promise<SnapshotManifest | undefined> {
-  const latest = (await repo.listSnapshots({ type: 'vm', id })).snapshots.at(-1);
+  const latest = await repo.latestSnapshot('vm', id);
   if (!latest) return undefined;
   if (latest.source.uuid !== dom.uuid) {
     say(`the latest snapshot ${latest.name} of id ${id} is of another VM (UUID ${String(latest.source.uuid)}); not using it as a base`);

@@ -119,7 +119,7 @@ export class Virsh {
       const collect = (into: Buffer[]) => (chunk: Buffer): void => {
         outputBytes += chunk.length;
         if (outputBytes > MAX_OUTPUT_BYTES) {
-          failure ??= new HypervisorError('operation-failed', `virsh ${args[0]} printed more than ${MAX_OUTPUT_BYTES} bytes`, { context });
+          failure ??= tooMuchOutput(args[0], context);
           child.kill('SIGKILL');
           return;
         }
@@ -169,6 +169,10 @@ export class Virsh {
       await rm(dir, { recursive: true, force: true });
     }
   }
+}
+
+function tooMuchOutput(command: string | undefined, context: HypervisorErrorContext): HypervisorError {
+  return new HypervisorError('operation-failed', `virsh ${command ?? ''} printed more than ${MAX_OUTPUT_BYTES} bytes`, { context });
 }
 
 /** Arguments virsh's command parser takes literally inside single quotes (no quote, no line break). */
@@ -239,7 +243,7 @@ class VirshSession {
         if (this.#stdout.length + this.#stderr.length > MAX_OUTPUT_BYTES) {
           this.#ended = true;
           this.#child.kill('SIGKILL');
-          return finish(new HypervisorError('operation-failed', `virsh printed more than ${MAX_OUTPUT_BYTES} bytes for: ${line.split(' ')[0]}`, { context }));
+          return finish(tooMuchOutput(line.split(' ')[0], context));
         }
         const outEnd = this.#stdout.indexOf(end.out);
         const errEnd = this.#stderr.indexOf(end.err);

@@ -419,6 +419,11 @@ export class Repository {
     }
   }
 
+  /** The latest committed snapshot of this type and id, if any. */
+  async latestSnapshot(type: string, id: string): Promise<SnapshotManifest | undefined> {
+    return (await this.listSnapshots({ type, id })).snapshots.at(-1);
+  }
+
   async listSnapshots(filter?: { type?: string; id?: string }): Promise<SnapshotListing> {
     const keys: string[] = [];
     for await (const b of this.store.list('snapshots/')) keys.push(b.name);
