@@ -24,6 +24,7 @@ import { compileGlob } from '../src/util/glob.ts';
 import { parseFileRef } from '../src/engine/file-browse.ts';
 import { openSnapshotDisk } from '../src/engine/snapshot-device.ts';
 import { packName } from '../src/repo/pack.ts';
+import { pieceIds } from '../src/repo/disk-map.ts';
 import { Repository } from '../src/repo/repository.ts';
 import { LocalStore } from '../src/store/local.ts';
 import { spawnTresor, tresor, type CliResult } from './helpers/cli.ts';
@@ -623,7 +624,9 @@ describe('the snapshot device (API)', { timeout: 60_000 }, () => {
       assert.equal(disk.device.size, 20 * 1024 * MiB);
       const hole = await disk.device.read(19 * 1024 * MiB + 12345, 3 * MiB);
       assert.ok(hole.every((b) => b === 0));
-      assert.deepEqual([disk.stats.storeReads, disk.stats.indexPiecesLoaded, disk.stats.chunksDecoded], [1, 1, 0], 'only the index piece');
+      // Opening reads the disk map's nodes (3 for 20 GiB), then one index piece: no chunk.
+      assert.equal(disk.disk.nodes?.length, 3);
+      assert.deepEqual([disk.stats.storeReads, disk.stats.indexPiecesLoaded, disk.stats.chunksDecoded], [4, 1, 0], 'the map nodes and one index piece');
       // The GPT header: data. Two concurrent reads in one chunk, then a third from the cache.
       const [a, b] = await Promise.all([disk.device.read(512, 92), disk.device.read(1024, 512)]);
       assert.equal(a.toString('latin1', 0, 8), 'EFI PART');
@@ -656,7 +659,7 @@ describe('a damaged chunk under a file', { timeout: 60_000 }, () => {
     assert.ok(slot >= 0, 'the file is found in the disk');
     await disk.close();
     const pieces = r.config.pieceSlots;
-    const piece = await r.readBlob(Buffer.from(disk.disk.pieces[Math.floor(slot / pieces)], 'hex'), 2, () => 'piece');
+    const piece = await r.readBlob(Buffer.from((await pieceIds(r, snapshots.mbr, disk.disk))[Math.floor(slot / pieces)], 'hex'), 2, () => 'piece');
     const id = piece.subarray((slot % pieces) * 32, (slot % pieces) * 32 + 32);
     const loc = await r.locate(id, () => 'chunk');
     const pack = join(repo, packName(loc.packId));

@@ -14,6 +14,7 @@ import { generateCorpus, rewriteCorpus } from '../bench/corpus.ts';
 import type { BlobStore } from '../src/store/store.ts';
 import { Repository } from '../src/repo/repository.ts';
 import { packName } from '../src/repo/pack.ts';
+import { pieceIds } from '../src/repo/disk-map.ts';
 
 export interface BackendFixture {
   label: string;
@@ -206,7 +207,8 @@ export function repositorySuite(fx: BackendFixture): void {
       const store = await fx.openStore(loc);
       const repo = await Repository.open(store, async () => PASS);
       const manifest = await repo.readSnapshot(a);
-      const pieceLoc = (await repo.index()).get(Buffer.from(manifest.disks[0].pieces[0], 'hex'))!;
+      const [firstPiece] = await pieceIds(repo, a, manifest.disks[0]);
+      const pieceLoc = (await repo.index()).get(Buffer.from(firstPiece, 'hex'))!;
       const piecePack = packName(pieceLoc.packId);
       const pp = await fx.read(loc, piecePack);
       const ppBad = Buffer.from(pp);

@@ -1,12 +1,12 @@
 /**
  * Restores one disk of a snapshot into a DiskWriter.
  *
- * Works piece by piece of the disk map (pieceSlots slots, e.g. 64 MiB of disk): the distinct
- * chunks of a piece are located in the index, grouped by pack and sorted by offset, adjacent
+ * Works in units of whole disk-map pieces, at least 1024 slots (128 MiB of disk): the distinct
+ * chunks of a unit are located in the index, grouped by pack and sorted by offset, adjacent
  * ones are fetched with one ranged read, decoded (decrypted, decompressed, identity-checked:
  * by the AES-GCM tag when encrypted, codec.ts DecodeExpect.trustAead) in
  * the worker pool, and written to every slot that uses them. Holes are never written, so raw
- * output stays sparse. Several pieces are in flight to keep storage and both cores busy.
+ * output stays sparse. Two units are in flight to keep storage and both cores busy.
  */
 import { ZERO_ID, BlobType } from '../repo/codec.ts';
 import { type CodecPool, transferable } from '../repo/codec-pool.ts';
@@ -46,7 +46,9 @@ interface Wanted {
 export async function restoreDisk(
   repo: Repository, pool: CodecPool, snapshot: string, disk: DiskRecord, out: DiskWriter, opts: DiskRestoreOptions = {},
 ): Promise<DiskRestoreStats> {
-  const map = new DiskMapReader(repo, snapshot, disk, 8);
+  // Slots per unit of work: whole pieces, enough of them to give each unit many chunks to fetch.
+  const unitSlots = Math.ceil(UNIT_SLOTS / disk.pieceSlots) * disk.pieceSlots;
+  const map = await DiskMapReader.open(repo, snapshot, disk, { readAhead: 2 * (unitSlots / disk.pieceSlots) });
   const index = await repo.index();
   const stats: DiskRestoreStats = { bytesWritten: 0, bytesFetched: 0, chunks: 0 };
   const gap = opts.coalesceGap ?? 256 * 1024;
@@ -57,10 +59,10 @@ export async function restoreDisk(
   const slabs = new SharedBufferPool(Math.max(1, Math.floor((opts.inFlightBytes ?? 24 << 20) / (slabBytes + maxRead))), slabBytes);
   let done = 0;
 
-  const restorePiece = async (p: number): Promise<void> => {
+  const restoreUnit = async (u: number): Promise<void> => {
     if (opts.signal?.aborted) throw opts.signal.reason ?? new TresorError('aborted', 'restore cancelled');
-    const ids = await map.piece(p);
-    const firstSlot = p * disk.pieceSlots;
+    const firstSlot = u * unitSlots;
+    const ids = await map.ids(firstSlot, Math.min(unitSlots, map.slots - firstSlot));
     const wanted = new Map<string, Wanted>();
     for (let k = 0; k < ids.length / 32; k++) {
       const id = ids.subarray(k * 32, k * 32 + 32);
@@ -91,7 +93,7 @@ export async function restoreDisk(
         slabs.release(slab);
       }
     });
-    done += Math.min(disk.pieceSlots * disk.chunkSize, disk.size - firstSlot * disk.chunkSize);
+    done += Math.min(unitSlots * disk.chunkSize, disk.size - firstSlot * disk.chunkSize);
     opts.progress?.(done);
   };
 
@@ -143,11 +145,14 @@ export async function restoreDisk(
     if (failed) throw failed.reason;
   };
 
-  // Pieces in flight: enough to overlap fetching and decoding, bounded for memory.
-  const pieces = Array.from({ length: map.pieceCount() }, (_, p) => p);
-  await mapLimit(pieces, 2, restorePiece);
+  // Units in flight: enough to overlap fetching and decoding, bounded for memory.
+  const units = Array.from({ length: Math.ceil(map.slots / unitSlots) }, (_, u) => u);
+  await mapLimit(units, 2, restoreUnit);
   return stats;
 }
+
+/** Slots per unit of restore work, at least (rounded up to whole pieces). */
+const UNIT_SLOTS = 1024;
 
 interface ReadRun {
   packId: Buffer;

@@ -10,7 +10,7 @@ import { hostname } from 'node:os';
 import { CodecPool } from '../repo/codec-pool.ts';
 import { PackWriter } from '../repo/pack-writer.ts';
 import type { RepositoryLock } from '../repo/lock.ts';
-import { type DiskRecord, type SnapshotManifest, type SnapshotType, snapshotName } from '../repo/manifest.ts';
+import { type DiskRecord, MANIFEST_VERSION, type SnapshotManifest, type SnapshotType, snapshotName } from '../repo/manifest.ts';
 import { TOOL_VERSION, type Repository } from '../repo/repository.ts';
 import { TresorError } from '../util/errors.ts';
 
@@ -61,7 +61,7 @@ export class SnapshotSession {
     for (let attempt = 0; attempt < 60; attempt++) {
       const t = new Date(Math.floor(pointInTime.getTime() / 1000) * 1000 + attempt * 1000);
       const manifest: SnapshotManifest = {
-        format: 'tresor-snapshot', version: 1, name: snapshotName(draft.type, draft.id, t), type: draft.type, id: draft.id,
+        format: 'tresor-snapshot', version: MANIFEST_VERSION, name: snapshotName(draft.type, draft.id, t), type: draft.type, id: draft.id,
         time: pointInTime.toISOString(), started: this.started.toISOString(), finished: finished.toISOString(),
         parent, host: hostname(), tool: { name: 'tresor', version: TOOL_VERSION }, source: draft.source, disks,
         stats: {

@@ -351,7 +351,8 @@ async function backupOneDisk(c: Common, d: DiskPlan, source: DiskSource, bucket:
   if (source.size !== d.size) {
     throw new VmBackupError('size-mismatch', `disk ${d.disk.target} of ${c.dom.name} is ${source.size} bytes over NBD but ${d.size} bytes in libvirt`, { hint: 'run the backup again' });
   }
-  const parentMap = d.parent ? new DiskMapReader(c.repo, c.parent!.name, d.parent) : undefined;
+  // The incremental walks the parent's whole map in order: read ahead so its pieces come in batches.
+  const parentMap = d.parent ? await DiskMapReader.open(c.repo, c.parent!.name, d.parent, { readAhead: 32 }) : undefined;
   const src = bucket ? new RateLimitedSource(source, bucket) : source;
   const { map, stats } = await backupDisk(c.repo, c.session.pool, c.session.writer, src, { parent: parentMap, progress, signal: c.opts.signal });
   const record: DiskRecord = {

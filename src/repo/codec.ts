@@ -26,11 +26,12 @@ export const BlobType = {
   manifest: 5,
   lock: 6,
   meta: 7,
+  mapNode: 8,
 } as const;
 export type BlobTypeValue = (typeof BlobType)[keyof typeof BlobType];
 
 export const BLOB_TYPE_NAMES: Record<number, string> = {
-  1: 'chunk', 2: 'index piece', 3: 'pack header', 4: 'index file', 5: 'manifest', 6: 'lock', 7: 'metadata',
+  1: 'chunk', 2: 'index piece', 3: 'pack header', 4: 'index file', 5: 'manifest', 6: 'lock', 7: 'metadata', 8: 'disk-map node',
 };
 
 const MAGIC0 = 0x54; // 'T'

@@ -6,14 +6,29 @@
  * slot holds the 32-byte id of its chunk, or 32 zero bytes for a hole (unallocated or all zero).
  * Slots are grouped into pieces of `pieceSlots`; each piece is stored as a content-addressed
  * blob (type indexPiece), so an unchanged part of a disk map costs nothing in the next snapshot,
- * and all-hole pieces of every disk are one blob. The manifest lists the piece ids.
+ * and all-hole pieces of every disk are one blob.
+ *
+ * The list of piece ids is itself cut into nodes of `nodeIds` ids, each a content-addressed blob
+ * (type mapNode), and the manifest lists the node ids (manifest version 2; version 1 listed the
+ * piece ids themselves). Two levels keep what a snapshot adds proportional to what changed at
+ * both ends: small pieces (2 KiB: 64 slots, 8 MiB of disk) cost little per scattered write, and
+ * the manifest of a 1 TiB disk lists 128 node ids instead of 8192 piece ids.
  */
 import { createHash } from 'node:crypto';
 import { DamageError } from '../util/errors.ts';
-import { BlobType, ZERO_ID, computeId, encodeBlob } from './codec.ts';
+import { BlobType, ZERO_ID, computeId, decodeBlob, encodeBlob } from './codec.ts';
+import { packName } from './pack.ts';
+import type { BlobTypeValue } from './codec.ts';
 import type { DiskRecord } from './manifest.ts';
 import type { PackWriter } from './pack-writer.ts';
 import type { Repository } from './repository.ts';
+
+/** Disk-map reads: blobs of a pack this close together are fetched with one read, up to MAP_READ_MAX. */
+const MAP_READ_GAP = 16 << 10;
+const MAP_READ_MAX = 1 << 20;
+
+/** Piece ids per node when the repository configuration does not say. */
+export const DEFAULT_NODE_IDS = 1024;
 
 export function slotCount(size: number, chunkSize: number): number {
   return Math.ceil(size / chunkSize);
@@ -83,15 +98,84 @@ export class DiskMapWriter {
   }
 
   /** Waits for every piece; the caller then commits the pack writer's index. */
-  async finish(): Promise<Pick<DiskRecord, 'size' | 'chunkSize' | 'pieceSlots' | 'pieces' | 'digest' | 'dataBytes' | 'dataChunks'>> {
+  async finish(): Promise<Pick<DiskRecord, 'size' | 'chunkSize' | 'pieceSlots' | 'nodeIds' | 'nodes' | 'digest' | 'dataBytes' | 'dataChunks'>> {
     if (this.#open.size > 0) throw new Error(`disk map incomplete: ${this.#open.size} pieces not filled`);
     await Promise.all(this.#stores);
     for (let p = 0; p < this.#pieces.length; p++) if (this.#pieces[p] === undefined) throw new Error(`disk map piece ${p} was never filled`);
+    const nodeIds = this.#repo.config.nodeIds ?? DEFAULT_NODE_IDS;
     return {
-      size: this.size, chunkSize: this.chunkSize, pieceSlots: this.pieceSlots, pieces: this.#pieces,
+      size: this.size, chunkSize: this.chunkSize, pieceSlots: this.pieceSlots,
+      ...(await storeMapNodes(this.#repo, this.#writer, this.#pieces, nodeIds)),
       digest: diskMapDigest(this.#pieces), dataBytes: this.dataBytes, dataChunks: this.dataChunks,
     };
   }
+}
+
+/**
+ * Stores the list of piece ids as nodes of `nodeIds` ids (blobs the repository or the writer
+ * already has are not stored again); returns what the manifest's disk record lists.
+ */
+export async function storeMapNodes(repo: Repository, writer: PackWriter, pieces: string[], nodeIds: number): Promise<{ nodeIds: number; nodes: string[] }> {
+  const index = await repo.index();
+  const nodes: string[] = [];
+  for (let at = 0; at < pieces.length; at += nodeIds) {
+    const plain = Buffer.from(pieces.slice(at, at + nodeIds).join(''), 'hex');
+    const id = computeId(repo.keys, plain);
+    nodes.push(id.toString('hex'));
+    if ((index.has(id) && !repo.avoids(id)) || !writer.claim(id)) continue;
+    await writer.add(BlobType.mapNode, id, encodeBlob(repo.keys, BlobType.mapNode, id, plain), plain.length);
+  }
+  return { nodeIds, nodes };
+}
+
+export function pieceCount(disk: Pick<DiskRecord, 'size' | 'chunkSize' | 'pieceSlots'>): number {
+  return Math.ceil(slotCount(disk.size, disk.chunkSize) / disk.pieceSlots);
+}
+
+/** Reads one stored blob's plaintext (lets callers count or route their reads). */
+export type BlobReader = (id: Buffer, type: BlobTypeValue, what: () => string) => Promise<Buffer>;
+
+const pieceLists = new WeakMap<DiskRecord, Promise<string[]>>();
+
+/**
+ * The piece ids of a disk map, in order: listed in a version-1 manifest, else read from the
+ * disk's nodes (concurrently; remembered per disk record). Checks every node's length and the
+ * digest over the whole list, so what comes back is exactly what the backup wrote.
+ */
+export function pieceIds(repo: Repository, snapshot: string, disk: DiskRecord, read?: BlobReader): Promise<string[]> {
+  let list = pieceLists.get(disk);
+  if (!list) {
+    list = loadPieceIds(repo, snapshot, disk, read ?? ((id, type, what) => repo.readBlob(id, type, what)));
+    list.catch(() => pieceLists.delete(disk));
+    pieceLists.set(disk, list);
+  }
+  return list;
+}
+
+async function loadPieceIds(repo: Repository, snapshot: string, disk: DiskRecord, read: BlobReader): Promise<string[]> {
+  const count = pieceCount(disk);
+  let pieces: string[];
+  if (disk.pieces) {
+    pieces = disk.pieces;
+  } else {
+    const nodes = disk.nodes!;
+    const perNode = disk.nodeIds!;
+    const parts = await Promise.all(nodes.map(async (hex, n) => {
+      const what = () => `disk-map node ${n} of disk ${disk.name} in snapshot ${snapshot}`;
+      const plain = await read(Buffer.from(hex, 'hex'), BlobType.mapNode, what);
+      const expected = Math.min(perNode, count - n * perNode) * 32;
+      if (plain.length !== expected) {
+        throw new DamageError('damaged-map-node', `${what()} has ${plain.length} bytes, expected ${expected}`, { context: { snapshot, disk: disk.name, node: n } });
+      }
+      return plain;
+    }));
+    const all = Buffer.concat(parts).toString('hex');
+    pieces = Array.from({ length: count }, (_, p) => all.slice(p * 64, p * 64 + 64));
+  }
+  if (pieces.length !== count || diskMapDigest(pieces) !== disk.digest) {
+    throw new DamageError('damaged-manifest', `disk ${disk.name} of snapshot ${snapshot}: the list of index pieces does not match its digest`, { context: { snapshot, disk: disk.name } });
+  }
+  return pieces;
 }
 
 export function diskMapDigest(pieces: string[]): string {
@@ -100,50 +184,134 @@ export function diskMapDigest(pieces: string[]): string {
   return h.digest('hex');
 }
 
-/** Reads a stored disk map lazily, piece by piece, with a small cache. */
+/** Reads a stored disk map lazily, piece by piece, with a small cache and optional read-ahead. */
 export class DiskMapReader {
   readonly disk: DiskRecord;
   readonly snapshot: string;
   readonly #repo: Repository;
+  readonly #pieces: string[];
   readonly #cache = new Map<number, Promise<Buffer>>();
   readonly #cacheSize: number;
+  readonly #readAhead: number;
   readonly slots: number;
 
-  constructor(repo: Repository, snapshot: string, disk: DiskRecord, cacheSize = 4) {
+  /** Opens the map (reads its nodes). `readAhead`: pieces after the one asked for to start loading. */
+  static async open(repo: Repository, snapshot: string, disk: DiskRecord, options: { cacheSize?: number; readAhead?: number } = {}): Promise<DiskMapReader> {
+    return new DiskMapReader(repo, snapshot, disk, await pieceIds(repo, snapshot, disk), options.cacheSize ?? 4, options.readAhead ?? 0);
+  }
+
+  private constructor(repo: Repository, snapshot: string, disk: DiskRecord, pieces: string[], cacheSize: number, readAhead: number) {
     this.#repo = repo;
     this.snapshot = snapshot;
     this.disk = disk;
-    this.#cacheSize = cacheSize;
+    this.#pieces = pieces;
+    this.#readAhead = readAhead;
+    this.#cacheSize = Math.max(cacheSize, 3 * readAhead + 1);
     this.slots = slotCount(disk.size, disk.chunkSize);
-    if (diskMapDigest(disk.pieces) !== disk.digest) {
-      throw new DamageError('damaged-manifest', `disk ${disk.name} of snapshot ${snapshot}: the list of index pieces does not match its digest`, { context: { snapshot, disk: disk.name } });
-    }
   }
 
   pieceCount(): number {
-    return this.disk.pieces.length;
+    return this.#pieces.length;
   }
 
-  /** The slot ids of piece `p` (32 bytes per slot). */
+  /** Hex id of piece `p`. */
+  pieceId(p: number): string {
+    return this.#pieces[p];
+  }
+
+  /**
+   * The slot ids of piece `p` (32 bytes per slot). A miss within `readAhead` pieces loads the
+   * uncached pieces up to twice that far in one batch: pieces of one backup lie together in its
+   * map packs, so a batch is a few ranged reads.
+   */
   piece(p: number): Promise<Buffer> {
-    let hit = this.#cache.get(p);
+    const hit = this.#cache.get(p);
     if (hit) {
       this.#cache.delete(p);
       this.#cache.set(p, hit);
-      return hit;
     }
-    const expected = Math.min(this.disk.pieceSlots, this.slots - p * this.disk.pieceSlots) * 32;
-    const id = Buffer.from(this.disk.pieces[p], 'hex');
-    hit = this.#repo.readBlob(id, BlobType.indexPiece, () => `index piece ${p} of disk ${this.disk.name} in snapshot ${this.snapshot}`).then((plain) => {
-      if (plain.length !== expected) {
-        throw new DamageError('damaged-index-piece', `index piece ${p} of disk ${this.disk.name} in snapshot ${this.snapshot} has ${plain.length} bytes, expected ${expected}`, { context: { snapshot: this.snapshot, disk: this.disk.name, piece: p } });
-      }
-      return plain;
-    });
-    hit.catch(() => this.#cache.delete(p));
-    this.#cache.set(p, hit);
+    const last = Math.min(this.#pieces.length - 1, p + this.#readAhead);
+    let missing = !hit;
+    for (let q = p + 1; !missing && q <= last; q++) missing = !this.#cache.has(q);
+    if (missing) {
+      const batch: number[] = [];
+      const to = Math.min(this.#pieces.length - 1, p + 2 * this.#readAhead);
+      for (let q = p; q <= to; q++) if (!this.#cache.has(q)) batch.push(q);
+      this.#loadBatch(batch);
+    }
+    return this.#cache.get(p)!;
+  }
+
+  #loadBatch(batch: number[]): void {
+    const waiting = new Map<number, { resolve: (b: Buffer) => void; reject: (e: unknown) => void }>();
+    for (const p of batch) {
+      const loaded = new Promise<Buffer>((resolve, reject) => waiting.set(p, { resolve, reject }));
+      loaded.catch(() => this.#cache.delete(p));
+      this.#cache.set(p, loaded);
+    }
     while (this.#cache.size > this.#cacheSize) this.#cache.delete(this.#cache.keys().next().value!);
-    return hit;
+    this.#fetch(batch, waiting).catch((err) => {
+      for (const w of waiting.values()) w.reject(err);
+    });
+  }
+
+  async #fetch(batch: number[], waiting: Map<number, { resolve: (b: Buffer) => void; reject: (e: unknown) => void }>): Promise<void> {
+    const located = await Promise.all(batch.map(async (p) => {
+      const what = this.#what(p);
+      const id = Buffer.from(this.#pieces[p], 'hex');
+      const loc = await this.#repo.locate(id, what);
+      const expected = Math.min(this.disk.pieceSlots, this.slots - p * this.disk.pieceSlots) * 32;
+      if (loc.type !== BlobType.indexPiece || loc.rawLength !== expected) {
+        throw new DamageError('damaged-index-piece', `${what()} is a blob of ${loc.rawLength} bytes and type ${loc.type}; expected an index piece of ${expected} bytes`, {
+          context: { snapshot: this.snapshot, disk: this.disk.name, piece: p },
+        });
+      }
+      return { p, id, loc, what };
+    }));
+    located.sort((a, b) => Buffer.compare(a.loc.packId, b.loc.packId) || a.loc.offset - b.loc.offset);
+    const runs: Array<typeof located> = [];
+    for (const x of located) {
+      const run = runs.at(-1);
+      const first = run?.[0];
+      if (first && first.loc.packId.equals(x.loc.packId) && x.loc.offset - (run.at(-1)!.loc.offset + run.at(-1)!.loc.length) <= MAP_READ_GAP
+        && x.loc.offset + x.loc.length - first.loc.offset <= MAP_READ_MAX) run.push(x);
+      else runs.push([x]);
+    }
+    await Promise.all(runs.map(async (run) => {
+      const from = run[0].loc.offset;
+      const pack = packName(run[0].loc.packId);
+      let data: Buffer;
+      try {
+        data = await this.#repo.store.read(pack, { offset: from, length: run.at(-1)!.loc.offset + run.at(-1)!.loc.length - from });
+      } catch (err) {
+        for (const x of run) waiting.get(x.p)!.reject(err);
+        return;
+      }
+      for (const x of run) {
+        try {
+          const stored = data.subarray(x.loc.offset - from, x.loc.offset - from + x.loc.length);
+          waiting.get(x.p)!.resolve(decodeBlob(this.#repo.keys, BlobType.indexPiece, x.id, stored, { id: x.id, maxLength: x.loc.rawLength, exactLength: true },
+            () => ({ what: `${x.what()} (index piece ${x.id.toString('hex')} in ${pack})`, context: { snapshot: this.snapshot, disk: this.disk.name, piece: x.p, pack } })));
+        } catch (err) {
+          waiting.get(x.p)!.reject(err);
+        }
+      }
+    }));
+  }
+
+  #what(p: number): () => string {
+    return () => `index piece ${p} of disk ${this.disk.name} in snapshot ${this.snapshot}`;
+  }
+
+  /** The ids of slots [first, first + count) (32 bytes each), from as many pieces as they span. */
+  async ids(first: number, count: number): Promise<Buffer> {
+    const per = this.disk.pieceSlots;
+    const from = Math.floor(first / per);
+    const to = Math.floor((first + count - 1) / per);
+    const parts = await Promise.all(Array.from({ length: to - from + 1 }, (_, k) => this.piece(from + k)));
+    const all = parts.length === 1 ? parts[0] : Buffer.concat(parts);
+    const at = (first - from * per) * 32;
+    return all.subarray(at, at + count * 32);
   }
 
   async slot(i: number): Promise<Buffer> {

@@ -42,6 +42,7 @@ import { type DamagedCopy, readDamageRecords, writeDamageRecord } from './damage
 import {
   type GcPlan, type LockIdentity, type PlanHeader, blockersName, decodeBlockers, encodeBlockers, encodePlan, planName, readPlans,
 } from './gc-plan.ts';
+import { type BlobReader, pieceIds } from './disk-map.ts';
 import { IdSet } from './id-set.ts';
 import { decodeIndexFile, indexFileId, type IndexedPack } from './index-file.ts';
 import { listLocks, type ListedLock, type RepositoryLock } from './lock.ts';
@@ -232,26 +233,40 @@ class GarbageCollection {
   }
 
   /**
-   * Adds to `refs` the pieces and chunks of `manifests`; `readPiece` reads a piece plaintext.
-   * Returns the number of referenced blobs `has` does not know.
+   * Adds to `refs` the disk-map nodes, pieces and chunks of `manifests`; `read` reads a blob's
+   * plaintext. Returns the number of referenced blobs `has` does not know.
    */
-  async #mark(manifests: SnapshotManifest[], refs: IdSet, readPiece: (id: Buffer, what: string) => Promise<Buffer>, has: (id: Buffer) => boolean): Promise<number> {
+  async #mark(manifests: SnapshotManifest[], refs: IdSet, read: BlobReader, has: (id: Buffer) => boolean): Promise<number> {
     const pieces: Array<{ id: Buffer; what: string }> = [];
     let missing = 0;
-    for (const m of manifests) {
-      for (const d of m.disks) {
-        d.pieces.forEach((hex, p) => {
-          const id = Buffer.from(hex, 'hex');
-          if (refs.add(id)) pieces.push({ id, what: `index piece ${p} of disk ${d.name} in snapshot ${m.name}` });
+    const disks = manifests.flatMap((m) => m.disks.map((d) => ({ m, d })));
+    const lists = await mapLimit(disks, 8, async ({ m, d }) => {
+      this.#checkAbort();
+      for (const hex of d.nodes ?? []) {
+        const id = Buffer.from(hex, 'hex');
+        if (refs.add(id) && !has(id)) missing++;
+      }
+      try {
+        return await pieceIds(this.#repo, m.name, d, read);
+      } catch (err) {
+        throw new DamageError('gc-unreadable-piece', `garbage collection cannot run: the disk map of disk ${d.name} in snapshot ${m.name} cannot be read (${(err as Error).message}), so the chunks it references are unknown`, {
+          hint: 'run `tresor verify` to see the damage; a backup of the same disk may heal it',
+          context: { snapshot: m.name, disk: d.name },
         });
       }
-    }
+    });
+    disks.forEach(({ m, d }, n) => {
+      lists[n].forEach((hex, p) => {
+        const id = Buffer.from(hex, 'hex');
+        if (refs.add(id)) pieces.push({ id, what: `index piece ${p} of disk ${d.name} in snapshot ${m.name}` });
+      });
+    });
     let done = 0;
     await mapLimit(pieces, 16, async ({ id, what }) => {
       this.#checkAbort();
       let plain: Buffer;
       try {
-        plain = await readPiece(id, what);
+        plain = await read(id, BlobType.indexPiece, () => what);
       } catch (err) {
         throw new DamageError('gc-unreadable-piece', `garbage collection cannot run: ${what} cannot be read (${(err as Error).message}), so the chunks it references are unknown`, {
           hint: 'run `tresor verify` to see the damage; a backup of the same disk may heal it',
@@ -318,14 +333,14 @@ class GarbageCollection {
 
     // Mark.
     const live = new IdSet(total * 1.2);
-    const readPiece = async (id: Buffer, what: string): Promise<Buffer> => {
+    const readMapBlob: BlobReader = async (id, type, what) => {
       const loc = canon.get(id);
-      if (!loc) throw new DamageError('missing-blob', `${what} is in no index`);
+      if (!loc) throw new DamageError('missing-blob', `${what()} is in no index`);
       const pack = packName(loc.packId);
       const stored = await repo.store.read(pack, { offset: loc.offset, length: loc.length });
-      return decodeBlob(repo.keys, BlobType.indexPiece, id, stored, { id, maxLength: loc.rawLength, exactLength: true }, () => ({ what: `${what} in ${pack}`, context: {} }));
+      return decodeBlob(repo.keys, type, id, stored, { id, maxLength: loc.rawLength, exactLength: true }, () => ({ what: `${what()} in ${pack}`, context: {} }));
     };
-    report.missingBlobs = await this.#mark(manifests, live, readPiece, (id) => canon.has(id));
+    report.missingBlobs = await this.#mark(manifests, live, readMapBlob, (id) => canon.has(id));
     report.liveBlobs = live.size;
     this.#checkAbort();
 
@@ -564,7 +579,7 @@ class GarbageCollection {
       repo.invalidateIndex();
       const index = await repo.index();
       const refs = new IdSet();
-      await this.#mark(manifests, refs, (id, what) => repo.readBlob(id, BlobType.indexPiece, () => what), (id) => index.has(id));
+      await this.#mark(manifests, refs, (id, type, what) => repo.readBlob(id, type, what), (id) => index.has(id));
       const elsewhere = new IdSet();
       for (const f of files) {
         if (planFiles.has(f.name) || supersededNow.has(f.name)) continue;
@@ -692,5 +707,5 @@ function sameHolder(a: LockIdentity, b: LockIdentity): boolean {
 }
 
 function blobTypeName(type: BlobTypeValue): string {
-  return type === BlobType.chunk ? 'chunk' : type === BlobType.indexPiece ? 'index piece' : `blob of type ${type}`;
+  return type === BlobType.chunk ? 'chunk' : type === BlobType.indexPiece ? 'index piece' : type === BlobType.mapNode ? 'disk-map node' : `blob of type ${type}`;
 }

@@ -88,7 +88,7 @@ export function decodeIndexFile(keys: CodecKeys, name: string, stored: Buffer): 
     const entries: PackEntry[] = [];
     for (let j = 0; j < n; j++, o += ENTRY) {
       const type = plain[o];
-      if (type < BlobType.chunk || type > BlobType.meta) bad(`unknown blob type ${type}`);
+      if (type < BlobType.chunk || type > BlobType.mapNode) bad(`unknown blob type ${type}`);
       entries.push({
         type: type as PackEntry['type'], id: Buffer.from(plain.subarray(o + 1, o + 33)),
         offset: plain.readUInt32LE(o + 33), length: plain.readUInt32LE(o + 37), rawLength: plain.readUInt32LE(o + 41),

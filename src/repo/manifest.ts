@@ -22,8 +22,12 @@ export interface DiskRecord {
   chunkSize: number;
   /** Slots per index piece. */
   pieceSlots: number;
-  /** Hex ids of the index pieces, in order. */
-  pieces: string[];
+  /** Version 1 manifests: hex ids of the index pieces, in order. */
+  pieces?: string[];
+  /** Version 2: piece ids per disk-map node (disk-map.ts). */
+  nodeIds?: number;
+  /** Version 2: hex ids of the disk-map nodes, in order; they list the piece ids. */
+  nodes?: string[];
   /** SHA-256 over the concatenated binary piece ids: one checksum for the whole disk map. */
   digest: string;
   /** Format the disk was read from (raw, qcow2, nbd...). */
@@ -49,7 +53,8 @@ export interface SnapshotStats {
 
 export interface SnapshotManifest {
   format: 'tresor-snapshot';
-  version: 1;
+  /** 1: disks list their piece ids; 2 (written now): disks list disk-map nodes. */
+  version: 1 | 2;
   name: string;
   type: SnapshotType;
   id: string;
@@ -99,13 +104,21 @@ export function parseSnapshotName(name: string): ParsedSnapshotName {
   return { type: parts[0] as SnapshotType, id: parts[1], time };
 }
 
+export const MANIFEST_VERSION = 2;
+
+const isIdList = (l: unknown): l is string[] => Array.isArray(l) && l.every((p) => typeof p === 'string' && /^[0-9a-f]{64}$/.test(p));
+
 export function validateManifest(m: unknown, where: string): SnapshotManifest {
   const x = m as SnapshotManifest;
-  const ok = x && x.format === 'tresor-snapshot' && x.version === 1 && typeof x.name === 'string'
-    && Array.isArray(x.disks) && x.disks.every((d) => typeof d?.name === 'string' && Number.isSafeInteger(d.size) && d.size >= 0
-      && Number.isSafeInteger(d.chunkSize) && d.chunkSize > 0 && Number.isSafeInteger(d.pieceSlots) && d.pieceSlots > 0
-      && Array.isArray(d.pieces) && d.pieces.every((p) => typeof p === 'string' && /^[0-9a-f]{64}$/.test(p))
-      && d.pieces.length === Math.ceil(Math.ceil(d.size / d.chunkSize) / d.pieceSlots));
-  if (!ok) throw new BadInputError('bad-manifest', `${where} is not a valid Tresor v1 snapshot manifest`, { hint: 'run `tresor verify` to see the damage' });
+  const ok = x && x.format === 'tresor-snapshot' && (x.version === 1 || x.version === 2) && typeof x.name === 'string'
+    && Array.isArray(x.disks) && x.disks.every((d) => {
+      if (typeof d?.name !== 'string' || !Number.isSafeInteger(d.size) || d.size < 0 || !Number.isSafeInteger(d.chunkSize) || d.chunkSize <= 0
+        || !Number.isSafeInteger(d.pieceSlots) || d.pieceSlots <= 0 || typeof d.digest !== 'string') return false;
+      const pieces = Math.ceil(Math.ceil(d.size / d.chunkSize) / d.pieceSlots);
+      return x.version === 1
+        ? isIdList(d.pieces) && d.pieces.length === pieces
+        : d.pieces === undefined && Number.isSafeInteger(d.nodeIds) && d.nodeIds! > 0 && isIdList(d.nodes) && d.nodes.length === Math.ceil(pieces / d.nodeIds!);
+    });
+  if (!ok) throw new BadInputError('bad-manifest', `${where} is not a valid Tresor snapshot manifest (version 1 or 2)`, { hint: 'run `tresor verify` to see the damage; a newer Tresor may have written it' });
   return x;
 }

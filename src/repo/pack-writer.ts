@@ -4,9 +4,14 @@
  * names it; an index file is durable before `commitIndex` returns, and callers commit a manifest
  * only after that. A crash at any point leaves only unreferenced packs or index entries, which
  * garbage collection removes; never a reference to something missing.
+ *
+ * Disk-map blobs (index pieces and nodes) go into packs of their own, apart from chunks (restic
+ * keeps tree and data blobs apart the same way): a disk's map then lies in a few contiguous
+ * ranges that a reader fetches with a few ranged reads, instead of one read per small blob
+ * scattered between megabytes of chunks.
  */
 import type { Repository } from './repository.ts';
-import type { BlobTypeValue } from './codec.ts';
+import { BlobType, type BlobTypeValue } from './codec.ts';
 import type { IndexedPack } from './index-file.ts';
 import { MAX_PACK_SIZE, PackBuilder } from './pack.ts';
 import { releaseBuffer } from '../util/bytes.ts';
@@ -22,6 +27,8 @@ export class PackWriter {
   readonly #repo: Repository;
   readonly #maxUploads: number;
   #current: PackBuilder;
+  /** Pack under construction for disk-map blobs (pieces, nodes); built lazily. */
+  #currentMap: PackBuilder | undefined;
   readonly #pendingIds = new Set<string>();
   readonly #uploads = new Set<Promise<void>>();
   #uncommitted: IndexedPack[] = [];
@@ -57,16 +64,32 @@ export class PackWriter {
   async add(type: BlobTypeValue, id: Buffer, encoded: Buffer, rawLength: number): Promise<void> {
     if (this.#failure) throw this.#failure;
     this.#pendingIds.add(id.toString('hex'));
-    this.#current.add(type, id, encoded, rawLength);
-    this.stats.blobs++;
     const target = Math.min(this.#repo.config.packSize, MAX_PACK_SIZE);
-    if (this.#current.size >= target) await this.#sealCurrent();
+    this.stats.blobs++;
+    if (type === BlobType.chunk) {
+      this.#current.add(type, id, encoded, rawLength);
+      if (this.#current.size >= target) await this.#sealCurrent();
+    } else {
+      this.#currentMap ??= new PackBuilder(64 << 10);
+      this.#currentMap.add(type, id, encoded, rawLength);
+      if (this.#currentMap.size >= target) await this.#sealMap();
+    }
   }
 
   async #sealCurrent(): Promise<void> {
     if (this.#current.count === 0) return;
     const builder = this.#current;
     this.#current = this.#newBuilder();
+    await this.#upload(builder);
+  }
+
+  async #sealMap(): Promise<void> {
+    const builder = this.#currentMap;
+    this.#currentMap = undefined;
+    if (builder && builder.count > 0) await this.#upload(builder);
+  }
+
+  async #upload(builder: PackBuilder): Promise<void> {
     while (this.#uploads.size >= this.#maxUploads) await Promise.race(this.#uploads);
     if (this.#failure) throw this.#failure;
     const sealed = builder.seal(this.#repo.keys);
@@ -90,6 +113,7 @@ export class PackWriter {
   /** Seals the open pack and waits for every upload. */
   async flush(): Promise<void> {
     await this.#sealCurrent();
+    await this.#sealMap();
     await Promise.all(this.#uploads);
     if (this.#failure) throw this.#failure;
   }

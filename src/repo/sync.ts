@@ -25,10 +25,10 @@ import type { BlobLocation } from './blob-index.ts';
 import { BlobType, ZERO_ID, computeId, encodeBlob } from './codec.ts';
 import { type CodecPool, transferable } from './codec-pool.ts';
 import { releaseBuffer } from '../util/bytes.ts';
-import { DiskMapReader, diskMapDigest } from './disk-map.ts';
+import { DEFAULT_NODE_IDS, DiskMapReader, diskMapDigest, storeMapNodes } from './disk-map.ts';
 import { readPlans } from './gc-plan.ts';
 import { IdMap } from './id-set.ts';
-import type { DiskRecord, SnapshotManifest } from './manifest.ts';
+import { type DiskRecord, MANIFEST_VERSION, type SnapshotManifest } from './manifest.ts';
 import { decodeMetaObject, encodeMetaObject, nameTime } from './meta-object.ts';
 import { packIdFromName, packName, readPackHeader } from './pack.ts';
 import { PackWriter } from './pack-writer.ts';
@@ -217,7 +217,7 @@ async function copySnapshot(
   let done = 0;
   for (const disk of m.disks) {
     if (disk.chunkSize !== target.config.chunkSize) throw new ChunkSizeMismatchError(disk.chunkSize, target.config.chunkSize, target.store.location);
-    const reader = new DiskMapReader(source, m.name, disk, 4);
+    const reader = await DiskMapReader.open(source, m.name, disk, { readAhead: 4 });
     const pieces = new Array<string>(reader.pieceCount());
     await mapLimit([...pieces.keys()], 2, async (p) => {
       if (opts.signal?.aborted) throw opts.signal.reason ?? new TresorError('interrupted', 'sync interrupted');
@@ -225,11 +225,12 @@ async function copySnapshot(
       done += Math.min(disk.pieceSlots * disk.chunkSize, disk.size - p * disk.pieceSlots * disk.chunkSize);
       opts.progress?.(m.name, done, total);
     });
-    disks.push({ ...disk, pieces, digest: diskMapDigest(pieces) });
+    const { pieces: _sourceList, ...rest } = disk;
+    disks.push({ ...rest, ...(await storeMapNodes(target, writer, pieces, target.config.nodeIds ?? DEFAULT_NODE_IDS)), digest: diskMapDigest(pieces) });
   }
   await writer.commitIndex();
   report.bytesSent += writer.stats.bytes;
-  const copy = { ...m, disks, syncedFrom: { repository: source.config.id, time: new Date().toISOString() } } as SnapshotManifest;
+  const copy = { ...m, version: MANIFEST_VERSION, disks, syncedFrom: { repository: source.config.id, time: new Date().toISOString() } } as SnapshotManifest;
   await target.commitSnapshot(copy); // false = someone else copied it meanwhile: the same snapshot
   return learnt;
 }

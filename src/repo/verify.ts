@@ -21,6 +21,7 @@ import { packIdFromName, packName } from './pack.ts';
 import type { Repository } from './repository.ts';
 import type { BlobLocation } from './blob-index.ts';
 import { mapLimit } from '../util/concurrency.ts';
+import type { TresorError } from '../util/errors.ts';
 
 export interface Affected {
   snapshot: string;
@@ -118,32 +119,50 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
   const readers: Array<{ m: SnapshotManifest; reader: DiskMapReader }> = [];
   for (const m of manifests) {
     for (const disk of m.disks) {
+      // Nodes are read (and so checked) by opening the map; a damaged one is named itself.
+      for (const n of disk.nodes ?? []) noteBlob(Buffer.from(n, 'hex'), BlobType.mapNode);
       try {
-        const reader = new DiskMapReader(repo, m.name, disk, 1);
+        const reader = await DiskMapReader.open(repo, m.name, disk, { cacheSize: 1 });
         readers.push({ m, reader });
-        for (const p of disk.pieces) noteBlob(Buffer.from(p, 'hex'), BlobType.indexPiece);
+        for (let p = 0; p < reader.pieceCount(); p++) noteBlob(Buffer.from(reader.pieceId(p), 'hex'), BlobType.indexPiece);
       } catch (err) {
-        damage.push({ kind: 'disk-map', object: `disk ${disk.name} of ${m.name}`, error: (err as Error).message, affects: [{ snapshot: m.name, disk: disk.name }] });
+        const blob = (err as TresorError).context?.blob;
+        const node = typeof blob === 'string' && disk.nodes?.includes(blob) ? blob : undefined;
+        const affects = { snapshot: m.name, disk: disk.name };
+        if (node && bad.has(node)) {
+          bad.get(node)!.affects.push(affects);
+        } else if (node) {
+          const loc = refs.get(node)?.loc;
+          bad.set(node, { kind: 'disk-map', object: `disk-map node ${node}`, error: (err as Error).message, affects: [affects], copy: loc && { id: node, type: BlobType.mapNode, pack: loc.packId.toString('hex') } });
+        } else {
+          damage.push({ kind: 'disk-map', object: `disk ${disk.name} of ${m.name}`, error: (err as Error).message, affects: [affects] });
+        }
       }
     }
   }
-  // Read every piece (through the normal decode path, which checks it) and note its chunks.
+  // Read every piece once (through the normal decode path, which checks it) and note its chunks.
   const pieceErrors = new Map<string, string>();
+  const pieceJobs: Array<{ reader: DiskMapReader; p: number }> = [];
+  const queued = new Set<string>();
   for (const { reader } of readers) {
     for (let p = 0; p < reader.pieceCount(); p++) {
-      const pid = reader.disk.pieces[p];
-      if (bad.has(pid) || pieceErrors.has(pid)) continue;
-      try {
-        const ids = await reader.piece(p);
-        for (let k = 0; k < ids.length; k += 32) {
-          const id = ids.subarray(k, k + 32);
-          if (!ZERO_ID.equals(id)) noteBlob(Buffer.from(id), BlobType.chunk);
-        }
-      } catch (err) {
-        pieceErrors.set(pid, (err as Error).message);
-      }
+      const pid = reader.pieceId(p);
+      if (bad.has(pid) || queued.has(pid)) continue;
+      queued.add(pid);
+      pieceJobs.push({ reader, p });
     }
   }
+  await mapLimit(pieceJobs, 8, async ({ reader, p }) => {
+    try {
+      const ids = await reader.piece(p);
+      for (let k = 0; k < ids.length; k += 32) {
+        const id = ids.subarray(k, k + 32);
+        if (!ZERO_ID.equals(id)) noteBlob(Buffer.from(id), BlobType.chunk);
+      }
+    } catch (err) {
+      pieceErrors.set(reader.pieceId(p), (err as Error).message);
+    }
+  });
   for (const [pid, error] of pieceErrors) {
     const loc = refs.get(pid)?.loc;
     bad.set(pid, { kind: 'index-piece', object: `index piece ${pid}`, error, affects: [], copy: loc && { id: pid, type: BlobType.indexPiece, pack: loc.packId.toString('hex') } });
@@ -196,7 +215,7 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
     });
   }
   // Pieces were decoded while collecting.
-  blobsChecked += [...refs.values()].filter((r) => r.type === BlobType.indexPiece).length;
+  blobsChecked += [...refs.values()].filter((r) => r.type === BlobType.indexPiece || r.type === BlobType.mapNode).length;
 
   // Map damaged blobs back to the snapshots, disks and offsets that use them.
   if (bad.size > 0) {
@@ -204,7 +223,7 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
       const disk = reader.disk;
       const hits = new Map<string, number[]>();
       for (let p = 0; p < reader.pieceCount(); p++) {
-        const pid = disk.pieces[p];
+        const pid = reader.pieceId(p);
         if (bad.has(pid)) {
           addHit(hits, pid, p * disk.pieceSlots * disk.chunkSize);
           continue;
