@@ -52,7 +52,7 @@ class WorkerExecutor implements Executor {
       // promptly instead of letting malloc's per-thread arena grow. Measured on the 4 GiB
       // corpus: peak RSS of a backup 322 → 245 MiB, of a restore 323 → 251 MiB, same speed.
       resourceLimits: { maxYoungGenerationSizeMb: 3 },
-      workerData: { encKey: keys.master?.encKey, idKey: keys.master?.idKey, compressionLevel: keys.compressionLevel, compressionStrategy: keys.compressionStrategy },
+      workerData: { encKey: keys.master?.encKey, idKey: keys.master?.idKey, compressionLevel: keys.compressionLevel, compressionStrategy: keys.compressionStrategy, compressionTuning: keys.compressionTuning },
     });
     this.#worker.unref();
     this.#worker.on('message', (m: { req: number; error?: string }) => {

@@ -1,6 +1,6 @@
 /** Codec worker thread: runs CodecExecutor requests (codec-ops.ts) off the main thread. */
 import { parentPort, workerData } from 'node:worker_threads';
-import type { CodecKeys } from './codec.ts';
+import type { CodecKeys, CompressionTuning } from './codec.ts';
 import { CodecExecutor, GarbageCollector, type CodecRequest } from './codec-ops.ts';
 
 interface WorkerInit {
@@ -8,6 +8,7 @@ interface WorkerInit {
   idKey?: Uint8Array;
   compressionLevel: number;
   compressionStrategy?: number;
+  compressionTuning?: CompressionTuning;
 }
 
 const init = workerData as WorkerInit;
@@ -15,6 +16,7 @@ const keys: CodecKeys = {
   master: init.encKey && init.idKey ? { encKey: Buffer.from(init.encKey), idKey: Buffer.from(init.idKey) } : undefined,
   compressionLevel: init.compressionLevel,
   compressionStrategy: init.compressionStrategy,
+  compressionTuning: init.compressionTuning,
 };
 const executor = new CodecExecutor(keys);
 const collector = new GarbageCollector((globalThis as { gc?: ConstructorParameters<typeof GarbageCollector>[0] }).gc);

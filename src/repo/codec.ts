@@ -49,6 +49,13 @@ export interface CodecKeys {
   compressionLevel: number;
   /** zstd strategy (ZSTD_c_strategy: 1 fast … 9 btultra2); undefined = the level's default. */
   compressionStrategy?: number;
+  /** zstd ZSTD_c_searchLog and ZSTD_c_minMatch; undefined = the level's defaults. */
+  compressionTuning?: CompressionTuning;
+}
+
+export interface CompressionTuning {
+  searchLog?: number;
+  minMatch?: number;
 }
 
 /**
@@ -75,7 +82,7 @@ export function nameId(keys: CodecKeys, role: string, name: string): Buffer {
 
 const SAMPLE = 4096;
 
-function zstd(data: Uint8Array, level: number, strategy?: number): Buffer {
+function zstd(data: Uint8Array, level: number, strategy?: number, tuning?: CompressionTuning): Buffer {
   return zlib.zstdCompressSync(data, {
     // One output buffer big enough for the whole frame: the default 16 KiB pieces would have to
     // be concatenated (a copy of every compressed byte).
@@ -88,6 +95,8 @@ function zstd(data: Uint8Array, level: number, strategy?: number): Buffer {
     params: {
       [zlib.constants.ZSTD_c_compressionLevel]: level,
       ...(strategy !== undefined ? { [zlib.constants.ZSTD_c_strategy]: strategy } : {}),
+      ...(tuning?.searchLog !== undefined ? { [zlib.constants.ZSTD_c_searchLog]: tuning.searchLog } : {}),
+      ...(tuning?.minMatch !== undefined ? { [zlib.constants.ZSTD_c_minMatch]: tuning.minMatch } : {}),
       [zlib.constants.ZSTD_c_checksumFlag]: 0,
       [zlib.constants.ZSTD_c_contentSizeFlag]: 1,
     },
@@ -108,9 +117,10 @@ function looksIncompressible(plaintext: Uint8Array): boolean {
   return true;
 }
 
-function compress(plaintext: Uint8Array, level: number, strategy: number | undefined, sample: boolean): Buffer | undefined {
+function compress(plaintext: Uint8Array, keys: CodecKeys, sample: boolean): Buffer | undefined {
+  const level = keys.compressionLevel;
   if (level <= 0 || plaintext.length < 64 || (sample && looksIncompressible(plaintext))) return undefined;
-  const out = zstd(plaintext, level, strategy);
+  const out = zstd(plaintext, level, keys.compressionStrategy, keys.compressionTuning);
   // Keep it only when it saves at least 1/32: otherwise restore pays decompression for nothing.
   return out.length < plaintext.length - (plaintext.length >> 5) ? out : undefined;
 }
@@ -118,7 +128,7 @@ function compress(plaintext: Uint8Array, level: number, strategy: number | undef
 export function encodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint8Array, plaintext: Uint8Array): Buffer {
   // Only disk data is sampled first: metadata is small, and a disk-map piece is random ids
   // with runs of zero ids (holes) that samples can miss.
-  const compressed = compress(plaintext, keys.compressionLevel, keys.compressionStrategy, type === BlobType.chunk);
+  const compressed = compress(plaintext, keys, type === BlobType.chunk);
   const payload = compressed ?? plaintext;
   const flags = (compressed ? FLAG_COMPRESSED : 0) | (keys.master ? FLAG_ENCRYPTED : 0);
   const header = Buffer.from([MAGIC0, MAGIC1, VERSION, flags]);

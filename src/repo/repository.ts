@@ -42,8 +42,8 @@ export interface RepoConfig {
   nodeIds?: number;
   /** Target size of a pack file, bytes. */
   packSize: number;
-  /** zstd level and optional strategy (ZSTD_c_strategy); decoders need neither. */
-  compression: { algorithm: 'zstd'; level: number; strategy?: number };
+  /** zstd level and optional strategy (ZSTD_c_strategy), searchLog, minMatch; decoders need none. */
+  compression: { algorithm: 'zstd'; level: number; strategy?: number; searchLog?: number; minMatch?: number };
   encryption: 'aes-256-gcm' | 'none';
 }
 
@@ -60,6 +60,11 @@ export const DEFAULTS = {
   compressionLevel: 3,
   /** ZSTD_lazy: ~8 % smaller than level 3's default strategy on text at 128 KiB, ~1.6x its CPU. */
   compressionStrategy: 4 as number | undefined,
+  /**
+   * With ZSTD_lazy: searchLog 3 and minMatch 6 make log-like text at 128 KiB 2.5 % smaller at
+   * the same speed (211.8 vs 217.2 per mille of 400 MiB of the reference corpus's text).
+   */
+  compressionTuning: { searchLog: 3, minMatch: 6 },
 };
 
 export interface InitOptions {
@@ -108,7 +113,10 @@ export class Repository {
   private constructor(store: BlobStore, config: RepoConfig, master: MasterKey | undefined, keySlot: string | undefined) {
     this.store = store;
     this.config = config;
-    this.keys = { master, compressionLevel: config.compression.level, compressionStrategy: config.compression.strategy };
+    this.keys = {
+      master, compressionLevel: config.compression.level, compressionStrategy: config.compression.strategy,
+      compressionTuning: { searchLog: config.compression.searchLog, minMatch: config.compression.minMatch },
+    };
     this.keySlot = keySlot;
   }
 
@@ -130,8 +138,9 @@ export class Repository {
       compression: {
         algorithm: 'zstd', level: opts.compressionLevel ?? DEFAULTS.compressionLevel,
         ...(() => {
-          const strategy = opts.compressionStrategy ?? (opts.compressionLevel === undefined ? DEFAULTS.compressionStrategy : undefined);
-          return strategy === undefined ? {} : { strategy };
+          const defaults = opts.compressionLevel === undefined && opts.compressionStrategy === undefined;
+          const strategy = opts.compressionStrategy ?? (defaults ? DEFAULTS.compressionStrategy : undefined);
+          return { ...(strategy === undefined ? {} : { strategy }), ...(defaults ? DEFAULTS.compressionTuning : {}) };
         })(),
       },
       encryption: opts.encryption,
@@ -180,7 +189,9 @@ export class Repository {
       || (c.nodeIds !== undefined && !(Number.isSafeInteger(c.nodeIds) && c.nodeIds > 0 && c.nodeIds <= 1 << 20))
       || (c.encryption !== 'none' && c.encryption !== 'aes-256-gcm')
       || c.compression?.algorithm !== 'zstd' || !Number.isInteger(c.compression.level) || c.compression.level < 0 || c.compression.level > 22
-      || (c.compression.strategy !== undefined && !(Number.isInteger(c.compression.strategy) && c.compression.strategy >= 1 && c.compression.strategy <= 9))) {
+      || (c.compression.strategy !== undefined && !(Number.isInteger(c.compression.strategy) && c.compression.strategy >= 1 && c.compression.strategy <= 9))
+      || (c.compression.searchLog !== undefined && !(Number.isInteger(c.compression.searchLog) && c.compression.searchLog >= 1 && c.compression.searchLog <= 26))
+      || (c.compression.minMatch !== undefined && !(Number.isInteger(c.compression.minMatch) && c.compression.minMatch >= 3 && c.compression.minMatch <= 7))) {
       throw new DamageError('damaged-config', `the repository config at ${store.location} has invalid values`);
     }
     return c;
