@@ -74,6 +74,9 @@ export interface InitOptions {
   packSize?: number;
   compressionLevel?: number;
   compressionStrategy?: number;
+  /** Disk-map shape (slots per piece, piece ids per node); defaults chosen by measurement. */
+  pieceSlots?: number;
+  nodeIds?: number;
   /** Lower scrypt cost, for tests only. */
   scrypt?: { N: number; r: number; p: number };
 }
@@ -129,12 +132,15 @@ export class Repository {
     if (!Number.isInteger(Math.log2(chunkSize)) || chunkSize < 4096 || chunkSize > 16 << 20) {
       throw new UsageError(`chunk size ${chunkSize} is not a power of two between 4 KiB and 16 MiB`, 'use e.g. --chunk-size 64K');
     }
+    for (const [name, v, max] of [['piece slots', opts.pieceSlots, 1 << 16], ['node ids', opts.nodeIds, 1 << 20]] as const) {
+      if (v !== undefined && !(Number.isSafeInteger(v) && v >= 1 && v <= max)) throw new UsageError(`${name} ${v} is not an integer between 1 and ${max}`, 'leave it to the default');
+    }
     if (await store.stat('config')) {
       throw new TresorError('repo-exists', `a repository already exists at ${store.location}`, { hint: 'use it as it is, or choose another location', exitCode: ExitCode.usage });
     }
     const config: RepoConfig = {
       format: 'tresor-repository', version: 1, id: randomBytes(16).toString('hex'), created: new Date().toISOString(),
-      chunkSize, pieceSlots: DEFAULTS.pieceSlots, nodeIds: DEFAULTS.nodeIds, packSize: opts.packSize ?? DEFAULTS.packSize,
+      chunkSize, pieceSlots: opts.pieceSlots ?? DEFAULTS.pieceSlots, nodeIds: opts.nodeIds ?? DEFAULTS.nodeIds, packSize: opts.packSize ?? DEFAULTS.packSize,
       compression: {
         algorithm: 'zstd', level: opts.compressionLevel ?? DEFAULTS.compressionLevel,
         ...(() => {
