@@ -32,7 +32,7 @@ import { Repository } from '../src/repo/repository.ts';
 import { PackWriter } from '../src/repo/pack-writer.ts';
 import { DiskMapWriter } from '../src/repo/disk-map.ts';
 import { BlobType, ZERO_ID, computeId, encodeBlob } from '../src/repo/codec.ts';
-import { snapshotName, type SnapshotManifest } from '../src/repo/manifest.ts';
+import { MANIFEST_VERSION, snapshotName, type SnapshotManifest } from '../src/repo/manifest.ts';
 
 const ROOT = dirname(dirname(fileURLToPath(import.meta.url)));
 // The command as users run it (bin/tresor.ts: compile cache, so no TypeScript stripper in memory).
@@ -164,7 +164,7 @@ async function buildRepository(o: Options, location: string, perVm: number): Pro
       const time = new Date(t0 + s * day + vm * 60_000);
       const name = snapshotName('vm', `vm${vm}`, time);
       const m: SnapshotManifest = {
-        format: 'tresor-snapshot', version: 1, name, type: 'vm', id: `vm${vm}`, time: time.toISOString(),
+        format: 'tresor-snapshot', version: MANIFEST_VERSION, name, type: 'vm', id: `vm${vm}`, time: time.toISOString(),
         started: time.toISOString(), finished: time.toISOString(), parent, host: 'bench', tool: { name: 'tresor', version: 'bench' },
         source: { kind: 'synthetic' }, disks: [disk],
         stats: { bytesRead: 0, newChunks: 0, newChunkBytes: 0, addedBytes: writer.stats.bytes, reusedChunks: 0, durationMs: 0 }, tags: {},
