@@ -16,16 +16,12 @@
  */
 import { createHash } from 'node:crypto';
 import { DamageError } from '../util/errors.ts';
-import { BlobType, ZERO_ID, computeId, decodeBlob, encodeBlob } from './codec.ts';
-import { packName } from './pack.ts';
+import { readBlobBatch } from './blob-batch.ts';
+import { BlobType, ZERO_ID, computeId, encodeBlob } from './codec.ts';
 import type { BlobTypeValue } from './codec.ts';
 import type { DiskRecord } from './manifest.ts';
 import type { PackWriter } from './pack-writer.ts';
 import type { Repository } from './repository.ts';
-
-/** Disk-map reads: blobs of a pack this close together are fetched with one read, up to MAP_READ_MAX. */
-const MAP_READ_GAP = 16 << 10;
-const MAP_READ_MAX = 1 << 20;
 
 /** Piece ids per node when the repository configuration does not say. */
 export const DEFAULT_NODE_IDS = 1024;
@@ -250,53 +246,17 @@ export class DiskMapReader {
       this.#cache.set(p, loaded);
     }
     while (this.#cache.size > this.#cacheSize) this.#cache.delete(this.#cache.keys().next().value!);
-    this.#fetch(batch, waiting).catch((err) => {
-      for (const w of waiting.values()) w.reject(err);
+    const items = batch.map((p) => ({
+      p, id: Buffer.from(this.#pieces[p], 'hex'), type: BlobType.indexPiece, what: this.#what(p),
+      length: Math.min(this.disk.pieceSlots, this.slots - p * this.disk.pieceSlots) * 32,
+    }));
+    readBlobBatch(this.#repo, items, (item, outcome) => {
+      const w = waiting.get(item.p)!;
+      if (outcome.plain !== undefined) w.resolve(outcome.plain);
+      else w.reject(outcome.error);
+    }).catch((err) => {
+      for (const w of waiting.values()) w.reject(err); // settled ones ignore it
     });
-  }
-
-  async #fetch(batch: number[], waiting: Map<number, { resolve: (b: Buffer) => void; reject: (e: unknown) => void }>): Promise<void> {
-    const located = await Promise.all(batch.map(async (p) => {
-      const what = this.#what(p);
-      const id = Buffer.from(this.#pieces[p], 'hex');
-      const loc = await this.#repo.locate(id, what);
-      const expected = Math.min(this.disk.pieceSlots, this.slots - p * this.disk.pieceSlots) * 32;
-      if (loc.type !== BlobType.indexPiece || loc.rawLength !== expected) {
-        throw new DamageError('damaged-index-piece', `${what()} is a blob of ${loc.rawLength} bytes and type ${loc.type}; expected an index piece of ${expected} bytes`, {
-          context: { snapshot: this.snapshot, disk: this.disk.name, piece: p },
-        });
-      }
-      return { p, id, loc, what };
-    }));
-    located.sort((a, b) => Buffer.compare(a.loc.packId, b.loc.packId) || a.loc.offset - b.loc.offset);
-    const runs: Array<typeof located> = [];
-    for (const x of located) {
-      const run = runs.at(-1);
-      const first = run?.[0];
-      if (first && first.loc.packId.equals(x.loc.packId) && x.loc.offset - (run.at(-1)!.loc.offset + run.at(-1)!.loc.length) <= MAP_READ_GAP
-        && x.loc.offset + x.loc.length - first.loc.offset <= MAP_READ_MAX) run.push(x);
-      else runs.push([x]);
-    }
-    await Promise.all(runs.map(async (run) => {
-      const from = run[0].loc.offset;
-      const pack = packName(run[0].loc.packId);
-      let data: Buffer;
-      try {
-        data = await this.#repo.store.read(pack, { offset: from, length: run.at(-1)!.loc.offset + run.at(-1)!.loc.length - from });
-      } catch (err) {
-        for (const x of run) waiting.get(x.p)!.reject(err);
-        return;
-      }
-      for (const x of run) {
-        try {
-          const stored = data.subarray(x.loc.offset - from, x.loc.offset - from + x.loc.length);
-          waiting.get(x.p)!.resolve(decodeBlob(this.#repo.keys, BlobType.indexPiece, x.id, stored, { id: x.id, maxLength: x.loc.rawLength, exactLength: true },
-            () => ({ what: `${x.what()} (index piece ${x.id.toString('hex')} in ${pack})`, context: { snapshot: this.snapshot, disk: this.disk.name, piece: x.p, pack } })));
-        } catch (err) {
-          waiting.get(x.p)!.reject(err);
-        }
-      }
-    }));
   }
 
   #what(p: number): () => string {

@@ -42,6 +42,8 @@ import { type DamagedCopy, readDamageRecords, writeDamageRecord } from './damage
 import {
   type GcPlan, type LockIdentity, type PlanHeader, blockersName, decodeBlockers, encodeBlockers, encodePlan, planName, readPlans,
 } from './gc-plan.ts';
+import { type BatchItem, readBlobBatch } from './blob-batch.ts';
+import type { BlobLocation } from './blob-index.ts';
 import { type BlobReader, pieceIds } from './disk-map.ts';
 import { IdSet } from './id-set.ts';
 import { decodeIndexFile, indexFileId, type IndexedPack } from './index-file.ts';
@@ -50,6 +52,9 @@ import type { SnapshotManifest } from './manifest.ts';
 import { tidyNotes } from './notes.ts';
 import { MAX_PACK_SIZE, PackBuilder, type PackEntry, packIdFromName, packName, readPackHeader } from './pack.ts';
 import type { Repository } from './repository.ts';
+
+/** Pieces marked per batch of reads (garbage collection checks for abort between batches). */
+const MARK_SLICE = 4096;
 
 export interface GcOptions {
   /** Repack a pack when at least this fraction of its bytes is garbage (default 0.1). */
@@ -236,8 +241,16 @@ class GarbageCollection {
    * Adds to `refs` the disk-map nodes, pieces and chunks of `manifests`; `read` reads a blob's
    * plaintext. Returns the number of referenced blobs `has` does not know.
    */
-  async #mark(manifests: SnapshotManifest[], refs: IdSet, read: BlobReader, has: (id: Buffer) => boolean): Promise<number> {
-    const pieces: Array<{ id: Buffer; what: string }> = [];
+  async #mark(manifests: SnapshotManifest[], refs: IdSet, locate: (id: Buffer) => BlobLocation | undefined, has: (id: Buffer) => boolean): Promise<number> {
+    const repo = this.#repo;
+    const read: BlobReader = async (id, type, what) => {
+      const loc = locate(id);
+      if (!loc) throw new DamageError('missing-blob', `${what()} is in no index`);
+      const pack = packName(loc.packId);
+      const stored = await repo.store.read(pack, { offset: loc.offset, length: loc.length });
+      return decodeBlob(repo.keys, type, id, stored, { id, maxLength: loc.rawLength, exactLength: true }, () => ({ what: `${what()} in ${pack}`, context: {} }));
+    };
+    const pieces: BatchItem[] = [];
     let missing = 0;
     const disks = manifests.flatMap((m) => m.disks.map((d) => ({ m, d })));
     const lists = await mapLimit(disks, 8, async ({ m, d }) => {
@@ -258,27 +271,33 @@ class GarbageCollection {
     disks.forEach(({ m, d }, n) => {
       lists[n].forEach((hex, p) => {
         const id = Buffer.from(hex, 'hex');
-        if (refs.add(id)) pieces.push({ id, what: `index piece ${p} of disk ${d.name} in snapshot ${m.name}` });
+        if (refs.add(id)) pieces.push({ id, type: BlobType.indexPiece, what: () => `index piece ${p} of disk ${d.name} in snapshot ${m.name}` });
       });
     });
+    // Pieces in slices, each read with few ranged reads (blob-batch.ts); abort checked between.
     let done = 0;
-    await mapLimit(pieces, 16, async ({ id, what }) => {
+    for (let at = 0; at < pieces.length; at += MARK_SLICE) {
       this.#checkAbort();
-      let plain: Buffer;
-      try {
-        plain = await read(id, BlobType.indexPiece, () => what);
-      } catch (err) {
-        throw new DamageError('gc-unreadable-piece', `garbage collection cannot run: ${what} cannot be read (${(err as Error).message}), so the chunks it references are unknown`, {
+      let failure: { item: BatchItem; error: unknown } | undefined;
+      await readBlobBatch(repo, pieces.slice(at, at + MARK_SLICE), (item, outcome) => {
+        if (outcome.plain === undefined) {
+          failure ??= { item, error: outcome.error };
+          return;
+        }
+        const plain = outcome.plain;
+        for (let k = 0; k < plain.length; k += 32) {
+          const c = plain.subarray(k, k + 32);
+          if (!ZERO_ID.equals(c) && refs.add(c) && !has(Buffer.from(c))) missing++;
+        }
+        this.#opts.progress?.('mark', ++done, pieces.length);
+      }, { locate });
+      if (failure) {
+        throw new DamageError('gc-unreadable-piece', `garbage collection cannot run: ${failure.item.what()} cannot be read (${(failure.error as Error).message}), so the chunks it references are unknown`, {
           hint: 'run `tresor verify` to see the damage; a backup of the same disk may heal it',
-          context: { piece: id.toString('hex') },
+          context: { piece: failure.item.id.toString('hex') },
         });
       }
-      for (let k = 0; k < plain.length; k += 32) {
-        const c = plain.subarray(k, k + 32);
-        if (!ZERO_ID.equals(c) && refs.add(c) && !has(Buffer.from(c))) missing++;
-      }
-      this.#opts.progress?.('mark', ++done, pieces.length);
-    });
+    }
     return missing;
   }
 
@@ -333,14 +352,7 @@ class GarbageCollection {
 
     // Mark.
     const live = new IdSet(total * 1.2);
-    const readMapBlob: BlobReader = async (id, type, what) => {
-      const loc = canon.get(id);
-      if (!loc) throw new DamageError('missing-blob', `${what()} is in no index`);
-      const pack = packName(loc.packId);
-      const stored = await repo.store.read(pack, { offset: loc.offset, length: loc.length });
-      return decodeBlob(repo.keys, type, id, stored, { id, maxLength: loc.rawLength, exactLength: true }, () => ({ what: `${what()} in ${pack}`, context: {} }));
-    };
-    report.missingBlobs = await this.#mark(manifests, live, readMapBlob, (id) => canon.has(id));
+    report.missingBlobs = await this.#mark(manifests, live, (id) => canon.get(id), (id) => canon.has(id));
     report.liveBlobs = live.size;
     this.#checkAbort();
 
@@ -579,7 +591,7 @@ class GarbageCollection {
       repo.invalidateIndex();
       const index = await repo.index();
       const refs = new IdSet();
-      await this.#mark(manifests, refs, (id, type, what) => repo.readBlob(id, type, what), (id) => index.has(id));
+      await this.#mark(manifests, refs, (id) => index.get(id), (id) => index.has(id));
       const elsewhere = new IdSet();
       for (const f of files) {
         if (planFiles.has(f.name) || supersededNow.has(f.name)) continue;

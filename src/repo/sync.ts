@@ -217,12 +217,18 @@ async function copySnapshot(
   let done = 0;
   for (const disk of m.disks) {
     if (disk.chunkSize !== target.config.chunkSize) throw new ChunkSizeMismatchError(disk.chunkSize, target.config.chunkSize, target.store.location);
-    const reader = await DiskMapReader.open(source, m.name, disk, { readAhead: 4 });
+    // Units of whole pieces, at least UNIT_SLOTS slots: small pieces would mean small batches.
+    const unitPieces = Math.ceil(UNIT_SLOTS / disk.pieceSlots);
+    const reader = await DiskMapReader.open(source, m.name, disk, { readAhead: 2 * unitPieces });
     const pieces = new Array<string>(reader.pieceCount());
-    await mapLimit([...pieces.keys()], 2, async (p) => {
+    const units = Array.from({ length: Math.ceil(pieces.length / unitPieces) }, (_, u) => u);
+    await mapLimit(units, 2, async (u) => {
       if (opts.signal?.aborted) throw opts.signal.reason ?? new TresorError('interrupted', 'sync interrupted');
-      pieces[p] = await copyPiece(source, target, reader, p, map, writer, opts, report, learnt);
-      done += Math.min(disk.pieceSlots * disk.chunkSize, disk.size - p * disk.pieceSlots * disk.chunkSize);
+      const first = u * unitPieces;
+      const count = Math.min(unitPieces, pieces.length - first);
+      const ids = await copyPieces(source, target, reader, first, count, map, writer, opts, report, learnt);
+      ids.forEach((id, k) => (pieces[first + k] = id));
+      done += Math.min(count * disk.pieceSlots * disk.chunkSize, disk.size - first * disk.pieceSlots * disk.chunkSize);
       opts.progress?.(m.name, done, total);
     });
     const { pieces: _sourceList, ...rest } = disk;
@@ -235,14 +241,22 @@ async function copySnapshot(
   return learnt;
 }
 
-/** Rebuilds piece `p` with target ids, sending the chunks the target lacks; returns its target id. */
-async function copyPiece(
-  source: Repository, target: Repository, reader: DiskMapReader, p: number, map: IdMap, writer: PackWriter,
+/** Slots per unit of sync work, at least (rounded up to whole pieces). */
+const UNIT_SLOTS = 1024;
+
+/**
+ * Rebuilds pieces [first, first + count) with target ids, sending the chunks the target lacks;
+ * returns their target ids.
+ */
+async function copyPieces(
+  source: Repository, target: Repository, reader: DiskMapReader, first: number, count: number, map: IdMap, writer: PackWriter,
   opts: SyncOptions, report: SyncReport, learnt: Array<[Buffer, Buffer]>,
-): Promise<string> {
+): Promise<string[]> {
   const targetIndex = await target.index();
   const usable = (id: Uint8Array) => (targetIndex.has(id) && !target.avoids(id)) || writer.isPending(Buffer.from(id));
-  const src = await reader.piece(p);
+  const per = reader.disk.pieceSlots;
+  const firstSlot = first * per;
+  const src = await reader.ids(firstSlot, Math.min(count * per, reader.slots - firstSlot));
   const out = Buffer.alloc(src.length);
   const todo = new Map<string, { id: Buffer; slots: number[] }>();
   for (let k = 0; k < src.length; k += 32) {
@@ -275,11 +289,16 @@ async function copyPiece(
       });
     }
   }
-  const id = computeId(target.keys, out);
-  if (!usable(id) && writer.claim(id)) {
-    await writer.add(BlobType.indexPiece, id, encodeBlob(target.keys, BlobType.indexPiece, id, out), out.length);
+  const ids: string[] = [];
+  for (let k = 0; k < count; k++) {
+    const piece = out.subarray(k * per * 32, Math.min(out.length, (k + 1) * per * 32));
+    const id = computeId(target.keys, piece);
+    if (!usable(id) && writer.claim(id)) {
+      await writer.add(BlobType.indexPiece, id, encodeBlob(target.keys, BlobType.indexPiece, id, piece), piece.length);
+    }
+    ids.push(id.toString('hex'));
   }
-  return id.toString('hex');
+  return ids;
 }
 
 /**

@@ -15,6 +15,7 @@
 import { ZERO_ID, BlobType, BLOB_TYPE_NAMES, type BlobTypeValue } from './codec.ts';
 import { type CodecPool, transferable } from './codec-pool.ts';
 import type { DecodeItem } from './codec-ops.ts';
+import { type BatchItem, readBlobBatch } from './blob-batch.ts';
 import { DiskMapReader } from './disk-map.ts';
 import type { SnapshotManifest } from './manifest.ts';
 import { packIdFromName, packName } from './pack.ts';
@@ -142,25 +143,29 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
   }
   // Read every piece once (through the normal decode path, which checks it) and note its chunks.
   const pieceErrors = new Map<string, string>();
-  const pieceJobs: Array<{ reader: DiskMapReader; p: number }> = [];
+  const pieceItems: BatchItem[] = [];
   const queued = new Set<string>();
   for (const { reader } of readers) {
+    const { disk, snapshot } = reader;
     for (let p = 0; p < reader.pieceCount(); p++) {
       const pid = reader.pieceId(p);
       if (bad.has(pid) || queued.has(pid)) continue;
       queued.add(pid);
-      pieceJobs.push({ reader, p });
+      pieceItems.push({
+        id: Buffer.from(pid, 'hex'), type: BlobType.indexPiece, length: Math.min(disk.pieceSlots, reader.slots - p * disk.pieceSlots) * 32,
+        what: () => `index piece ${p} of disk ${disk.name} in snapshot ${snapshot}`,
+      });
     }
   }
-  await mapLimit(pieceJobs, 8, async ({ reader, p }) => {
-    try {
-      const ids = await reader.piece(p);
-      for (let k = 0; k < ids.length; k += 32) {
-        const id = ids.subarray(k, k + 32);
-        if (!ZERO_ID.equals(id)) noteBlob(Buffer.from(id), BlobType.chunk);
-      }
-    } catch (err) {
-      pieceErrors.set(reader.pieceId(p), (err as Error).message);
+  await readBlobBatch(repo, pieceItems, (item, outcome) => {
+    if (outcome.plain === undefined) {
+      pieceErrors.set(item.id.toString('hex'), (outcome.error as Error).message);
+      return;
+    }
+    const ids = outcome.plain;
+    for (let k = 0; k < ids.length; k += 32) {
+      const id = ids.subarray(k, k + 32);
+      if (!ZERO_ID.equals(id)) noteBlob(Buffer.from(id), BlobType.chunk);
     }
   });
   for (const [pid, error] of pieceErrors) {

@@ -1,0 +1,92 @@
+/**
+ * Reads many small blobs (disk-map pieces and nodes) with few ranged reads: located, grouped by
+ * pack, sorted by offset, and neighbours less than `gap` apart fetched with one read of at most
+ * `maxRead` bytes. Writers keep map blobs in packs of their own (pack-writer.ts), so the pieces
+ * of one snapshot usually come in one or two reads instead of one read each.
+ *
+ * Every item gets exactly one outcome through `each`: its plaintext (decoded, authenticated,
+ * identity-checked, of its indexed length) or the error that names it. One item's failure never
+ * stops the others.
+ */
+import { DamageError } from '../util/errors.ts';
+import { mapLimit } from '../util/concurrency.ts';
+import type { BlobLocation } from './blob-index.ts';
+import { BLOB_TYPE_NAMES, type BlobTypeValue, decodeBlob } from './codec.ts';
+import { packName } from './pack.ts';
+import type { Repository } from './repository.ts';
+
+export interface BatchItem {
+  id: Buffer;
+  type: BlobTypeValue;
+  /** What the blob is, for errors: "index piece 3 of disk vda in snapshot …". */
+  what: () => string;
+  /** Plaintext length the caller requires (checked before reading); default: the indexed one. */
+  length?: number;
+}
+
+export type BatchOutcome = { plain: Buffer; error?: undefined } | { plain?: undefined; error: unknown };
+
+export interface BatchOptions {
+  /** Where a blob is (default: the repository's index). */
+  locate?: (id: Buffer) => BlobLocation | undefined;
+  gap?: number;
+  maxRead?: number;
+  /** Ranged reads at once. */
+  concurrency?: number;
+}
+
+export async function readBlobBatch<T extends BatchItem>(repo: Repository, items: T[], each: (item: T, outcome: BatchOutcome) => void, opts: BatchOptions = {}): Promise<void> {
+  const gap = opts.gap ?? 16 << 10;
+  const maxRead = opts.maxRead ?? 1 << 20;
+  const index = opts.locate ? undefined : await repo.index();
+  const locate = opts.locate ?? ((id: Buffer) => index!.get(id));
+  const located: Array<{ item: T; loc: BlobLocation }> = [];
+  for (const item of items) {
+    const loc = locate(item.id);
+    const hex = item.id.toString('hex');
+    if (!loc) {
+      each(item, { error: new DamageError('missing-blob', `${item.what()} is missing from the repository (blob ${hex} is in no index)`, { context: { blob: hex } }) });
+    } else if (loc.type !== item.type || (item.length !== undefined && loc.rawLength !== item.length)) {
+      each(item, {
+        error: new DamageError('wrong-blob', `${item.what()} is indexed as a ${BLOB_TYPE_NAMES[loc.type] ?? `blob of type ${loc.type}`} of ${loc.rawLength} bytes; expected a ${BLOB_TYPE_NAMES[item.type]}${item.length === undefined ? '' : ` of ${item.length} bytes`}`, {
+          context: { blob: hex, pack: packName(loc.packId) },
+        }),
+      });
+    } else {
+      located.push({ item, loc });
+    }
+  }
+  located.sort((a, b) => Buffer.compare(a.loc.packId, b.loc.packId) || a.loc.offset - b.loc.offset);
+  const runs: Array<typeof located> = [];
+  for (const x of located) {
+    const run = runs.at(-1);
+    const last = run?.at(-1);
+    if (run && last && last.loc.packId.equals(x.loc.packId) && x.loc.offset - (last.loc.offset + last.loc.length) <= gap
+      && x.loc.offset + x.loc.length - run[0].loc.offset <= maxRead) run.push(x);
+    else runs.push([x]);
+  }
+  await mapLimit(runs, opts.concurrency ?? 8, async (run) => {
+    const pack = packName(run[0].loc.packId);
+    const from = run[0].loc.offset;
+    const to = Math.max(...run.map((x) => x.loc.offset + x.loc.length));
+    let data: Buffer;
+    try {
+      data = await repo.store.read(pack, { offset: from, length: to - from });
+    } catch (err) {
+      for (const x of run) each(x.item, { error: err });
+      return;
+    }
+    for (const { item, loc } of run) {
+      let outcome: BatchOutcome;
+      try {
+        const stored = data.subarray(loc.offset - from, loc.offset - from + loc.length);
+        const plain = decodeBlob(repo.keys, item.type, item.id, stored, { id: item.id, maxLength: loc.rawLength, exactLength: true },
+          () => ({ what: `${item.what()} (${BLOB_TYPE_NAMES[item.type]} ${item.id.toString('hex')} in ${pack})`, context: { blob: item.id.toString('hex'), pack } }));
+        outcome = { plain };
+      } catch (err) {
+        outcome = { error: err };
+      }
+      each(item, outcome);
+    }
+  });
+}
