@@ -118,26 +118,27 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
   };
 
   const readers: Array<{ m: SnapshotManifest; reader: DiskMapReader }> = [];
-  for (const m of manifests) {
-    for (const disk of m.disks) {
-      // Nodes are read (and so checked) by opening the map; a damaged one is named itself.
-      for (const n of disk.nodes ?? []) noteBlob(Buffer.from(n, 'hex'), BlobType.mapNode);
-      try {
-        const reader = await DiskMapReader.open(repo, m.name, disk, { cacheSize: 1 });
-        readers.push({ m, reader });
-        for (let p = 0; p < reader.pieceCount(); p++) noteBlob(Buffer.from(reader.pieceId(p), 'hex'), BlobType.indexPiece);
-      } catch (err) {
-        const blob = (err as TresorError).context?.blob;
-        const node = typeof blob === 'string' && disk.nodes?.includes(blob) ? blob : undefined;
-        const affects = { snapshot: m.name, disk: disk.name };
-        if (node && bad.has(node)) {
-          bad.get(node)!.affects.push(affects);
-        } else if (node) {
-          const loc = refs.get(node)?.loc;
-          bad.set(node, { kind: 'disk-map', object: `disk-map node ${node}`, error: (err as Error).message, affects: [affects], copy: loc && { id: node, type: BlobType.mapNode, pack: loc.packId.toString('hex') } });
-        } else {
-          damage.push({ kind: 'disk-map', object: `disk ${disk.name} of ${m.name}`, error: (err as Error).message, affects: [affects] });
-        }
+  // Nodes are read (and so checked) by opening the maps, several at once; a damaged one is named itself.
+  const disks = manifests.flatMap((m) => m.disks.map((disk) => ({ m, disk })));
+  for (const { disk } of disks) for (const n of disk.nodes ?? []) noteBlob(Buffer.from(n, 'hex'), BlobType.mapNode);
+  const opened = await mapLimit(disks, 8, ({ m, disk }) => DiskMapReader.open(repo, m.name, disk, { cacheSize: 1 }).then(
+    (reader) => ({ reader, err: undefined }), (err: unknown) => ({ reader: undefined, err })));
+  for (const [n, { m, disk }] of disks.entries()) {
+    const { reader, err } = opened[n];
+    if (reader) {
+      readers.push({ m, reader });
+      for (let p = 0; p < reader.pieceCount(); p++) noteBlob(Buffer.from(reader.pieceId(p), 'hex'), BlobType.indexPiece);
+    } else {
+      const blob = (err as TresorError).context?.blob;
+      const node = typeof blob === 'string' && disk.nodes?.includes(blob) ? blob : undefined;
+      const affects = { snapshot: m.name, disk: disk.name };
+      if (node && bad.has(node)) {
+        bad.get(node)!.affects.push(affects);
+      } else if (node) {
+        const loc = refs.get(node)?.loc;
+        bad.set(node, { kind: 'disk-map', object: `disk-map node ${node}`, error: (err as Error).message, affects: [affects], copy: loc && { id: node, type: BlobType.mapNode, pack: loc.packId.toString('hex') } });
+      } else {
+        damage.push({ kind: 'disk-map', object: `disk ${disk.name} of ${m.name}`, error: (err as Error).message, affects: [affects] });
       }
     }
   }
