@@ -17,8 +17,7 @@
 import { createHash } from 'node:crypto';
 import { DamageError } from '../util/errors.ts';
 import { readBlobBatch } from './blob-batch.ts';
-import { BlobType, ZERO_ID, computeId, encodeBlob } from './codec.ts';
-import type { BlobTypeValue } from './codec.ts';
+import { BlobType, type BlobTypeValue, ZERO_ID, computeId, encodeBlob } from './codec.ts';
 import type { DiskRecord } from './manifest.ts';
 import type { PackWriter } from './pack-writer.ts';
 import type { Repository } from './repository.ts';
