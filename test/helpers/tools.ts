@@ -56,13 +56,32 @@ export function readFileRange(path: string, offset: number, length: number): Buf
   }
 }
 
-/** Every regular file below `dir`, with its path relative to `base` and its size. */
+/**
+ * Every regular file below `dir`, with its path relative to `base` and its size. Tests list
+ * repositories while Tresor processes write them: a file or directory that disappears between
+ * the listing and its stat (a temporary file renamed or removed) is skipped, not an error.
+ */
 export async function listFiles(dir: string, base = dir): Promise<Array<{ name: string; size: number }>> {
   const out: Array<{ name: string; size: number }> = [];
-  for (const e of await readdir(dir, { withFileTypes: true })) {
+  const gone = (err: unknown) => (err as NodeJS.ErrnoException).code === 'ENOENT';
+  let entries;
+  try {
+    entries = await readdir(dir, { withFileTypes: true });
+  } catch (err) {
+    if (gone(err) && dir !== base) return out;
+    throw err;
+  }
+  for (const e of entries) {
     const p = join(dir, e.name);
-    if (e.isDirectory()) out.push(...await listFiles(p, base));
-    else if (e.isFile()) out.push({ name: relative(base, p), size: (await stat(p)).size });
+    if (e.isDirectory()) {
+      out.push(...await listFiles(p, base));
+    } else if (e.isFile()) {
+      try {
+        out.push({ name: relative(base, p), size: (await stat(p)).size });
+      } catch (err) {
+        if (!gone(err)) throw err;
+      }
+    }
   }
   return out;
 }
