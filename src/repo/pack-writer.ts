@@ -37,7 +37,7 @@ export class PackWriter {
 
   constructor(repo: Repository, opts: { maxUploads?: number } = {}) {
     this.#repo = repo;
-    this.#maxUploads = opts.maxUploads ?? 2;
+    this.#maxUploads = opts.maxUploads ?? repo.store.parallelCreates ?? 2;
     this.#current = this.#newBuilder();
   }
 

@@ -20,6 +20,12 @@ const TMP_DIR = 'tmp';
 
 export class LocalStore implements BlobStore {
   readonly location: string;
+  /**
+   * A second pack in flight gains nothing on a local filesystem (the writes are page-cache
+   * copies; the fsyncs are short) and holds another 8 MiB: measured on the reference corpus,
+   * the same backup time and 8–10 MiB lower peak RSS with one.
+   */
+  readonly parallelCreates = 1;
   readonly #root: string;
   readonly #knownDirs = new Set<string>();
 

@@ -59,6 +59,10 @@ class RetryingStore implements BlobStore {
   readonly #maxDelayMs: number;
   readonly #onRetry: ((event: RetryEvent) => void) | undefined;
 
+  get parallelCreates(): number | undefined {
+    return this.#inner.parallelCreates;
+  }
+
   constructor(inner: BlobStore, opts: RetryOptions) {
     this.#inner = inner;
     this.location = inner.location;

@@ -16,6 +16,8 @@
  * - `delete` removes a blob; deleting a missing blob is not an error.
  * - Transient failures are retried by wrappers, not inside backends; backends throw `StoreError`
  *   with the operation, the name and a hint.
+ * - `parallelCreates` (optional, a hint like restic's `Connections`): how many `create`s are worth
+ *   having in flight at once. Writers default to 2; each one in flight holds a pack in memory.
  */
 import { TresorError, NotFoundError, ExitCode, type ErrorDetails } from '../util/errors.ts';
 
@@ -32,6 +34,7 @@ export interface ReadRange {
 export interface BlobStore {
   /** Human-readable location, e.g. `/srv/backup` or `s3://bucket/prefix`. Never contains secrets. */
   readonly location: string;
+  readonly parallelCreates?: number;
   create(name: string, data: Uint8Array): Promise<boolean>;
   read(name: string, range?: ReadRange): Promise<Buffer>;
   stat(name: string): Promise<BlobInfo | undefined>;
