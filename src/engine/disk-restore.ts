@@ -11,7 +11,7 @@
 import { ZERO_ID, BlobType } from '../repo/codec.ts';
 import { type CodecPool, transferable } from '../repo/codec-pool.ts';
 import type { DecodeItem } from '../repo/codec-ops.ts';
-import { DiskMapReader, slotLength } from '../repo/disk-map.ts';
+import { DiskMapReader, slotLength, unitPieces } from '../repo/disk-map.ts';
 import type { DiskRecord } from '../repo/manifest.ts';
 import { packName } from '../repo/pack.ts';
 import type { Repository } from '../repo/repository.ts';
@@ -46,9 +46,9 @@ interface Wanted {
 export async function restoreDisk(
   repo: Repository, pool: CodecPool, snapshot: string, disk: DiskRecord, out: DiskWriter, opts: DiskRestoreOptions = {},
 ): Promise<DiskRestoreStats> {
-  // Slots per unit of work: whole pieces, enough of them to give each unit many chunks to fetch.
-  const unitSlots = Math.ceil(UNIT_SLOTS / disk.pieceSlots) * disk.pieceSlots;
-  const map = await DiskMapReader.open(repo, snapshot, disk, { readAhead: 2 * (unitSlots / disk.pieceSlots) });
+  const perUnit = unitPieces(disk.pieceSlots);
+  const unitSlots = perUnit * disk.pieceSlots;
+  const map = await DiskMapReader.open(repo, snapshot, disk, { readAhead: 2 * perUnit });
   const index = await repo.index();
   const stats: DiskRestoreStats = { bytesWritten: 0, bytesFetched: 0, chunks: 0 };
   const gap = opts.coalesceGap ?? 256 * 1024;
@@ -150,9 +150,6 @@ export async function restoreDisk(
   await mapLimit(units, 2, restoreUnit);
   return stats;
 }
-
-/** Slots per unit of restore work, at least (rounded up to whole pieces). */
-const UNIT_SLOTS = 1024;
 
 interface ReadRun {
   packId: Buffer;

@@ -16,6 +16,7 @@
 import { BlobType, ZERO_ID, decodeBlob } from '../repo/codec.ts';
 import type { CodecPool } from '../repo/codec-pool.ts';
 import type { BlobLocation } from '../repo/blob-index.ts';
+import { readOneBlob } from '../repo/blob-batch.ts';
 import { pieceIds, slotCount, slotLength } from '../repo/disk-map.ts';
 import type { DiskRecord, SnapshotManifest } from '../repo/manifest.ts';
 import { packName } from '../repo/pack.ts';
@@ -126,16 +127,13 @@ class SnapshotDevice implements BlockDevice {
 
   /** Reads the disk map's list of pieces (its nodes), counted in the stats like every read. */
   async openMap(): Promise<void> {
-    this.#pieceIds = await pieceIds(this.#repo, this.#snapshot, this.#disk, async (id, type, what) => {
-      const loc = await this.#repo.locate(id, what);
-      const pack = packName(loc.packId);
-      const stored = await this.#repo.store.read(pack, { offset: loc.offset, length: loc.length });
-      this.stats.bytesFetched += stored.length;
-      this.stats.storeReads++;
-      return decodeBlob(this.#repo.keys, type, id, stored, { id, maxLength: loc.rawLength, exactLength: true },
-        () => ({ what: `${what()} (in ${pack})`, context: { snapshot: this.#snapshot, disk: this.#disk.name, pack } }));
-    });
+    this.#pieceIds = await pieceIds(this.#repo, this.#snapshot, this.#disk, { onFetch: this.#countFetch });
   }
+
+  readonly #countFetch = (bytes: number): void => {
+    this.stats.bytesFetched += bytes;
+    this.stats.storeReads++;
+  };
 
   close(): void {
     this.#closed = true;
@@ -203,22 +201,13 @@ class SnapshotDevice implements BlockDevice {
 
   async #loadPiece(p: number): Promise<Buffer> {
     const disk = this.#disk;
-    const what = () => `index piece ${p} of disk ${disk.name} in snapshot ${this.#snapshot}`;
-    const id = Buffer.from(this.#pieceIds[p], 'hex');
-    const loc = await this.#repo.locate(id, what);
-    const expected = Math.min(disk.pieceSlots, this.#slots - p * disk.pieceSlots) * 32;
-    if (loc.type !== BlobType.indexPiece || loc.rawLength !== expected) {
-      throw new DamageError('damaged-index-piece', `${what()} is a blob of ${loc.rawLength} bytes and type ${loc.type}; expected an index piece of ${expected} bytes`, {
-        context: { snapshot: this.#snapshot, disk: disk.name, piece: p },
-      });
-    }
-    const pack = packName(loc.packId);
-    const stored = await this.#repo.store.read(pack, { offset: loc.offset, length: loc.length });
-    this.stats.bytesFetched += stored.length;
-    this.stats.storeReads++;
+    const piece = await readOneBlob(this.#repo, {
+      id: Buffer.from(this.#pieceIds[p], 'hex'), type: BlobType.indexPiece,
+      what: () => `index piece ${p} of disk ${disk.name} in snapshot ${this.#snapshot}`,
+      length: Math.min(disk.pieceSlots, this.#slots - p * disk.pieceSlots) * 32,
+    }, { onFetch: this.#countFetch });
     this.stats.indexPiecesLoaded++;
-    return decodeBlob(this.#repo.keys, BlobType.indexPiece, id, stored, { id, maxLength: expected, exactLength: true },
-      () => ({ what: `${what()} (in ${pack})`, context: { snapshot: this.#snapshot, disk: disk.name, piece: p, pack } }));
+    return piece;
   }
 
   /** A decoded chunk from the cache, an in-flight fetch, or a new fetch queued into `missing`. */

@@ -33,6 +33,15 @@ export interface BatchOptions {
   maxRead?: number;
   /** Ranged reads at once. */
   concurrency?: number;
+  /** Called with the size of every ranged read (callers that account for what they fetch). */
+  onFetch?: (bytes: number) => void;
+}
+
+/** One blob, with the same checks and errors as a batch of one. */
+export function readOneBlob(repo: Repository, item: BatchItem, opts: BatchOptions = {}): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    readBlobBatch(repo, [item], (_, outcome) => (outcome.plain !== undefined ? resolve(outcome.plain) : reject(outcome.error)), opts).catch(reject);
+  });
 }
 
 export async function readBlobBatch<T extends BatchItem>(repo: Repository, items: T[], each: (item: T, outcome: BatchOutcome) => void, opts: BatchOptions = {}): Promise<void> {
@@ -76,6 +85,7 @@ export async function readBlobBatch<T extends BatchItem>(repo: Repository, items
       for (const x of run) each(x.item, { error: err });
       return;
     }
+    opts.onFetch?.(data.length);
     for (const { item, loc } of run) {
       let outcome: BatchOutcome;
       try {

@@ -16,8 +16,8 @@
  */
 import { createHash } from 'node:crypto';
 import { DamageError } from '../util/errors.ts';
-import { readBlobBatch } from './blob-batch.ts';
-import { BlobType, type BlobTypeValue, ZERO_ID, computeId, encodeBlob } from './codec.ts';
+import { type BatchOptions, readBlobBatch, readOneBlob } from './blob-batch.ts';
+import { BlobType, ZERO_ID, computeId, encodeBlob } from './codec.ts';
 import type { DiskRecord } from './manifest.ts';
 import type { PackWriter } from './pack-writer.ts';
 import type { Repository } from './repository.ts';
@@ -85,11 +85,7 @@ export class DiskMapWriter {
   }
 
   async #storePiece(p: number, plain: Buffer): Promise<void> {
-    const id = computeId(this.#repo.keys, plain);
-    this.#pieces[p] = id.toString('hex');
-    const index = await this.#repo.index();
-    if ((index.has(id) && !this.#repo.avoids(id)) || !this.#writer.claim(id)) return;
-    await this.#writer.add(BlobType.indexPiece, id, encodeBlob(this.#repo.keys, BlobType.indexPiece, id, plain), plain.length);
+    this.#pieces[p] = (await storeMapBlob(this.#repo, this.#writer, BlobType.indexPiece, plain)).toString('hex');
   }
 
   /** Waits for every piece; the caller then commits the pack writer's index. */
@@ -97,57 +93,70 @@ export class DiskMapWriter {
     if (this.#open.size > 0) throw new Error(`disk map incomplete: ${this.#open.size} pieces not filled`);
     await Promise.all(this.#stores);
     for (let p = 0; p < this.#pieces.length; p++) if (this.#pieces[p] === undefined) throw new Error(`disk map piece ${p} was never filled`);
-    const nodeIds = this.#repo.config.nodeIds ?? DEFAULT_NODE_IDS;
     return {
       size: this.size, chunkSize: this.chunkSize, pieceSlots: this.pieceSlots,
-      ...(await storeMapNodes(this.#repo, this.#writer, this.#pieces, nodeIds)),
+      ...(await storeMapNodes(this.#repo, this.#writer, this.#pieces)),
       digest: diskMapDigest(this.#pieces), dataBytes: this.dataBytes, dataChunks: this.dataChunks,
     };
   }
 }
 
 /**
- * Stores the list of piece ids as nodes of `nodeIds` ids (blobs the repository or the writer
- * already has are not stored again); returns what the manifest's disk record lists.
+ * Stores a disk-map blob (piece or node) unless the repository has a usable copy or the writer
+ * has it already; returns its id.
  */
-export async function storeMapNodes(repo: Repository, writer: PackWriter, pieces: string[], nodeIds: number): Promise<{ nodeIds: number; nodes: string[] }> {
+export async function storeMapBlob(repo: Repository, writer: PackWriter, type: typeof BlobType.indexPiece | typeof BlobType.mapNode, plain: Buffer): Promise<Buffer> {
+  const id = computeId(repo.keys, plain);
   const index = await repo.index();
+  if ((index.has(id) && !repo.avoids(id)) || !writer.claim(id)) return id;
+  await writer.add(type, id, encodeBlob(repo.keys, type, id, plain), plain.length);
+  return id;
+}
+
+/**
+ * Stores the list of piece ids as nodes of the repository's `nodeIds` ids; returns what the
+ * manifest's disk record lists.
+ */
+export async function storeMapNodes(repo: Repository, writer: PackWriter, pieces: string[]): Promise<{ nodeIds: number; nodes: string[] }> {
+  const nodeIds = repo.config.nodeIds ?? DEFAULT_NODE_IDS;
   const nodes: string[] = [];
   for (let at = 0; at < pieces.length; at += nodeIds) {
-    const plain = Buffer.from(pieces.slice(at, at + nodeIds).join(''), 'hex');
-    const id = computeId(repo.keys, plain);
-    nodes.push(id.toString('hex'));
-    if ((index.has(id) && !repo.avoids(id)) || !writer.claim(id)) continue;
-    await writer.add(BlobType.mapNode, id, encodeBlob(repo.keys, BlobType.mapNode, id, plain), plain.length);
+    nodes.push((await storeMapBlob(repo, writer, BlobType.mapNode, Buffer.from(pieces.slice(at, at + nodeIds).join(''), 'hex'))).toString('hex'));
   }
   return { nodeIds, nodes };
+}
+
+/**
+ * Disk-map pieces per unit of bulk work (restore, sync): whole pieces, at least 1024 slots, so
+ * small pieces do not make small batches.
+ */
+export function unitPieces(pieceSlots: number): number {
+  return Math.ceil(1024 / pieceSlots);
 }
 
 export function pieceCount(disk: Pick<DiskRecord, 'size' | 'chunkSize' | 'pieceSlots'>): number {
   return Math.ceil(slotCount(disk.size, disk.chunkSize) / disk.pieceSlots);
 }
 
-/** Reads one stored blob's plaintext (lets callers count or route their reads). */
-export type BlobReader = (id: Buffer, type: BlobTypeValue, what: () => string) => Promise<Buffer>;
-
 const pieceLists = new WeakMap<DiskRecord, Promise<string[]>>();
 
 /**
  * The piece ids of a disk map, in order: listed in a version-1 manifest, else read from the
- * disk's nodes (concurrently; remembered per disk record). Checks every node's length and the
- * digest over the whole list, so what comes back is exactly what the backup wrote.
+ * disk's nodes (concurrently, through `read`'s options; remembered per disk record). Checks
+ * every node's length and the digest over the whole list, so what comes back is exactly what
+ * the backup wrote.
  */
-export function pieceIds(repo: Repository, snapshot: string, disk: DiskRecord, read?: BlobReader): Promise<string[]> {
+export function pieceIds(repo: Repository, snapshot: string, disk: DiskRecord, read: BatchOptions = {}): Promise<string[]> {
   let list = pieceLists.get(disk);
   if (!list) {
-    list = loadPieceIds(repo, snapshot, disk, read ?? ((id, type, what) => repo.readBlob(id, type, what)));
+    list = loadPieceIds(repo, snapshot, disk, read);
     list.catch(() => pieceLists.delete(disk));
     pieceLists.set(disk, list);
   }
   return list;
 }
 
-async function loadPieceIds(repo: Repository, snapshot: string, disk: DiskRecord, read: BlobReader): Promise<string[]> {
+async function loadPieceIds(repo: Repository, snapshot: string, disk: DiskRecord, read: BatchOptions): Promise<string[]> {
   const count = pieceCount(disk);
   let pieces: string[];
   if (disk.pieces) {
@@ -157,12 +166,7 @@ async function loadPieceIds(repo: Repository, snapshot: string, disk: DiskRecord
     const perNode = disk.nodeIds!;
     const parts = await Promise.all(nodes.map(async (hex, n) => {
       const what = () => `disk-map node ${n} of disk ${disk.name} in snapshot ${snapshot}`;
-      const plain = await read(Buffer.from(hex, 'hex'), BlobType.mapNode, what);
-      const expected = Math.min(perNode, count - n * perNode) * 32;
-      if (plain.length !== expected) {
-        throw new DamageError('damaged-map-node', `${what()} has ${plain.length} bytes, expected ${expected}`, { context: { snapshot, disk: disk.name, node: n } });
-      }
-      return plain;
+      return readOneBlob(repo, { id: Buffer.from(hex, 'hex'), type: BlobType.mapNode, what, length: Math.min(perNode, count - n * perNode) * 32 }, read);
     }));
     const all = Buffer.concat(parts).toString('hex');
     pieces = Array.from({ length: count }, (_, p) => all.slice(p * 64, p * 64 + 64));

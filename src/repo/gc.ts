@@ -35,7 +35,7 @@ import { DamageError, TresorError } from '../util/errors.ts';
 import { mapLimit } from '../util/concurrency.ts';
 import { requireFullAccess } from './access.ts';
 import { BlobIndex } from './blob-index.ts';
-import { BlobType, ZERO_ID, type BlobTypeValue, decodeBlob } from './codec.ts';
+import { BlobType, ZERO_ID, type BlobTypeValue } from './codec.ts';
 import type { CodecPool } from './codec-pool.ts';
 import { releaseBuffer } from '../util/bytes.ts';
 import { type DamagedCopy, readDamageRecords, writeDamageRecord } from './damage-records.ts';
@@ -44,7 +44,7 @@ import {
 } from './gc-plan.ts';
 import { type BatchItem, readBlobBatch } from './blob-batch.ts';
 import type { BlobLocation } from './blob-index.ts';
-import { type BlobReader, pieceIds } from './disk-map.ts';
+import { pieceIds } from './disk-map.ts';
 import { IdSet } from './id-set.ts';
 import { decodeIndexFile, indexFileId, type IndexedPack } from './index-file.ts';
 import { listLocks, type ListedLock, type RepositoryLock } from './lock.ts';
@@ -238,18 +238,11 @@ class GarbageCollection {
   }
 
   /**
-   * Adds to `refs` the disk-map nodes, pieces and chunks of `manifests`; `read` reads a blob's
-   * plaintext. Returns the number of referenced blobs `has` does not know.
+   * Adds to `refs` the disk-map nodes, pieces and chunks of `manifests`, reading the blobs that
+   * `locate` finds. Returns the number of referenced blobs `has` does not know.
    */
   async #mark(manifests: SnapshotManifest[], refs: IdSet, locate: (id: Buffer) => BlobLocation | undefined, has: (id: Buffer) => boolean): Promise<number> {
     const repo = this.#repo;
-    const read: BlobReader = async (id, type, what) => {
-      const loc = locate(id);
-      if (!loc) throw new DamageError('missing-blob', `${what()} is in no index`);
-      const pack = packName(loc.packId);
-      const stored = await repo.store.read(pack, { offset: loc.offset, length: loc.length });
-      return decodeBlob(repo.keys, type, id, stored, { id, maxLength: loc.rawLength, exactLength: true }, () => ({ what: `${what()} in ${pack}`, context: {} }));
-    };
     const pieces: BatchItem[] = [];
     let missing = 0;
     const disks = manifests.flatMap((m) => m.disks.map((d) => ({ m, d })));
@@ -260,7 +253,7 @@ class GarbageCollection {
         if (refs.add(id) && !has(id)) missing++;
       }
       try {
-        return await pieceIds(this.#repo, m.name, d, read);
+        return await pieceIds(repo, m.name, d, { locate });
       } catch (err) {
         throw new DamageError('gc-unreadable-piece', `garbage collection cannot run: the disk map of disk ${d.name} in snapshot ${m.name} cannot be read (${(err as Error).message}), so the chunks it references are unknown`, {
           hint: 'run `tresor verify` to see the damage; a backup of the same disk may heal it',

@@ -13,8 +13,9 @@ import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { TresorError, ExitCode, NotFoundError, DamageError, UsageError } from '../util/errors.ts';
 import type { BlobStore } from '../store/store.ts';
+import { readOneBlob } from './blob-batch.ts';
 import { BlobIndex, type BlobLocation } from './blob-index.ts';
-import { BlobType, type BlobTypeValue, type CodecKeys, decodeBlob, encodeBlob, nameId, BLOB_TYPE_NAMES } from './codec.ts';
+import { BlobType, type BlobTypeValue, type CodecKeys, decodeBlob, encodeBlob, nameId } from './codec.ts';
 import { decodeIndexFile, encodeIndexFile, indexFileId, type IndexedPack } from './index-file.ts';
 import {
   type KeySlot, type MasterKey, generateMasterKey, generateRecoveryKey, looksLikeRecoveryKey,
@@ -22,7 +23,7 @@ import {
 } from './keys.ts';
 import { RepositoryLock, type LockKind } from './lock.ts';
 import { type SnapshotManifest, validateManifest, parseSnapshotName } from './manifest.ts';
-import { packIdFromName, packName, readPackHeader } from './pack.ts';
+import { packIdFromName, readPackHeader } from './pack.ts';
 import { mapLimit } from '../util/concurrency.ts';
 import { IdSet } from './id-set.ts';
 import { loadReuseExclusions } from './reuse.ts';
@@ -384,12 +385,9 @@ export class Repository {
   }
 
   /** Reads, decodes and checks one content-addressed blob. */
-  async readBlob(id: Buffer, type: BlobTypeValue, what: () => string): Promise<Buffer> {
-    const loc = await this.locate(id, what);
-    const pack = packName(loc.packId);
-    const stored = await this.store.read(pack, { offset: loc.offset, length: loc.length });
-    return decodeBlob(this.keys, type, id, stored, { id, maxLength: loc.rawLength, exactLength: true },
-      () => ({ what: `${what()} (${BLOB_TYPE_NAMES[type]} ${id.toString('hex')} in ${pack})`, context: { blob: id.toString('hex'), pack } }));
+  /** One blob's plaintext, checked (blob-batch.ts: the same reads and errors as a batch of one). */
+  readBlob(id: Buffer, type: BlobTypeValue, what: () => string): Promise<Buffer> {
+    return readOneBlob(this, { id, type, what });
   }
 
   // ---- snapshots --------------------------------------------------------------------------

@@ -22,10 +22,10 @@ import { TresorError, UsageError } from '../util/errors.ts';
 import { mapLimit } from '../util/concurrency.ts';
 import { credentialAccess } from './access.ts';
 import type { BlobLocation } from './blob-index.ts';
-import { BlobType, ZERO_ID, computeId, encodeBlob } from './codec.ts';
+import { BlobType, ZERO_ID } from './codec.ts';
 import { type CodecPool, transferable } from './codec-pool.ts';
 import { releaseBuffer } from '../util/bytes.ts';
-import { DEFAULT_NODE_IDS, DiskMapReader, diskMapDigest, storeMapNodes } from './disk-map.ts';
+import { DiskMapReader, diskMapDigest, storeMapBlob, storeMapNodes, unitPieces } from './disk-map.ts';
 import { readPlans } from './gc-plan.ts';
 import { IdMap } from './id-set.ts';
 import { type DiskRecord, MANIFEST_VERSION, type SnapshotManifest } from './manifest.ts';
@@ -217,22 +217,21 @@ async function copySnapshot(
   let done = 0;
   for (const disk of m.disks) {
     if (disk.chunkSize !== target.config.chunkSize) throw new ChunkSizeMismatchError(disk.chunkSize, target.config.chunkSize, target.store.location);
-    // Units of whole pieces, at least UNIT_SLOTS slots: small pieces would mean small batches.
-    const unitPieces = Math.ceil(UNIT_SLOTS / disk.pieceSlots);
-    const reader = await DiskMapReader.open(source, m.name, disk, { readAhead: 2 * unitPieces });
+    const perUnit = unitPieces(disk.pieceSlots);
+    const reader = await DiskMapReader.open(source, m.name, disk, { readAhead: 2 * perUnit });
     const pieces = new Array<string>(reader.pieceCount());
-    const units = Array.from({ length: Math.ceil(pieces.length / unitPieces) }, (_, u) => u);
+    const units = Array.from({ length: Math.ceil(pieces.length / perUnit) }, (_, u) => u);
     await mapLimit(units, 2, async (u) => {
       if (opts.signal?.aborted) throw opts.signal.reason ?? new TresorError('interrupted', 'sync interrupted');
-      const first = u * unitPieces;
-      const count = Math.min(unitPieces, pieces.length - first);
+      const first = u * perUnit;
+      const count = Math.min(perUnit, pieces.length - first);
       const ids = await copyPieces(source, target, reader, first, count, map, writer, opts, report, learnt);
       ids.forEach((id, k) => (pieces[first + k] = id));
       done += Math.min(count * disk.pieceSlots * disk.chunkSize, disk.size - first * disk.pieceSlots * disk.chunkSize);
       opts.progress?.(m.name, done, total);
     });
     const { pieces: _sourceList, ...rest } = disk;
-    disks.push({ ...rest, ...(await storeMapNodes(target, writer, pieces, target.config.nodeIds ?? DEFAULT_NODE_IDS)), digest: diskMapDigest(pieces) });
+    disks.push({ ...rest, ...(await storeMapNodes(target, writer, pieces)), digest: diskMapDigest(pieces) });
   }
   await writer.commitIndex();
   report.bytesSent += writer.stats.bytes;
@@ -240,9 +239,6 @@ async function copySnapshot(
   await target.commitSnapshot(copy); // false = someone else copied it meanwhile: the same snapshot
   return learnt;
 }
-
-/** Slots per unit of sync work, at least (rounded up to whole pieces). */
-const UNIT_SLOTS = 1024;
 
 /**
  * Rebuilds pieces [first, first + count) with target ids, sending the chunks the target lacks;
@@ -292,11 +288,7 @@ async function copyPieces(
   const ids: string[] = [];
   for (let k = 0; k < count; k++) {
     const piece = out.subarray(k * per * 32, Math.min(out.length, (k + 1) * per * 32));
-    const id = computeId(target.keys, piece);
-    if (!usable(id) && writer.claim(id)) {
-      await writer.add(BlobType.indexPiece, id, encodeBlob(target.keys, BlobType.indexPiece, id, piece), piece.length);
-    }
-    ids.push(id.toString('hex'));
+    ids.push((await storeMapBlob(target, writer, BlobType.indexPiece, piece)).toString('hex'));
   }
   return ids;
 }
