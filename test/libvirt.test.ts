@@ -165,6 +165,7 @@ describe('libvirt driver with live TCG guests', { timeout: 300_000 }, () => {
     const infos = await Promise.all(Array.from({ length: 12 }, () => virsh.run(['dominfo', main.uuid], { operation: 'dominfo' })));
     for (const info of infos) assert.match(info, new RegExp(`^UUID:\\s+${main.uuid}$`, 'm'));
     timings.twelveSessionCallsMs = Math.round(performance.now() - started);
+    assert.ok(virsh.liveSessions >= 1 && virsh.liveSessions <= 3, `12 calls ran in ${virsh.liveSessions} long-running virsh processes (1 to 3 expected)`);
     assert.equal((await virsh.run(['dumpxml', main.uuid], { operation: 'dumpxml' })).slice(0, 7), '<domain', 'neither prompts, echoed commands nor blank lines are part of the output');
     // `event --timeout` blocks the session for its timeout: past the call's deadline it is killed.
     await assert.rejects(virsh.run(['event', '--all', '--timeout', '5'], { operation: 'event', timeoutMs: 300 }), (err: unknown) => err instanceof HypervisorError && err.code === 'timeout');

@@ -52,6 +52,11 @@ export class Virsh {
     this.useSessions = opts.sessions === true;
   }
 
+  /** Interactive virsh processes alive now (diagnostics and tests). */
+  get liveSessions(): number {
+    return this.sessions.filter((session) => !session.ended).length;
+  }
+
   /** Runs one virsh command and returns its stdout; throws a classified HypervisorError. */
   run(args: string[], opts: VirshCallOptions): Promise<string> {
     const context: HypervisorErrorContext = { uri: this.uri, operation: opts.operation, ...opts.context };
