@@ -9,6 +9,9 @@ import { parseActiveBackupXml, parseJobStats, pullBackupXml } from '../src/hyper
 import { checkpointCreateXml, parseCheckpointXml, validateCheckpointName } from '../src/hypervisor/checkpoint.ts';
 import { classifyLibvirtError } from '../src/hypervisor/errors.ts';
 import { parseEventLine } from '../src/hypervisor/events.ts';
+import { remoteHostOf } from '../src/hypervisor/libvirt.ts';
+import { portCandidates } from '../src/engine/vm-nbd-server.ts';
+import { parsePortRange } from '../src/cli/commands/backup.ts';
 import { BadInputError } from '../src/util/errors.ts';
 import { childElements, childText, parseXml, renderXml, textContent } from '../src/util/xml.ts';
 
@@ -79,7 +82,7 @@ describe('backup and checkpoint XML', () => {
       <disk name='sdb' backup='yes' type='file' backupmode='incremental' incremental='cp1' exportname='sdb' exportbitmap='backup-sdb' index='5'><driver type='qcow2'/><scratch file='/s/sdb'/></disk>
       </disks></domainbackup>`);
     assert.deepEqual(active, {
-      mode: 'pull', incremental: 'cp1', socketPath: '/s/n.sock',
+      mode: 'pull', incremental: 'cp1', socketPath: '/s/n.sock', tcp: undefined,
       disks: [{ target: 'sdb', exportName: 'sdb', mode: 'incremental', exportBitmap: 'backup-sdb', scratchFile: '/s/sdb' }],
     });
     const checkpoint = parseCheckpointXml(`<domaincheckpoint><name>cp2</name><parent><name>cp1</name></parent><creationTime>1795345300</creationTime>
@@ -89,6 +92,38 @@ describe('backup and checkpoint XML', () => {
     assert.deepEqual(checkpoint.disks[1], { target: 'sdb', checkpoint: 'bitmap', bitmap: 'cp2', size: 65536 });
     assert.throws(() => parseCheckpointXml('<domain/>'), BadInputError);
     assert.throws(() => parseCheckpointXml('<domaincheckpoint><name>x</name><creationTime>-1</creationTime></domaincheckpoint>'), BadInputError);
+  });
+
+  it('puts the NBD server on TCP with TLS for a remote host, and reads it back', () => {
+    const disks = [{ target: 'vda', scratchFile: '/img/vda.qcow2.cp.scratch' }];
+    const backup = parseXml(pullBackupXml({ tcp: { address: '10.0.0.7', port: 10850, tls: { ca: 'x' } }, disks }, ['vda']));
+    assert.deepEqual({ ...childElements(backup, 'server')[0]!.attributes }, { transport: 'tcp', name: '10.0.0.7', port: '10850', tls: 'yes' });
+    const clear = parseXml(pullBackupXml({ tcp: { address: 'host.example', port: 10809 }, disks }, ['vda']));
+    assert.deepEqual({ ...childElements(clear, 'server')[0]!.attributes }, { transport: 'tcp', name: 'host.example', port: '10809' });
+    // One server, never none or two.
+    assert.throws(() => pullBackupXml({ disks }, ['vda']), BadInputError);
+    assert.throws(() => pullBackupXml({ socketPath: '/s', tcp: { address: 'h', port: 1 }, disks }, ['vda']), BadInputError);
+    const active = parseActiveBackupXml(`<domainbackup mode='pull'><server transport='tcp' tls='yes' name='10.0.0.7' port='10850'/><disks>
+      <disk name='vda' backup='yes' type='file' backupmode='full' exportname='vda' index='3'><scratch file='/img/vda.qcow2.cp.scratch'/></disk></disks></domainbackup>`);
+    assert.deepEqual(active.tcp, { address: '10.0.0.7', port: 10850, tls: true });
+    assert.equal(active.socketPath, undefined);
+  });
+
+  it('tells remote libvirt URIs from local ones', () => {
+    for (const [uri, host] of [
+      ['qemu:///system', undefined], ['qemu+unix:///system?socket=/run/x/libvirt-sock', undefined], ['qemu:///session', undefined],
+      ['qemu+ssh://root@kvm1.example:2222/system', 'kvm1.example'], ['qemu+tcp://10.1.2.3/system', '10.1.2.3'],
+      ['qemu+tls://[fd00::5]:16514/system', 'fd00::5'], ['qemu://kvm2/system', 'kvm2'], ['qemu+ssh://kvm3/system?keyfile=/k', 'kvm3'],
+    ] as const) assert.equal(remoteHostOf(uri), host, uri);
+  });
+
+  it('tries a few ports of the range from a random start, wrapping around; parses port ranges', () => {
+    assert.deepEqual(portCandidates([10809, 10908], () => 0.999), [10908, 10809, 10810, 10811, 10812]);
+    assert.deepEqual(portCandidates([10809, 10810], () => 0), [10809, 10810]);
+    assert.deepEqual(portCandidates([7000, 7000]), [7000]);
+    assert.deepEqual(parsePortRange('10809'), [10809, 10809]);
+    assert.deepEqual(parsePortRange('10809-10908'), [10809, 10908]);
+    for (const bad of ['0', '70000', '10-5', 'x', '1-2-3', '']) assert.throws(() => parsePortRange(bad), /--nbd-port/, bad);
   });
 
   it('accepts only plain checkpoint names', () => {
@@ -129,6 +164,8 @@ describe('libvirt error classification', () => {
     ["error: internal error: unable to execute QEMU command 'transaction': Can't make bitmap 'cpv2' persistent in 'libvirt-9-format': Cannot store dirty bitmaps in qcow2 v2 files", 'bitmaps-unsupported'],
     ['error: unsupported configuration: checkpoint for disk sdd unsupported for storage type raw', 'bitmaps-unsupported'],
     ["error: internal error: unable to execute QEMU command 'nbd-server-start': Failed to bind socket to /x/nbd.sock: Permission denied", 'scratch-not-writable'],
+    ["error: internal error: unable to execute QEMU command 'nbd-server-start': Failed to find an available port: Address already in use", 'port-in-use'],
+    ["error: internal error: unable to execute QEMU command 'object-add': Unable to access credentials /etc/pki/qemu/ca-cert.pem: No such file or directory", 'nbd-tls-unavailable'],
     ['error: argument unsupported: QEMU guest agent is not configured', 'agent-not-configured'],
     ['error: Guest agent is not responding: QEMU guest agent is not connected', 'agent-not-responding'],
     ['error: Requested operation is not valid: domain is not running', 'domain-not-running'],

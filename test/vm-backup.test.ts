@@ -5,14 +5,15 @@
  * shut-off VMs, the consistency policies, a killed Tresor, and a VM migrated to another host.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { readFile, mkdir } from 'node:fs/promises';
-import { join } from 'node:path';
+import { execFile, spawn } from 'node:child_process';
+import { readFile, readdir, mkdir } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { LabHost, SYSTEM_URI, defineTestDomain, e2fsckClean, qemuIoWrite, readGuestLog, type TestDomain } from './lab/guest.ts';
 import { startLibvirtHosts, type LibvirtHostLab } from './lab/hosts.ts';
+import { createLabPki } from './lab/pki.ts';
 import { tresor, spawnTresor } from './helpers/cli.ts';
 import { openLibvirt } from '../src/hypervisor/libvirt.ts';
 
@@ -230,7 +231,7 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
     });
   });
 
-  describe('a VM migrated to another libvirt host', () => {
+  describe('VMs on other libvirt hosts', () => {
     let hosts: LibvirtHostLab;
     before(async () => {
       hosts = await startLibvirtHosts(2);
@@ -265,6 +266,91 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, out]);
       await run('virsh', ['-c', h2.uri, 'destroy', dom.name]).catch(() => undefined);
       await run('virsh', ['-c', h2.uri, 'undefine', dom.name, '--checkpoints-metadata']).catch(() => undefined);
+    });
+
+    it('on a remote host (qemu+tcp://) is read over NBD/TCP with TLS, incrementally, and restores exactly; a wrong CA, a missing CA and a shut-off VM fail cleanly', async (t) => {
+      const [h1] = hosts.hosts;
+      const disk = lab.path('remote-sda.qcow2');
+      await run('qemu-img', ['create', '-f', 'qcow2', disk, '64M']);
+      await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x31 0 8M', disk]);
+      const dom = await defineTestDomain(h1.uri, { name: `tresor-lab-${process.pid}-remote`, disks: [{ path: disk, bus: 'scsi', target: 'sda' }], guest: undefined, consoleLog: lab.path('remote.console.log'), agent: false });
+      await run('virsh', ['-c', h1.uri, 'start', dom.name]);
+      // The test process reaches h1 only over the lab network, as Tresor would reach another machine.
+      const remote = (extra: string[]) => cli(['backup', 'vm', dom.name, '--connect', h1.tcpUri, '--id', 'remote', '--consistency', 'off', ...extra]);
+      const ok = async (extra: string[]) => {
+        const r = await remote(extra);
+        assert.equal(r.code, 0, `remote backup failed: ${r.stdout}${r.stderr}`);
+        return r.json as { snapshot: any; log: string[] };
+      };
+      const tlsDir = ['--nbd-tls-dir', hosts.pki.clientDir];
+      const checkpoints = async () => (await run('virsh', ['-c', h1.uri, 'checkpoint-list', dom.name, '--name'])).stdout.split('\n').filter((l) => l.trim() !== '');
+      const jobType = async () => /Job type:\s*(\S+)/.exec((await run('virsh', ['-c', h1.uri, 'domjobinfo', dom.name])).stdout)?.[1];
+
+      const first = await ok(tlsDir);
+      const log1 = first.log.join('\n');
+      t.diagnostic(log1);
+      assert.match(log1, new RegExp(`NBD over TCP at ${h1.address.replace(/\./g, '\\.')}:\\d+ with TLS`));
+      assert.equal(first.snapshot.disks[0].bytesRead, 8 * MiB, log1);
+      // No --scratch-dir: libvirt put the scratch file next to the image and removed it with the job.
+      assert.deepEqual((await readdir(dirname(disk))).filter((f) => f.startsWith('remote-sda.qcow2.')), []);
+      assert.equal((await checkpoints()).length, 1);
+
+      await qemuIoWrite(h1.uri, dom.name, 'sda', { offset: 16 * MiB, length: 512 * 1024, pattern: 0x46 });
+      const count = (await vms()).length;
+      // A CA that did not sign the host's certificate: the TLS handshake fails after the job
+      // started; no snapshot, the job is gone, the new checkpoint deleted.
+      const intruder = await createLabPki(lab.path('intruder-pki'), [h1.address], 'intruder');
+      const bad = await remote(['--nbd-tls-dir', intruder.clientDir]);
+      assert.notEqual(bad.code, 0, bad.stdout);
+      assert.match(`${bad.stdout}${bad.stderr}`, /TLS handshake .* failed/);
+      assert.equal((await vms()).length, count);
+      assert.equal(await jobType(), 'None');
+      assert.deepEqual(await checkpoints(), [first.snapshot.source.checkpoint.name]);
+      // No CA at all: refused before anything starts.
+      await mkdir(lab.path('no-pki'), { recursive: true });
+      const none = await remote(['--nbd-tls-dir', lab.path('no-pki')]);
+      assert.notEqual(none.code, 0, none.stdout);
+      assert.match(`${none.stdout}${none.stderr}`, /ca-cert\.pem.*missing/);
+
+      await run('virsh', ['-c', h1.uri, 'suspend', dom.name]);
+      const second = await ok(tlsDir);
+      const log2 = second.log.join('\n');
+      const d = second.snapshot.disks[0];
+      assert.equal(d.base?.snapshot, first.snapshot.name, log2);
+      assert.equal(d.bytesRead, 512 * 1024, log2);
+      const out = lab.path('remote-restored.raw');
+      await restore(second.snapshot.name, 'sda', out);
+      await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, out]);
+
+      // A port the host already uses: a typed error naming the option, and nothing left behind.
+      const squatter = spawn('ip', ['netns', 'exec', h1.netns, process.execPath, '-e',
+        `require('net').createServer().listen(10999, '${h1.address}', () => console.log('listening'))`], { stdio: ['ignore', 'pipe', 'inherit'] });
+      try {
+        await new Promise<void>((resolve, reject) => {
+          squatter.stdout!.once('data', () => resolve());
+          squatter.once('exit', (code) => reject(new Error(`port squatter exited with ${code}`)));
+        });
+        const busy = await remote([...tlsDir, '--nbd-port', '10999']);
+        assert.notEqual(busy.code, 0, busy.stdout);
+        assert.equal(busy.json?.error?.code, 'port-in-use', busy.stdout);
+        assert.match(busy.json.error.hint, /--nbd-port/);
+      } finally {
+        squatter.kill();
+      }
+      assert.equal((await vms()).length, count + 1);
+      assert.equal(await jobType(), 'None');
+      assert.deepEqual(await checkpoints(), [second.snapshot.source.checkpoint.name]);
+
+      // Clear text only when asked, and the log says so.
+      const clear = await ok(['--nbd-tls', 'off']);
+      assert.match(clear.log.join('\n'), /IN CLEAR TEXT/);
+      assert.equal(clear.snapshot.disks[0].bytesRead, 0);
+
+      await run('virsh', ['-c', h1.uri, 'destroy', dom.name]);
+      const off = await remote(tlsDir);
+      assert.notEqual(off.code, 0, off.stdout);
+      assert.match(`${off.stdout}${off.stderr}`, /is shut off: Tresor reads a shut-off domain's images with qemu-nbd on the machine it runs on/);
+      await run('virsh', ['-c', h1.uri, 'undefine', dom.name, '--checkpoints-metadata']).catch(() => undefined);
     });
   });
 });

@@ -23,7 +23,7 @@
  */
 import { mkdir, readFile, rm, writeFile, chmod, chown, statfs } from 'node:fs/promises';
 import { execFile } from 'node:child_process';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import type { Hypervisor, DomainInfo, DiskInfo, CheckpointInfo, BackupJob, BlockInfo } from '../hypervisor/types.ts';
@@ -38,6 +38,8 @@ import { backupDisk, type DiskBackupStats } from './disk-backup.ts';
 import { SnapshotSession } from './snapshot-writer.ts';
 import { RateLimitedSource, TokenBucket } from './rate-limit.ts';
 import { processAlive } from '../util/process.ts';
+import { HypervisorError } from '../hypervisor/errors.ts';
+import { describeNbdServer, planNbdServer, portCandidates, type NbdServerPlan, type VmNbdOptions } from './vm-nbd-server.ts';
 
 export type ConsistencyPolicy = 'require' | 'try' | 'off';
 
@@ -50,8 +52,16 @@ export interface VmBackupOptions {
   excludeDisks?: string[];
   /** Bytes per second read from the VM's disks, all disks together. */
   bwlimit?: number;
-  /** Scratch (copy-before-write) files and the NBD socket; must be on the hypervisor host. */
+  /**
+   * Scratch (copy-before-write) files: a directory on the domain's host. This machine: default
+   * /var/lib/tresor/scratch, which also holds the NBD socket and the job file. A remote host: the
+   * directory must exist there; default: libvirt puts each scratch file next to its disk image.
+   */
   scratchDir?: string;
+  /** NBD transport (TCP and TLS for a domain on a remote host): vm-nbd-server.ts. */
+  nbd?: VmNbdOptions;
+  /** Local directory for the job files of remote domains' backups (default /var/lib/tresor/jobs). */
+  jobDir?: string;
   /** Free space required in the scratch directory, as a fraction of the disks' size (default 0.1). */
   scratchReserve?: number;
   /** NBD connections per disk (default 4). */
@@ -71,6 +81,7 @@ export interface VmBackupResult {
 export type ConsistencyLevel = 'application' | 'crash' | 'offline';
 
 export const DEFAULT_SCRATCH_DIR = '/var/lib/tresor/scratch';
+export const DEFAULT_JOB_DIR = '/var/lib/tresor/jobs';
 const CHECKPOINT_PREFIX = 'tresor-';
 
 interface JobFile {
@@ -100,17 +111,24 @@ export async function backupVm(repo: Repository, hv: Hypervisor, domainRef: stri
   };
   // The repository session (lock, index, codec workers) starts while libvirt is asked.
   const sessionStarting = SnapshotSession.start(repo, `backup vm ${opts.id ?? domainRef}`);
-  let dom: DomainInfo, id: string, vmDir: string, parentFinding: Promise<SnapshotManifest | undefined>;
+  let dom: DomainInfo, id: string, vmDir: string, parentFinding: Promise<SnapshotManifest | undefined>, nbdPlan: NbdServerPlan;
   try {
+    nbdPlan = await planNbdServer(hv, opts.nbd);
     dom = await hv.getDomain(domainRef);
     id = validateSourceId(opts.id ?? dom.name);
     // Read-only, so it need not wait for the lock: whatever it finds is only used through the
     // blob index, which loads after the lock (a parent pruned meanwhile fails loudly, never silently).
     parentFinding = findParent(repo, id, dom, say);
     parentFinding.catch(() => undefined); // awaited with the other answers
-    const scratchRoot = opts.scratchDir ?? DEFAULT_SCRATCH_DIR;
-    vmDir = join(scratchRoot, dom.uuid);
-    await prepareScratchDir(scratchRoot, vmDir);
+    if (hv.remoteHost === undefined) {
+      const scratchRoot = opts.scratchDir ?? DEFAULT_SCRATCH_DIR;
+      vmDir = join(scratchRoot, dom.uuid);
+      await prepareScratchDir(scratchRoot, vmDir);
+    } else {
+      // The scratch directory is on the other host; only the job file lives here.
+      vmDir = join(opts.jobDir ?? DEFAULT_JOB_DIR, dom.uuid);
+      await mkdir(vmDir, { recursive: true, mode: 0o700 });
+    }
     await cleanUpLeftovers(hv, dom, vmDir, say);
   } catch (err) {
     await sessionStarting.then((session) => session.close(), () => undefined);
@@ -146,7 +164,7 @@ export async function backupVm(repo: Repository, hv: Hypervisor, domainRef: stri
     const disks = allDisks.filter((d) => !excluded.has(d.target));
     if (disks.length === 0) throw new UsageError(`nothing to back up: every disk of ${dom.name} is excluded`);
     for (const t of excluded) say(`disk ${t} excluded by request`);
-    const common = { repo, hv, dom, id, opts, session, parent, disks, domainXml, inactiveXml, vmDir, say, log, prefetch };
+    const common = { repo, hv, dom, id, opts, session, parent, disks, domainXml, inactiveXml, vmDir, nbdPlan, say, log, prefetch };
     return dom.state === 'shutoff'
       ? await backupStoppedVm(common)
       : await backupRunningVm(common);
@@ -175,7 +193,9 @@ interface Common {
   disks: DiskInfo[];
   domainXml: string;
   inactiveXml: string | undefined;
+  /** Local: the VM's scratch directory (socket, scratch files, job file); remote: its job directory. */
   vmDir: string;
+  nbdPlan: NbdServerPlan;
   say: (line: string) => void;
   log: string[];
 }
@@ -192,7 +212,8 @@ async function backupRunningVm(c: Common): Promise<VmBackupResult> {
   const [infos, allCheckpoints] = await Promise.all([c.prefetch!.blockInfos, c.prefetch!.checkpoints]);
   const sizes = new Map<string, number>(await Promise.all(c.disks.map(async (d) =>
     [d.target, (infos.get(d.target) ?? await hv.blockInfo(dom.name, d.target)).capacity] as const)));
-  await checkScratchSpace(c.vmDir, [...sizes.values()], opts.scratchReserve ?? 0.1);
+  if (hv.remoteHost === undefined) await checkScratchSpace(c.vmDir, [...sizes.values()], opts.scratchReserve ?? 0.1);
+  else await checkRemoteScratchSpace(c, sizes);
   const bitmapCapable = c.disks.filter((d) => d.format === 'qcow2').map((d) => d.target);
   for (const d of c.disks) {
     if (d.format !== 'qcow2') say(`disk ${d.target} is ${d.format ?? 'of unknown format'}: it cannot carry a dirty bitmap, so it is read whole every time`);
@@ -223,6 +244,7 @@ async function backupRunningVm(c: Common): Promise<VmBackupResult> {
       if (consistency.frozen) await thaw(c, consistency);
     }
     say(`backup job started at ${pointInTime.toISOString()} (${plan.from ? `incremental from checkpoint ${plan.from}` : 'full'}; new checkpoint ${newCheckpoint ?? 'none'}); consistency: ${consistency.level}`);
+    say(describeNbdServer(c.nbdPlan, 'port' in job.nbd ? job.nbd.port : undefined));
     const results = await readDisks(c, plan, job);
     // Everything is read: the job ends while the snapshot is committed (both take a few hundred
     // ms). The data does not depend on the job's end; a job that cannot be ended is aborted by
@@ -301,19 +323,45 @@ async function planIncremental(c: Common, checkpoints: CheckpointInfo[], sizes: 
 }
 
 async function beginJob(c: Common, plan: IncrementalPlan, checkpoint: string | undefined, bitmapCapable: string[]): Promise<BackupJob> {
-  await rm(join(c.vmDir, 'nbd.sock'), { force: true });
-  return c.hv.beginPullBackup(c.dom.name, {
-    socketPath: join(c.vmDir, 'nbd.sock'),
+  const job = {
     disks: plan.disks.map((d) => ({
       target: d.disk.target,
-      scratchFile: join(c.vmDir, `${d.disk.target}.scratch`),
+      scratchFile: scratchFile(c, d.disk, checkpoint),
       ...(plan.from ? { backupMode: d.parent ? 'incremental' as const : 'full' as const } : {}),
     })),
     incrementalFrom: plan.from,
     checkpointName: checkpoint,
     checkpointDisks: bitmapCapable,
     definition: c.domainXml,
-  });
+  };
+  const server = c.nbdPlan;
+  if (server.transport === 'unix') {
+    await rm(join(c.vmDir, 'nbd.sock'), { force: true });
+    return c.hv.beginPullBackup(c.dom.name, { ...job, socketPath: join(c.vmDir, 'nbd.sock') });
+  }
+  const ports = portCandidates(server.ports);
+  for (const [i, port] of ports.entries()) {
+    try {
+      return await c.hv.beginPullBackup(c.dom.name, { ...job, tcp: { address: server.address, port, tls: server.tls } });
+    } catch (err) {
+      if (!(err instanceof HypervisorError && err.code === 'port-in-use') || i === ports.length - 1) throw err;
+      c.say(`port ${port} on ${server.address} is in use; trying ${ports[i + 1]}`);
+    }
+  }
+  throw new Error('unreachable: no port candidates');
+}
+
+/**
+ * The scratch file of a disk: in the VM's directory here; on a remote host in --scratch-dir, else
+ * next to the disk's image (where libvirt puts its own default ones), named after the job's
+ * checkpoint so a file some earlier job left is never reused. libvirt creates the file and
+ * deletes it when the job ends.
+ */
+function scratchFile(c: Common, disk: DiskInfo, checkpoint: string | undefined): string {
+  if (c.hv.remoteHost === undefined) return join(c.vmDir, `${disk.target}.scratch`);
+  const job = checkpoint ?? `tresor-${randomBytes(4).toString('hex')}`;
+  if (c.opts.scratchDir !== undefined) return join(c.opts.scratchDir, `${job}-${c.dom.uuid}-${disk.target}.scratch`);
+  return `${disk.source!}.${job}.scratch`;
 }
 
 function isBitmapProblem(err: unknown): boolean {
@@ -433,6 +481,13 @@ async function thaw(c: Common, state: ConsistencyState): Promise<void> {
 
 async function backupStoppedVm(c: Common): Promise<VmBackupResult> {
   const { say } = c;
+  if (c.hv.remoteHost !== undefined) {
+    // Its images are files on the other host, and only a running QEMU can serve them to us.
+    throw new VmBackupError('remote-shutoff', `domain ${c.dom.name} on ${c.hv.remoteHost} is shut off: Tresor reads a shut-off domain's images with qemu-nbd on the machine it runs on, and ${c.hv.remoteHost} is another machine`, {
+      hint: `start the domain (a running domain is read over NBD/TCP from here), or run the backup on ${c.hv.remoteHost} itself against the same repository`,
+      context: { domain: c.dom.name, host: c.hv.remoteHost },
+    });
+  }
   const recorded = c.parent?.source.checkpoint as { name: string; xml: string } | undefined;
   const plans: Array<DiskPlan & { bitmap: string | undefined }> = [];
   let keepCheckpoint = recorded !== undefined && !c.opts.full;
@@ -558,6 +613,44 @@ async function checkScratchSpace(dir: string, sizes: number[], reserve: number):
       hint: 'free space there, point --scratch-dir at a larger filesystem, or lower --scratch-reserve if the guest writes little',
       exitCode: ExitCode.noSpace, context: { dir, free, need },
     });
+  }
+}
+
+/**
+ * The remote counterpart of checkScratchSpace: free space of each scratch directory on the
+ * domain's host, through libvirt (its figure counts blocks reserved for root as free).
+ */
+async function checkRemoteScratchSpace(c: Common, sizes: Map<string, number>): Promise<void> {
+  const reserve = c.opts.scratchReserve ?? 0.1;
+  const byDir = new Map<string, number[]>();
+  for (const d of c.disks) {
+    let dir = c.opts.scratchDir;
+    if (dir === undefined) {
+      if (d.sourceType !== 'file' || !d.source) {
+        throw new VmBackupError('scratch-dir-needed', `disk ${d.target} of ${c.dom.name} is not a file on ${c.hv.remoteHost}, so libvirt has no place next to it for the scratch file`, {
+          hint: 'name a directory on that host with --scratch-dir', context: { domain: c.dom.name, disk: d.target },
+        });
+      }
+      dir = dirname(d.source);
+    }
+    byDir.set(dir, [...(byDir.get(dir) ?? []), sizes.get(d.target)!]);
+  }
+  for (const [dir, dirSizes] of byDir) {
+    let free: number;
+    try {
+      free = await c.hv.freeSpace(dir);
+    } catch (err) {
+      throw new VmBackupError('scratch-space', `cannot find the free space of the scratch directory ${dir} on ${c.hv.remoteHost}: ${(err as Error).message.split('\n')[0]}`, {
+        hint: 'the directory must exist on that host; name another with --scratch-dir', context: { dir }, cause: err,
+      });
+    }
+    const need = Math.min(dirSizes.reduce((a, b) => a + b, 0) * reserve, 64 << 30);
+    if (free < need) {
+      throw new VmBackupError('scratch-space', `the scratch directory ${dir} on ${c.hv.remoteHost} has ${free} bytes free; the backup needs at least ${Math.ceil(need)} (${Math.round(reserve * 100)} % of the disks) for data the guest overwrites while it runs`, {
+        hint: 'free space there, point --scratch-dir at a larger filesystem on that host, or lower --scratch-reserve if the guest writes little',
+        exitCode: ExitCode.noSpace, context: { dir, free, need },
+      });
+    }
   }
 }
 

@@ -7,9 +7,9 @@ import { childElement, childElements, childText, parseXml, renderXml } from '../
 import type { JobInfo, JobKind, PullBackupOptions } from './types.ts';
 
 /**
- * `<domainbackup mode='pull'>` with a unix-socket NBD server: every disk of the domain is listed,
- * the requested ones with their scratch file, the others with backup='no' (libvirt would otherwise
- * include them by default).
+ * `<domainbackup mode='pull'>` with an NBD server on a unix socket or on TCP (optionally TLS): every
+ * disk of the domain is listed, the requested ones with their scratch file, the others with
+ * backup='no' (libvirt would otherwise include them by default).
  */
 export function pullBackupXml(opts: PullBackupOptions, allTargets: string[]): string {
   const requested = new Map(opts.disks.map((disk) => [disk.target, disk]));
@@ -18,7 +18,7 @@ export function pullBackupXml(opts: PullBackupOptions, allTargets: string[]): st
     attributes: { mode: 'pull' },
     children: [
       opts.incrementalFrom !== undefined && { name: 'incremental', children: [opts.incrementalFrom] },
-      { name: 'server', attributes: { transport: 'unix', socket: opts.socketPath } },
+      { name: 'server', attributes: serverAttributes(opts) },
       {
         name: 'disks',
         children: allTargets.map((target) => {
@@ -39,6 +39,15 @@ export function pullBackupXml(opts: PullBackupOptions, allTargets: string[]): st
   }) + '\n';
 }
 
+function serverAttributes(opts: PullBackupOptions): Record<string, string> {
+  if ((opts.tcp === undefined) === (opts.socketPath === undefined)) {
+    throw new BadInputError('backup-server-invalid', 'a pull backup needs exactly one NBD server: a unix socket path or a TCP address and port');
+  }
+  if (opts.tcp === undefined) return { transport: 'unix', socket: opts.socketPath! };
+  // libvirt 9 has no port allocation for backups: the port must be given.
+  return { transport: 'tcp', name: opts.tcp.address, port: String(opts.tcp.port), ...(opts.tcp.tls ? { tls: 'yes' } : {}) };
+}
+
 export interface ActiveBackupDisk {
   target: string;
   exportName: string;
@@ -51,6 +60,8 @@ export interface ActiveBackup {
   mode: string;
   incremental: string | undefined;
   socketPath: string | undefined;
+  /** The TCP server, when the job listens on TCP. */
+  tcp: { address: string; port: number; tls: boolean } | undefined;
   disks: ActiveBackupDisk[];
 }
 
@@ -70,10 +81,16 @@ export function parseActiveBackupXml(xml: string): ActiveBackup {
       scratchFile: childElement(disk, 'scratch')?.attributes.file,
     });
   }
+  const server = childElement(root, 'server');
+  const port = Number(server?.attributes.port);
+  const tcp = server?.attributes.transport === 'tcp' && server.attributes.name !== undefined && Number.isInteger(port) && port > 0
+    ? { address: server.attributes.name, port, tls: server.attributes.tls === 'yes' }
+    : undefined;
   return {
     mode: root.attributes.mode ?? 'push',
     incremental: childText(root, 'incremental'),
-    socketPath: childElement(root, 'server')?.attributes.socket,
+    socketPath: server?.attributes.socket,
+    tcp,
     disks,
   };
 }

@@ -20,6 +20,8 @@ export type HypervisorErrorCode =
   | 'backup-job-running'
   | 'no-backup-job'
   | 'scratch-not-writable'
+  | 'port-in-use'
+  | 'nbd-tls-unavailable'
   | 'disk-not-found'
   | 'disk-in-use'
   | 'agent-not-configured'
@@ -110,6 +112,16 @@ const CLASSIFICATIONS: Classification[] = [
     code: 'bitmaps-unsupported',
     pattern: /Cannot store dirty bitmaps|qcow2 v2|qcow2 v3|persistent bitmap|unsupported (?:configuration|format).*(?:checkpoint|bitmap)|checkpoint.*(?:unsupported|not supported)|does not support (?:checkpoints|bitmaps)|bitmaps? .*(?:require|not supported)/i,
     hint: () => 'checkpoints need qcow2 v3 disks (persistent dirty bitmaps): convert with `qemu-img amend -o compat=1.1` or `qemu-img convert -O qcow2`, or exclude the disk',
+  },
+  {
+    code: 'port-in-use',
+    pattern: /Failed to find an available port|Address already in use/i,
+    hint: () => 'another NBD server (another backup?) uses that port on the host: choose another with --nbd-port',
+  },
+  {
+    code: 'nbd-tls-unavailable',
+    pattern: /Unable to access credentials|tls-creds|x509/i,
+    hint: (ctx) => `the host of ${ctx.uri ?? 'the domain'} has no TLS certificate for backup NBD servers: set backup_tls_x509_cert_dir in its /etc/libvirt/qemu.conf (ca-cert.pem, server-cert.pem, server-key.pem), or accept clear text with --nbd-tls off on a trusted network`,
   },
   {
     code: 'scratch-not-writable',

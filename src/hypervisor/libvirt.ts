@@ -21,6 +21,7 @@
  * Open a connection with `openLibvirt(uri)`, which checks that libvirt and QEMU are recent enough
  * for pull-mode backups with checkpoints (libvirt ≥ 7.6, QEMU ≥ 6.1).
  */
+import { randomBytes } from 'node:crypto';
 import type { NbdTarget } from '../nbd/client.ts';
 import { parseActiveBackupXml, parseJobStats, pullBackupXml } from './backup-job.ts';
 import { checkpointCreateXml, parseCheckpointXml, validateCheckpointName } from './checkpoint.ts';
@@ -65,6 +66,28 @@ export async function openLibvirt(uri: string, opts: OpenLibvirtOptions = {}): P
   return hypervisor;
 }
 
+/**
+ * The host a libvirt URI names when it is another machine (qemu+ssh://host/system,
+ * qemu+tcp://host/system, qemu://host/system), else undefined (qemu:///system,
+ * qemu+unix:///system?socket=...: this machine).
+ */
+export function remoteHostOf(uri: string): string | undefined {
+  const match = /^[a-z0-9+]+:\/\/(?:[^@/?]*@)?(\[[^\]]+\]|[^/:?]+)/i.exec(uri);
+  if (match === null) return undefined;
+  const host = (match[1] as string).replace(/^\[(.*)\]$/, '$1');
+  return host === '' ? undefined : host;
+}
+
+function parsePoolTarget(xml: string): string | undefined {
+  return /<target>\s*<path>([^<]+)<\/path>/.exec(xml)?.[1]?.trim().replace(/\/+$/, '');
+}
+
+function parsePoolAvailable(info: string, context: { uri: string; operation: string; dir: string }): number {
+  const available = /^Available:\s*(\d+)/m.exec(info)?.[1];
+  if (available === undefined) throw new HypervisorError('operation-failed', `libvirt reported no free space for ${context.dir}`, { context: { ...context, info } });
+  return Number(available);
+}
+
 function requireVersion(what: string, version: string, minimum: readonly number[], uri: string): void {
   const parts = version.split('.').map((part) => Number.parseInt(part, 10) || 0);
   for (let i = 0; i < minimum.length; i++) {
@@ -89,11 +112,35 @@ const LIST_CONCURRENCY = 4;
 
 export class LibvirtHypervisor implements Hypervisor {
   readonly uri: string;
+  readonly remoteHost: string | undefined;
   private readonly virsh: Virsh;
 
   constructor(uri: string, opts: OpenLibvirtOptions = {}) {
     this.uri = uri;
+    this.remoteHost = remoteHostOf(uri);
     this.virsh = new Virsh(uri, { binary: opts.virshPath, timeoutMs: opts.timeoutMs, sessions: true });
+  }
+
+  /**
+   * Free bytes of the filesystem holding `dir` on the domains' host, through libvirt's storage
+   * pools (the only remote statvfs libvirt offers): an active directory pool with that target
+   * answers; otherwise a transient directory pool is started on it for the question (it creates
+   * nothing, and fails when the directory does not exist).
+   */
+  async freeSpace(dir: string): Promise<number> {
+    const context = { uri: this.uri, operation: 'free space', dir };
+    const names = (await this.virsh.run(['pool-list', '--name'], { operation: 'pool-list' })).split('\n').map((l) => l.trim()).filter((l) => l !== '');
+    for (const name of names) {
+      const xml = await this.virsh.run(['pool-dumpxml', name], { operation: 'pool-dumpxml', context: { pool: name } }).catch(() => '');
+      if (parsePoolTarget(xml) === dir.replace(/\/+$/, '')) return parsePoolAvailable(await this.virsh.run(['pool-info', name, '--bytes'], { operation: 'pool-info', context: { pool: name } }), context);
+    }
+    const probe = `tresor-space-${randomBytes(4).toString('hex')}`;
+    await this.virsh.run(['pool-create-as', probe, 'dir', '--target', dir], { operation: 'pool-create-as', context: { dir } });
+    try {
+      return parsePoolAvailable(await this.virsh.run(['pool-info', probe, '--bytes'], { operation: 'pool-info', context: { pool: probe } }), context);
+    } finally {
+      await this.virsh.run(['pool-destroy', probe], { operation: 'pool-destroy', context: { pool: probe } }).catch(() => undefined);
+    }
   }
 
   async versions(): Promise<LibvirtVersions> {
@@ -222,7 +269,8 @@ export class LibvirtHypervisor implements Hypervisor {
       documents.push(checkpointCreateXml(opts.checkpointName, opts.checkpointDisks ?? opts.disks.map((disk) => disk.target), targets));
     }
     await this.virsh.withFiles(documents, (files) => this.virsh.run(['backup-begin', domain, ...files], {
-      operation: 'backup-begin', domain, context: { socketPath: opts.socketPath, incrementalFrom: opts.incrementalFrom, checkpoint: opts.checkpointName },
+      operation: 'backup-begin', domain,
+      context: { ...(opts.tcp ? { nbd: `${opts.tcp.address}:${opts.tcp.port}`, tls: opts.tcp.tls !== undefined } : { socketPath: opts.socketPath }), incrementalFrom: opts.incrementalFrom, checkpoint: opts.checkpointName },
     }));
     try {
       return await this.describeBackup(domain, opts);
@@ -249,11 +297,18 @@ export class LibvirtHypervisor implements Hypervisor {
         scratchFile: exported.scratchFile ?? requested.scratchFile,
       };
     });
-    const nbd: NbdTarget = { unix: active.socketPath ?? opts.socketPath };
+    let nbd: NbdTarget;
+    if (opts.tcp !== undefined) {
+      const listening = active.tcp ?? opts.tcp;
+      // The reader's TLS options are ours, not libvirt's: the job only says that TLS is on.
+      nbd = { host: listening.address, port: listening.port, ...(opts.tcp.tls ? { tls: opts.tcp.tls } : {}) };
+    } else {
+      nbd = { unix: active.socketPath ?? opts.socketPath! };
+    }
     return {
       domain,
       nbd,
-      socketPath: active.socketPath ?? opts.socketPath,
+      socketPath: opts.tcp ? undefined : active.socketPath ?? opts.socketPath,
       disks,
       checkpointName: opts.checkpointName,
       incrementalFrom: opts.incrementalFrom,

@@ -3,6 +3,7 @@
  * One implementation: the libvirt driver (libvirt.ts). Domains are named by name or UUID
  * (`DomainRef`); prefer the UUID, which survives renames and migrations.
  */
+import type { ConnectionOptions as NbdTlsOptions } from 'node:tls';
 import type { NbdTarget } from '../nbd/client.ts';
 
 /** A domain's name or UUID. */
@@ -70,7 +71,11 @@ export interface CheckpointInfo {
 
 export interface PullBackupDisk {
   target: string;
-  /** Scratch (fleecing) file for copy-before-write data; its directory must be writable by QEMU. */
+  /**
+   * Scratch (fleecing) file for copy-before-write data, a path on the domain's host; its directory
+   * must be writable by QEMU. (libvirt 9 cannot name one itself for a disk the XML lists: it
+   * fails with "argument key 'filename' must not have null value".)
+   */
   scratchFile: string;
   /** NBD export name; default: the target. */
   exportName?: string;
@@ -81,9 +86,23 @@ export interface PullBackupDisk {
   backupMode?: 'full' | 'incremental';
 }
 
+/** An NBD server on TCP, for a domain on another host than the reader. */
+export interface PullBackupTcpServer {
+  /** Address QEMU listens on and the reader connects to (an address of the domain's host). */
+  address: string;
+  port: number;
+  /**
+   * TLS (libvirt's `tls='yes'`: the host's backup_tls_x509_* settings in qemu.conf) with these
+   * client options (CA, client certificate) for the reader; without it the data goes in clear.
+   */
+  tls?: NbdTlsOptions;
+}
+
 export interface PullBackupOptions {
-  /** Unix socket the NBD server listens on; its directory must be writable by QEMU. */
-  socketPath: string;
+  /** Unix socket the NBD server listens on (its directory must be writable by QEMU); or `tcp`. */
+  socketPath?: string;
+  /** TCP server instead of a unix socket: for a domain on another host. Exactly one of the two. */
+  tcp?: PullBackupTcpServer;
   disks: PullBackupDisk[];
   /** Checkpoint the incremental starts from; without it the backup is full. */
   incrementalFrom?: string;
@@ -104,7 +123,8 @@ export interface BackupJobDisk {
   mode: 'full' | 'incremental';
   /** NBD meta context with the dirty blocks (`qemu:dirty-bitmap:backup-<target>`), for incrementals. */
   dirtyBitmapContext: string | undefined;
-  scratchFile: string;
+  /** Where libvirt put the scratch file (on the domain's host), when it says. */
+  scratchFile: string | undefined;
 }
 
 /** A running pull-mode backup: read each disk's export over NBD, then `finish()` (or `abort()`). */
@@ -112,7 +132,8 @@ export interface BackupJob {
   readonly domain: DomainRef;
   /** Where to connect the NBD client (same server for every disk). */
   readonly nbd: NbdTarget;
-  readonly socketPath: string;
+  /** The unix socket, when the server is not on TCP. */
+  readonly socketPath: string | undefined;
   readonly disks: BackupJobDisk[];
   readonly checkpointName: string | undefined;
   readonly incrementalFrom: string | undefined;
@@ -164,6 +185,13 @@ export interface EventWatch {
 
 export interface Hypervisor {
   readonly uri: string;
+  /**
+   * The host the URI names when it is another machine; undefined for this one. Paths the driver
+   * takes or returns (scratch files, images) are on that host; NBD then goes over TCP.
+   */
+  readonly remoteHost: string | undefined;
+  /** Free bytes of the filesystem holding `dir` on the domains' host (the directory must exist there). */
+  freeSpace(dir: string): Promise<number>;
   listDomains(): Promise<DomainInfo[]>;
   getDomain(domain: DomainRef): Promise<DomainInfo>;
   /** The domain definition; `inactive` gives the persistent definition of a running domain. */

@@ -8,8 +8,12 @@
  * disk image paths, is shared with the machine, so a live migration with `--unsafe` behaves like
  * one with shared storage.
  *
- * Reach host i from the test process as `qemu+unix:///system?socket=<dir>/hI/run/libvirt-sock`;
- * inside the namespaces (host to host: p2p migration) as `qemu+tcp://10.X.Y.I/system`.
+ * Reach host i from the test process as `qemu+unix:///system?socket=<dir>/hI/run/libvirt-sock`
+ * (this machine, shared filesystem) or as a remote host, `qemu+tcp://10.X.Y.I/system`: the test
+ * process's own namespace has a veth into the bridge too (address 10.X.Y.254), so NBD servers of
+ * backup jobs on a host are reached over TCP exactly as on another machine. Host to host (p2p
+ * migration) also uses `qemu+tcp://`. Every host's QEMU serves backup NBD over TLS with a lab
+ * certificate (pki.ts); `pki.clientDir` holds the client side for Tresor.
  *
  * Teardown (stop(), also after failures): domains destroyed and undefined, libvirtd stopped, every
  * process left in the namespaces killed, namespaces deleted, directories removed. libvirtd runs
@@ -24,6 +28,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { labDir } from './guest-image.ts';
+import { createLabPki, type LabPki } from './pki.ts';
 import { ensureLibvirtd } from './libvirtd.ts';
 import { processAlive } from '../../src/util/process.ts';
 
@@ -41,6 +46,8 @@ export interface LabLibvirtHost {
 
 export interface LibvirtHostLab {
   hosts: LabLibvirtHost[];
+  /** Backup TLS: server certificate valid for every host address; client files for Tresor. */
+  pki: LabPki;
   /** Live-migrates a domain between two lab hosts (shared storage semantics, definition moves too). */
   migrate(domain: string, from: LabLibvirtHost, to: LabLibvirtHost, opts?: { timeoutMs?: number }): Promise<void>;
   /** Tears everything down; safe to call twice. */
@@ -69,6 +76,14 @@ export async function startLibvirtHosts(count = 2): Promise<LibvirtHostLab> {
     await ip(['-n', bridgeNs, 'link', 'set', 'lo', 'up']);
     await ip(['-n', bridgeNs, 'link', 'add', 'br0', 'type', 'bridge']);
     await ip(['-n', bridgeNs, 'link', 'set', 'br0', 'up']);
+    // This namespace joins the bridge as 10.X.Y.254: hosts are reachable over TCP like other machines.
+    const suffix = randomBytes(3).toString('hex');
+    await ip(['link', 'add', `tr${suffix}`, 'type', 'veth', 'peer', 'name', `tb${suffix}`, 'netns', bridgeNs]);
+    await ip(['addr', 'add', `${subnet}.254/24`, 'dev', `tr${suffix}`]);
+    await ip(['link', 'set', `tr${suffix}`, 'up']);
+    await ip(['-n', bridgeNs, 'link', 'set', `tb${suffix}`, 'master', 'br0']);
+    await ip(['-n', bridgeNs, 'link', 'set', `tb${suffix}`, 'up']);
+    lab.pki = await createLabPki(join(base, 'pki'), Array.from({ length: count }, (_, i) => `${subnet}.${i + 1}`));
     for (let i = 1; i <= count; i++) {
       const host = await createHost(lab, id, i, `${subnet}.${i}`, bridgeNs);
       lab.hosts.push(host);
@@ -85,6 +100,7 @@ class HostLab implements LibvirtHostLab {
   readonly hosts: LabLibvirtHost[] = [];
   readonly namespaces: string[] = [];
   readonly daemons = new Map<string, { child: ChildProcess; exited: Promise<void>; log: () => string }>();
+  pki!: LabPki;
   /** Directory holding every host's directories. */
   readonly base: string;
   private stopped = false;
@@ -137,7 +153,7 @@ async function createHost(lab: HostLab, id: string, index: number, address: stri
   await ip(['-n', bridgeNs, 'link', 'set', `tb${suffix}`, 'up']);
 
   for (const sub of Object.keys(LIBVIRT_DIRS)) await mkdir(join(dir, sub), { recursive: true, mode: 0o755 });
-  await writeHostConfig(join(dir, 'etc'), address);
+  await writeHostConfig(join(dir, 'etc'), address, lab.pki.serverDir);
   const capabilities = '/var/cache/libvirt/qemu/capabilities';
   if (existsSync(capabilities)) cpSync(capabilities, join(dir, 'cache', 'qemu', 'capabilities'), { recursive: true });
 
@@ -166,7 +182,7 @@ async function createHost(lab: HostLab, id: string, index: number, address: stri
   };
 }
 
-async function writeHostConfig(etc: string, address: string): Promise<void> {
+async function writeHostConfig(etc: string, address: string, backupTlsDir: string): Promise<void> {
   await mkdir(join(etc, 'qemu'), { recursive: true });
   await writeFile(join(etc, 'libvirtd.conf'), [
     'listen_tls = 0',
@@ -189,6 +205,9 @@ async function writeHostConfig(etc: string, address: string): Promise<void> {
     `migration_address = "${address}"`,
     // Without it the destination names itself by host name (h2), which nothing resolves.
     `migration_host = "${address}"`,
+    // NBD servers of backup jobs with tls='yes' present this certificate and require a client one.
+    `backup_tls_x509_cert_dir = "${backupTlsDir}"`,
+    'backup_tls_x509_verify = 1',
     '',
   ].join('\n'));
 }

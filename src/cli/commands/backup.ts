@@ -2,6 +2,7 @@
 import type { Command } from 'commander';
 import { backupImage } from '../../engine/image-backup.ts';
 import { backupVm, DEFAULT_SCRATCH_DIR, type ConsistencyPolicy } from '../../engine/vm-backup.ts';
+import { DEFAULT_NBD_PORTS, DEFAULT_NBD_TLS_DIR } from '../../engine/vm-nbd-server.ts';
 import { openLibvirt } from '../../hypervisor/libvirt.ts';
 import { connectUri, DEFAULT_CONNECT } from './vms.ts';
 import { UsageError } from '../../util/errors.ts';
@@ -17,6 +18,17 @@ export function parseTags(list: string[]): Record<string, string> {
     tags[t.slice(0, i)] = t.slice(i + 1);
   }
   return tags;
+}
+
+/** `10809` or `10809-10908`. */
+export function parsePortRange(text: string): [number, number] {
+  const match = /^(\d{1,5})(?:-(\d{1,5}))?$/.exec(text.trim());
+  const low = Number(match?.[1]);
+  const high = match?.[2] === undefined ? low : Number(match[2]);
+  if (match === null || low < 1 || high > 65535 || low > high) {
+    throw new UsageError(`--nbd-port ${JSON.stringify(text)} is not a port or a port range`, 'write one port (10809) or a range (10809-10908) of ports 1-65535');
+  }
+  return [low, high];
 }
 
 export function registerBackupCommands(program: Command, env: CommandEnv): void {
@@ -47,17 +59,31 @@ export function registerBackupCommands(program: Command, env: CommandEnv): void 
     .option('--full', 'read every disk whole even when an incremental is possible', false)
     .option('--exclude-disk <target...>', 'disks not to back up (vdb, sdc...)', [])
     .option('--bwlimit <rate>', 'read at most this many bytes per second from the VM disks (e.g. 100M)')
-    .option('--scratch-dir <dir>', `scratch (copy-before-write) space on the hypervisor host (default ${DEFAULT_SCRATCH_DIR})`)
+    .option('--scratch-dir <dir>', `scratch (copy-before-write) space, a directory on the VM's host (default: ${DEFAULT_SCRATCH_DIR} on this machine; next to each disk image on a remote host)`)
+    .option('--scratch-reserve <fraction>', 'free scratch space required, as a fraction of the disks\' size (default 0.1)')
+    .option('--nbd-address <address>', 'remote host: address its NBD server listens on and Tresor connects to (default: the host of --connect)')
+    .option('--nbd-port <port|min-max>', `remote host: TCP port(s) for the NBD server (default ${DEFAULT_NBD_PORTS.join('-')})`)
+    .option('--nbd-tls <on|off>', 'remote host: TLS for the disk data (default on; off sends it in clear text)', 'on')
+    .option('--nbd-tls-dir <dir>', `remote host: ca-cert.pem, client-cert.pem and client-key.pem for TLS (default ${DEFAULT_NBD_TLS_DIR})`)
     .option('--tag <key=value...>', 'tags to record on the snapshot', [])
-    .action(async (domain: string, o: { connect?: string; id?: string; consistency: string; full: boolean; excludeDisk: string[]; bwlimit?: string; scratchDir?: string; tag: string[] }) => {
+    .action(async (domain: string, o: {
+      connect?: string; id?: string; consistency: string; full: boolean; excludeDisk: string[]; bwlimit?: string; scratchDir?: string; scratchReserve?: string;
+      nbdAddress?: string; nbdPort?: string; nbdTls: string; nbdTlsDir?: string; tag: string[];
+    }) => {
       const g = env.globals();
       if (!['require', 'try', 'off'].includes(o.consistency)) throw new UsageError(`unknown consistency policy ${JSON.stringify(o.consistency)}`, 'use --consistency require, try or off');
+      if (o.nbdTls !== 'on' && o.nbdTls !== 'off') throw new UsageError(`--nbd-tls must be on or off, not ${JSON.stringify(o.nbdTls)}`);
+      const scratchReserve = o.scratchReserve === undefined ? undefined : Number(o.scratchReserve);
+      if (scratchReserve !== undefined && !(scratchReserve >= 0 && scratchReserve <= 1)) {
+        throw new UsageError(`--scratch-reserve ${JSON.stringify(o.scratchReserve)} is not a fraction between 0 and 1`, 'e.g. --scratch-reserve 0.05 for 5 % of the disks');
+      }
       // The repository's key derivation and libvirt's version check take a while each: at once.
       const [repo, hv] = await Promise.all([openRepository(g), openLibvirt(connectUri(o))]);
       const progress = new Progress(`backup ${domain}`, g);
       const r = await backupVm(repo, hv, domain, {
         id: o.id, consistency: o.consistency as ConsistencyPolicy, full: o.full, excludeDisks: o.excludeDisk,
-        bwlimit: o.bwlimit ? parseSize(o.bwlimit) : undefined, scratchDir: o.scratchDir, tags: parseTags(o.tag),
+        bwlimit: o.bwlimit ? parseSize(o.bwlimit) : undefined, scratchDir: o.scratchDir, scratchReserve, tags: parseTags(o.tag),
+        nbd: { address: o.nbdAddress, ports: o.nbdPort === undefined ? undefined : parsePortRange(o.nbdPort), tls: o.nbdTls, tlsDir: o.nbdTlsDir },
         signal: env.signal, progress: (d, t) => progress.update(d, t),
         log: (line) => { if (!g.json && !g.quiet && !process.stderr.isTTY) process.stderr.write(`${line}\n`); },
       });
