@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything Tresor and its test suite need on a fresh Debian 12 machine (run as root):
 # the Debian packages (QEMU, libvirt, qemu-img, Ceph radosgw for the S3 tests, filesystem tools
-# for the file-restore tests, the peer tools for benchmarks), then the npm packages (which pin
-# Node 24 for the npm scripts). Idempotent: packages already present are not reinstalled.
+# for the file-restore tests, sshd for the qemu+ssh:// lab hosts, the peer tools for benchmarks),
+# then the npm packages (which pin Node 24 for the npm scripts). Idempotent: packages already present are not reinstalled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(
   qemu-system-x86 qemu-utils qemu-guest-agent libvirt-daemon-system libvirt-clients
   e2fsprogs dosfstools mtools ntfs-3g gdisk fdisk xfsprogs exfatprogs exfat-fuse attr lvm2 zstd time
-  nbdkit libnbd-bin busybox-static openssl
+  nbdkit libnbd-bin busybox-static openssl openssh-server
   ceph-mon ceph-osd radosgw
   restic borgbackup virtnbdbackup
 )

@@ -268,7 +268,7 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       await run('virsh', ['-c', h2.uri, 'undefine', dom.name, '--checkpoints-metadata']).catch(() => undefined);
     });
 
-    it('on a remote host (qemu+tcp://) is read over NBD/TCP with TLS, incrementally, and restores exactly; a wrong CA, a missing CA and a shut-off VM fail cleanly', async (t) => {
+    it('on a remote host (qemu+tcp://, qemu+ssh://) is read over NBD/TCP with TLS, incrementally, and restores exactly; a wrong CA, a missing CA, a busy port and a shut-off VM fail cleanly', async (t) => {
       const [h1] = hosts.hosts;
       const disk = lab.path('remote-sda.qcow2');
       await run('qemu-img', ['create', '-f', 'qcow2', disk, '64M']);
@@ -276,9 +276,9 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       const dom = await defineTestDomain(h1.uri, { name: `tresor-lab-${process.pid}-remote`, disks: [{ path: disk, bus: 'scsi', target: 'sda' }], guest: undefined, consoleLog: lab.path('remote.console.log'), agent: false });
       await run('virsh', ['-c', h1.uri, 'start', dom.name]);
       // The test process reaches h1 only over the lab network, as Tresor would reach another machine.
-      const remote = (extra: string[]) => cli(['backup', 'vm', dom.name, '--connect', h1.tcpUri, '--id', 'remote', '--consistency', 'off', ...extra]);
-      const ok = async (extra: string[]) => {
-        const r = await remote(extra);
+      const remote = (extra: string[], uri = h1.tcpUri) => cli(['backup', 'vm', dom.name, '--connect', uri, '--id', 'remote', '--consistency', 'off', ...extra]);
+      const ok = async (extra: string[], uri?: string) => {
+        const r = await remote(extra, uri);
         assert.equal(r.code, 0, `remote backup failed: ${r.stdout}${r.stderr}`);
         return r.json as { snapshot: any; log: string[] };
       };
@@ -345,6 +345,20 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       const clear = await ok(['--nbd-tls', 'off']);
       assert.match(clear.log.join('\n'), /IN CLEAR TEXT/);
       assert.equal(clear.snapshot.disks[0].bytesRead, 0);
+
+      // qemu+ssh://root@host: virsh goes through ssh, the disk data to the URI's host over NBD/TLS.
+      // (Written while running: pausing flushes QEMU's qcow2 caches, so the image file is current.)
+      await run('virsh', ['-c', h1.uri, 'resume', dom.name]);
+      await qemuIoWrite(h1.uri, dom.name, 'sda', { offset: 32 * MiB, length: 256 * 1024, pattern: 0x47 });
+      await run('virsh', ['-c', h1.uri, 'suspend', dom.name]);
+      const viaSsh = await ok(tlsDir, h1.sshUri);
+      const log3 = viaSsh.log.join('\n');
+      assert.match(log3, new RegExp(`NBD over TCP at ${h1.address.replace(/\./g, '\\.')}:\\d+ with TLS`));
+      assert.equal(viaSsh.snapshot.disks[0].base?.snapshot, clear.snapshot.name, log3);
+      assert.equal(viaSsh.snapshot.disks[0].bytesRead, 256 * 1024, log3);
+      const outSsh = lab.path('remote-restored-ssh.raw');
+      await restore(viaSsh.snapshot.name, 'sda', outSsh);
+      await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, outSsh]);
 
       await run('virsh', ['-c', h1.uri, 'destroy', dom.name]);
       const off = await remote(tlsDir);

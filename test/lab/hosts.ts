@@ -23,7 +23,7 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { cpSync, existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { cp, mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -37,8 +37,13 @@ export interface LabLibvirtHost {
   name: string;
   /** URI usable from the test process. */
   uri: string;
-  /** URI usable from inside the lab's namespaces (for p2p migration). */
+  /** URI usable from inside the lab's namespaces (for p2p migration), and from the test process. */
   tcpUri: string;
+  /**
+   * qemu+ssh:// URI usable from the test process: the host runs sshd (root, lab key only), and
+   * the URI's `command` is a wrapper that gives ssh the lab's key and known_hosts file.
+   */
+  sshUri: string;
   address: string;
   netns: string;
   dir: string;
@@ -84,6 +89,7 @@ export async function startLibvirtHosts(count = 2): Promise<LibvirtHostLab> {
     await ip(['-n', bridgeNs, 'link', 'set', `tb${suffix}`, 'master', 'br0']);
     await ip(['-n', bridgeNs, 'link', 'set', `tb${suffix}`, 'up']);
     lab.pki = await createLabPki(join(base, 'pki'), Array.from({ length: count }, (_, i) => `${subnet}.${i + 1}`));
+    await createSshKeys(join(base, 'ssh'));
     for (let i = 1; i <= count; i++) {
       const host = await createHost(lab, id, i, `${subnet}.${i}`, bridgeNs);
       lab.hosts.push(host);
@@ -164,7 +170,11 @@ async function createHost(lab: HostLab, id: string, index: number, address: stri
   // device not released): drop them first.
   const dropForeign = `for m in $(awk '{print $5}' /proc/self/mountinfo | grep '^${tmpdir()}/tresor-' | sort -r); do umount -l "$m" || true; done`;
   // The default pid file (/run/libvirtd.pid) is the main daemon's: keep ours in the private /run/libvirt.
-  const script = `${dropForeign}; ${mounts} && hostname ${name} && exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid`;
+  // sshd starts in the same mount namespace, so its sessions (virsh's qemu+ssh proxy) see this
+  // host's /run/libvirt.
+  const sshdConfig = await writeSshdConfig(dir, address, join(lab.base, 'ssh'));
+  const sshd = `mkdir -p /run/sshd && /usr/sbin/sshd -f '${sshdConfig}'`;
+  const script = `${dropForeign}; ${mounts} && hostname ${name} && ${sshd} && exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid`;
   const child = spawn('setpriv', ['--pdeathsig', 'KILL', '--', 'ip', 'netns', 'exec', netns,
     'unshare', '--mount', '--uts', '--propagation', 'private', '--', 'sh', '-ec', script], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
@@ -176,10 +186,47 @@ async function createHost(lab: HostLab, id: string, index: number, address: stri
     name,
     uri: `qemu+unix:///system?socket=${join(dir, 'run', 'libvirt-sock')}`,
     tcpUri: `qemu+tcp://${address}/system`,
+    sshUri: `qemu+ssh://root@${address}/system?command=${join(lab.base, 'ssh', 'ssh')}`,
     address,
     netns,
     dir,
   };
+}
+
+/** A host key for every lab sshd, a client key, and an `ssh` wrapper that uses them (never ~/.ssh). */
+async function createSshKeys(dir: string): Promise<void> {
+  if (!existsSync('/usr/sbin/sshd')) throw new Error('the libvirt host lab needs sshd for qemu+ssh:// (Debian package openssh-server; scripts/setup.sh installs it)');
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  for (const key of ['host_key', 'client_key']) await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', `tresor-lab ${key}`, '-f', join(dir, key)]);
+  await cp(join(dir, 'client_key.pub'), join(dir, 'authorized_keys'));
+  await writeFile(join(dir, 'ssh_config'), [
+    'Host *',
+    `  IdentityFile ${join(dir, 'client_key')}`,
+    '  IdentitiesOnly yes',
+    `  UserKnownHostsFile ${join(dir, 'known_hosts')}`,
+    '  StrictHostKeyChecking accept-new',
+    '  BatchMode yes',
+    '',
+  ].join('\n'));
+  await writeFile(join(dir, 'ssh'), `#!/bin/sh\nexec ssh -F '${join(dir, 'ssh_config')}' "$@"\n`, { mode: 0o755 });
+}
+
+async function writeSshdConfig(hostDir: string, address: string, sshDir: string): Promise<string> {
+  const file = join(hostDir, 'sshd_config');
+  await writeFile(file, [
+    `ListenAddress ${address}`,
+    `HostKey ${join(sshDir, 'host_key')}`,
+    `PidFile ${join(hostDir, 'sshd.pid')}`,
+    `AuthorizedKeysFile ${join(sshDir, 'authorized_keys')}`,
+    'PermitRootLogin prohibit-password',
+    'PasswordAuthentication no',
+    'KbdInteractiveAuthentication no',
+    'UsePAM no',
+    // The lab directory's owners and modes are a test's, not a home directory's.
+    'StrictModes no',
+    '',
+  ].join('\n'));
+  return file;
 }
 
 async function writeHostConfig(etc: string, address: string, backupTlsDir: string): Promise<void> {
