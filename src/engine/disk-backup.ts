@@ -16,6 +16,7 @@ import type { Repository } from '../repo/repository.ts';
 import type { DiskSource, Extent } from '../image/disk.ts';
 import { TresorError } from '../util/errors.ts';
 import { ByteBudget } from '../util/concurrency.ts';
+import { GarbageCollector, exposeGc } from '../util/gc.ts';
 
 export interface DiskBackupStats {
   bytesRead: number;
@@ -61,6 +62,12 @@ export async function backupDisk(
   // leave the source (an NBD server with its own latency) with few requests in flight.
   const readBudget = new ByteBudget(inFlight * batchBytes);
   const batchesInFlight = Math.max(inFlight, 32);
+  // The main thread turns over every byte read in small buffers (an NBD client's socket reads:
+  // 64 KiB each, ~40 000 per 2.4 GiB), and V8 lets tens of MiB of them pile up dead before it
+  // collects, which malloc keeps as resident memory. A scavenge every 8 MiB read (a fraction of a ms)
+  // keeps that pile small. Measured on the 4 GiB corpus VM backup: peak RSS 290-311 → 251-253
+  // MiB (unix socket), 311-337 → 253 MiB (TLS), same wall time.
+  const collector = new GarbageCollector(exposeGc(), { everyBytes: 8 << 20, majorEvery: 0 });
   let done = 0;
 
   const processBatch = async (first: number, count: number): Promise<void> => {
@@ -128,6 +135,7 @@ export async function backupDisk(
   const readAndStore = async (firstSlot: number, count: number, offset: number, length: number): Promise<void> => {
     const data = await source.read(offset, length);
     stats.bytesRead += length;
+    collector.note(length);
     const hashed: HashedBatch = await pool.hash(data, chunkSize);
     const encodeWhich: number[] = [];
     for (let k = 0; k < count; k++) {

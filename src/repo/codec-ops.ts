@@ -149,29 +149,3 @@ export class CodecExecutor {
     }
   }
 }
-
-type GcFunction = (opts: { type: 'minor' | 'major'; execution: 'sync' }) => void;
-
-/**
- * Prompt garbage collection in the codec workers. Large buffers are freed explicitly
- * (util/bytes.ts releaseBuffer), but the small ones Node's crypto and zlib hand back live until a
- * collection, and V8 waits for tens of MiB of external memory before it collects; so every 12 MiB
- * of processed data a scavenge runs (cheap: the wrappers are young), and every 8th time a full
- * collection.
- */
-export class GarbageCollector {
-  readonly #gc: GcFunction | undefined;
-  #bytes = 0;
-  #runs = 0;
-
-  constructor(gc: GcFunction | undefined) {
-    this.#gc = gc;
-  }
-
-  note(bytes: number): void {
-    this.#bytes += bytes;
-    if (this.#bytes < 12 << 20 || !this.#gc) return;
-    this.#bytes = 0;
-    this.#gc({ type: ++this.#runs % 8 === 0 ? 'major' : 'minor', execution: 'sync' });
-  }
-}

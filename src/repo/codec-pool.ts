@@ -13,7 +13,7 @@
  */
 import { Worker } from 'node:worker_threads';
 import { availableParallelism } from 'node:os';
-import { setFlagsFromString } from 'node:v8';
+import { exposeGc } from '../util/gc.ts';
 import { TresorError } from '../util/errors.ts';
 import { releaseBuffer } from '../util/bytes.ts';
 import { SharedBufferPool } from '../util/concurrency.ts';
@@ -21,17 +21,6 @@ import type { CodecKeys, BlobTypeValue } from './codec.ts';
 import type { CodecRequest, DecodeItem, DecodeResult } from './codec-ops.ts';
 
 export type { DecodeItem, DecodeResult } from './codec-ops.ts';
-
-/**
- * Worker isolates get `gc()` (codec-ops.ts GarbageCollector explains why); the flag must be set
- * before they are created.
- */
-let gcExposed = false;
-function exposeGcToWorkers(): void {
-  if (gcExposed) return;
-  setFlagsFromString('--expose-gc');
-  gcExposed = true;
-}
 
 interface Executor {
   load: number;
@@ -117,7 +106,8 @@ export class CodecPool {
 
   /** `size` workers (default: one per core, up to 8). */
   constructor(keys: CodecKeys, size = Math.max(1, Math.min(availableParallelism(), 8))) {
-    exposeGcToWorkers();
+    // Worker isolates get `gc()` (util/gc.ts explains why); it must be exposed before they start.
+    exposeGc();
     this.#executors = Array.from({ length: size }, () => new WorkerExecutor(keys));
   }
 

@@ -1,7 +1,8 @@
 /** Codec worker thread: runs CodecExecutor requests (codec-ops.ts) off the main thread. */
 import { parentPort, workerData } from 'node:worker_threads';
 import type { CodecKeys, CompressionTuning } from './codec.ts';
-import { CodecExecutor, GarbageCollector, type CodecRequest } from './codec-ops.ts';
+import { CodecExecutor, type CodecRequest } from './codec-ops.ts';
+import { GarbageCollector, type GcFunction } from '../util/gc.ts';
 
 interface WorkerInit {
   encKey?: Uint8Array;
@@ -19,7 +20,8 @@ const keys: CodecKeys = {
   compressionTuning: init.compressionTuning,
 };
 const executor = new CodecExecutor(keys);
-const collector = new GarbageCollector((globalThis as { gc?: ConstructorParameters<typeof GarbageCollector>[0] }).gc);
+// `gc` is global here because the pool exposed it before creating this worker (util/gc.ts).
+const collector = new GarbageCollector((globalThis as { gc?: GcFunction }).gc);
 
 parentPort!.on('message', (msg: CodecRequest) => {
   try {
