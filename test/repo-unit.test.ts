@@ -3,10 +3,11 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes, createHash } from 'node:crypto';
 import { join } from 'node:path';
+import zlib from 'node:zlib';
 import { LocalStore } from '../src/store/local.ts';
 import { Repository } from '../src/repo/repository.ts';
 import { BlobIndex } from '../src/repo/blob-index.ts';
-import { BlobType, ZERO_ID, computeId, decodeBlob, encodeBlob, type CodecKeys } from '../src/repo/codec.ts';
+import { BlobType, ZERO_ID, computeId, decodeBlob, encodeBlob, frameContentSize, type CodecKeys } from '../src/repo/codec.ts';
 import { formatRecoveryKey, generateMasterKey, parseRecoveryKey } from '../src/repo/keys.ts';
 import { RepositoryLock, RepositoryLockedError } from '../src/repo/lock.ts';
 import { parseSnapshotName, snapshotName, validateSourceId } from '../src/repo/manifest.ts';
@@ -50,6 +51,23 @@ describe('codec', () => {
     const enc = encodeBlob(keys, BlobType.chunk, ZERO_ID, bomb);
     assert.ok(enc.length < 4096);
     assert.throws(() => decodeBlob(keys, BlobType.chunk, ZERO_ID, enc, { maxLength: 65536 }, () => ({ what: 'bomb', context: {} })), DamageError);
+  });
+
+  it('sizes the decompression buffer from the frame header, and a header that lies is damage', () => {
+    for (const n of [0, 1, 255, 256, 300, 65535, 65791, 65792, 131072, 5_000_000]) {
+      const data = Buffer.alloc(n, 7);
+      assert.equal(frameContentSize(zlib.zstdCompressSync(data, { pledgedSrcSize: n })), n, `pledged ${n}`);
+      assert.equal(frameContentSize(zlib.zstdCompressSync(data)), n, `one-shot ${n}`);
+    }
+    for (const junk of [Buffer.alloc(0), Buffer.from('not a zstd frame'), Buffer.from([0x28, 0xb5, 0x2f, 0xfd])]) assert.equal(frameContentSize(junk), undefined);
+    // Metadata is decoded under a generous bound (256 MiB for a manifest): the buffer follows the
+    // frame's declared size, not the bound.
+    const keys: CodecKeys = { master: generateMasterKey(), compressionLevel: 3 };
+    for (const n of [10, 3_000_000]) {
+      const manifest = Buffer.from(JSON.stringify({ text: 'x'.repeat(n) }));
+      const enc = encodeBlob(keys, BlobType.manifest, ZERO_ID, manifest);
+      assert.deepEqual(decodeBlob(keys, BlobType.manifest, ZERO_ID, enc, { maxLength: 256 << 20 }, () => ({ what: 'manifest', context: {} })), manifest);
+    }
   });
 });
 

@@ -82,6 +82,32 @@ export function nameId(keys: CodecKeys, role: string, name: string): Buffer {
 
 const SAMPLE = 4096;
 
+/**
+ * The decompressed size a zstd frame header declares (RFC 8878 §3.1.1.1), or undefined when it
+ * declares none or is not a frame header. Only a size hint: decompression still enforces limits.
+ */
+export function frameContentSize(frame: Uint8Array): number | undefined {
+  if (frame.length < 6 || frame[0] !== 0x28 || frame[1] !== 0xb5 || frame[2] !== 0x2f || frame[3] !== 0xfd) return undefined;
+  const descriptor = frame[4] as number;
+  const fcsFlag = descriptor >> 6;
+  const singleSegment = (descriptor & 0x20) !== 0;
+  const dictionaryBytes = [0, 1, 2, 4][descriptor & 3] as number;
+  const fcsBytes = fcsFlag === 0 ? (singleSegment ? 1 : 0) : 1 << fcsFlag;
+  if (fcsBytes === 0) return undefined;
+  const at = 5 + (singleSegment ? 0 : 1) + dictionaryBytes;
+  if (frame.length < at + fcsBytes) return undefined;
+  const view = Buffer.from(frame.buffer, frame.byteOffset, frame.byteLength);
+  switch (fcsBytes) {
+    case 1: return view[at] as number;
+    case 2: return view.readUInt16LE(at) + 256;
+    case 4: return view.readUInt32LE(at);
+    default: {
+      const size = view.readBigUInt64LE(at);
+      return size > BigInt(Number.MAX_SAFE_INTEGER) ? undefined : Number(size);
+    }
+  }
+}
+
 function zstd(data: Uint8Array, level: number, strategy?: number, tuning?: CompressionTuning): Buffer {
   return zlib.zstdCompressSync(data, {
     // One output buffer big enough for the whole frame: the default 16 KiB pieces would have to
@@ -222,7 +248,10 @@ export function decodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint
   let plain: Buffer = payload;
   if (flags & FLAG_COMPRESSED) {
     try {
-      plain = zlib.zstdDecompressSync(payload, { maxOutputLength: Math.max(1, expect.maxLength), chunkSize: Math.max(64, expect.maxLength) });
+      // One output buffer of the frame's own size (its header says, bounded by what the caller
+      // allows): sizing it by the bound instead cost a 256 MiB allocation per manifest.
+      const size = Math.min(expect.maxLength, frameContentSize(payload) ?? 1 << 20);
+      plain = zlib.zstdDecompressSync(payload, { maxOutputLength: Math.max(1, expect.maxLength), chunkSize: Math.max(64, size) });
     } catch (err) {
       fail(`zstd decompression failed (${err instanceof Error ? err.message : String(err)})`);
     }
