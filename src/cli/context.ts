@@ -2,6 +2,8 @@
  * What every repository command needs: the store from --repo / TRESOR_REPO, and the passphrase
  * from TRESOR_PASSPHRASE, --passphrase-file or an interactive prompt — never from argv.
  */
+import { homedir } from 'node:os';
+import { join } from 'node:path';
 import { readFile } from 'node:fs/promises';
 import { LocalStore } from '../store/local.ts';
 import type { BlobStore } from '../store/store.ts';
@@ -90,7 +92,14 @@ function promptHidden(question: string): Promise<string> {
   });
 }
 
+/** Tresor's per-user cache ($TRESOR_CACHE_DIR, else ~/.cache/tresor): compile cache, snapshot catalogs. */
+export function cacheDir(): string {
+  return process.env.TRESOR_CACHE_DIR ?? join(homedir(), '.cache', 'tresor');
+}
+
 export async function openRepository(opts: GlobalOptions): Promise<Repository> {
   const store = await openStore(opts);
-  return Repository.open(store, () => readPassphrase(opts, `open the repository at ${store.location}`));
+  const repo = await Repository.open(store, () => readPassphrase(opts, `open the repository at ${store.location}`));
+  await repo.useSnapshotCatalog(join(cacheDir(), 'snapshots'));
+  return repo;
 }

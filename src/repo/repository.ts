@@ -26,6 +26,7 @@ import { type SnapshotManifest, validateManifest, parseSnapshotName } from './ma
 import { packIdFromName, readPackHeader } from './pack.ts';
 import { mapLimit } from '../util/concurrency.ts';
 import { IdSet } from './id-set.ts';
+import { SnapshotCatalog } from './snapshot-catalog.ts';
 import { loadReuseExclusions } from './reuse.ts';
 
 export const TOOL_VERSION = '0.1.0';
@@ -113,6 +114,7 @@ export class Repository {
   /** Index files that failed to load, with the reason. */
   readonly damagedIndexFiles: Array<{ name: string; error: string }> = [];
   readonly indexFiles = new Set<string>();
+  #catalog: SnapshotCatalog | undefined;
 
   private constructor(store: BlobStore, config: RepoConfig, master: MasterKey | undefined, keySlot: string | undefined) {
     this.store = store;
@@ -447,20 +449,43 @@ export class Repository {
     return (await this.listSnapshots({ type, id })).snapshots.at(-1);
   }
 
+  /**
+   * Keeps a local catalog of the snapshots in `dir` (snapshot-catalog.ts): filtered listings then
+   * read only the manifests they select and the ones not seen before.
+   */
+  async useSnapshotCatalog(dir: string): Promise<void> {
+    this.#catalog = await SnapshotCatalog.open(dir, this.config.id, this.keys);
+  }
+
+  /**
+   * Snapshots, oldest first, optionally of one type and id. Manifests that cannot be read or
+   * decoded are reported in `damaged` (with a catalog and a filter: only those it had to read).
+   */
   async listSnapshots(filter?: { type?: string; id?: string }): Promise<SnapshotListing> {
     const keys: string[] = [];
     for await (const b of this.store.list('snapshots/')) keys.push(b.name);
+    const wanted = (e: { type: string; id: string }) => (!filter?.id || e.id === filter.id) && (!filter?.type || e.type === filter.type);
+    const catalog = this.#catalog;
+    const toRead = catalog && (filter?.id || filter?.type) ? keys.filter((key) => {
+      const known = catalog.lookup(key);
+      return known === undefined || wanted(known);
+    }) : keys;
     const snapshots: SnapshotManifest[] = [];
     const damaged: SnapshotListing['damaged'] = [];
-    await mapLimit(keys, 16, async (key) => {
+    await mapLimit(toRead, 16, async (key) => {
       try {
         const m = this.decodeManifest(key, await this.store.read(key));
-        if ((!filter?.id || m.id === filter.id) && (!filter?.type || m.type === filter.type)) snapshots.push(m);
+        catalog?.learn(key, m);
+        if (wanted(m)) snapshots.push(m);
       } catch (err) {
         if ((err as TresorError).code === 'blob-not-found') return;
         damaged.push({ object: key, error: (err as Error).message });
       }
     });
+    if (catalog) {
+      catalog.retain(keys);
+      await catalog.save();
+    }
     snapshots.sort((a, b) => a.time.localeCompare(b.time) || a.name.localeCompare(b.name));
     return { snapshots, damaged };
   }
