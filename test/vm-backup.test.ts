@@ -365,6 +365,20 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       assert.notEqual(off.code, 0, off.stdout);
       assert.match(`${off.stdout}${off.stderr}`, /is shut off: Tresor reads a shut-off domain's images with qemu-nbd on the machine it runs on/);
       await run('virsh', ['-c', h1.uri, 'undefine', dom.name, '--checkpoints-metadata']).catch(() => undefined);
+
+      // Free space of a directory on the host, through libvirt: a transient pool, or an active
+      // pool with that target; a directory the host does not have is an error.
+      const hv = await openLibvirt(h1.tcpUri);
+      const viaProbe = await hv.freeSpace(dirname(disk));
+      await run('virsh', ['-c', h1.uri, 'pool-create-as', 'lab-images', 'dir', '--target', dirname(disk)]);
+      try {
+        const viaPool = await hv.freeSpace(dirname(disk));
+        assert.ok(viaProbe > 0 && Math.abs(viaPool - viaProbe) < 1024 * MiB, `${viaProbe} vs ${viaPool}`);
+      } finally {
+        await run('virsh', ['-c', h1.uri, 'pool-destroy', 'lab-images']);
+      }
+      await assert.rejects(hv.freeSpace(lab.path('no-such-dir')), /no-such-dir/);
+      assert.equal((await run('virsh', ['-c', h1.uri, 'pool-list', '--all', '--name'])).stdout.trim(), '', 'no probe pool left behind');
     });
   });
 });

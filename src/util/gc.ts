@@ -11,22 +11,25 @@ import { runInNewContext } from 'node:vm';
 
 export type GcFunction = (opts: { type: 'minor' | 'major'; execution: 'sync' }) => void;
 
-let exposed = false;
+let exposed: { gc: GcFunction | undefined } | undefined;
 
 /**
  * Makes `gc()` available: returned for this thread, and global in worker threads created from
- * now on. (V8's flag is read when a context is created: a new context gets the function.)
+ * now on. (V8's flag is read when a context is created: a new context gets the function; one is
+ * made once per thread.)
  */
 export function exposeGc(): GcFunction | undefined {
-  if (!exposed) {
+  if (exposed === undefined) {
     setFlagsFromString('--expose-gc');
-    exposed = true;
+    let gc: GcFunction | undefined;
+    try {
+      gc = runInNewContext('gc') as GcFunction;
+    } catch {
+      gc = undefined;
+    }
+    exposed = { gc };
   }
-  try {
-    return runInNewContext('gc') as GcFunction;
-  } catch {
-    return undefined;
-  }
+  return exposed.gc;
 }
 
 export class GarbageCollector {
