@@ -10,6 +10,7 @@ import { checkpointCreateXml, parseCheckpointXml, validateCheckpointName } from 
 import { classifyLibvirtError } from '../src/hypervisor/errors.ts';
 import { parseEventLine } from '../src/hypervisor/events.ts';
 import { remoteHostOf } from '../src/hypervisor/libvirt.ts';
+import { shellQuote, sshArgs, sshTargetOf } from '../src/hypervisor/ssh.ts';
 import { portCandidates } from '../src/engine/vm-nbd-server.ts';
 import { parsePortRange } from '../src/cli/commands/backup.ts';
 import { BadInputError } from '../src/util/errors.ts';
@@ -115,6 +116,17 @@ describe('backup and checkpoint XML', () => {
       ['qemu+ssh://root@kvm1.example:2222/system', 'kvm1.example'], ['qemu+tcp://10.1.2.3/system', '10.1.2.3'],
       ['qemu+tls://[fd00::5]:16514/system', 'fd00::5'], ['qemu://kvm2/system', 'kvm2'], ['qemu+ssh://kvm3/system?keyfile=/k', 'kvm3'],
     ] as const) assert.equal(remoteHostOf(uri), host, uri);
+  });
+
+  it('takes ssh settings from qemu+ssh URIs as virsh does, and quotes remote words', () => {
+    assert.equal(sshTargetOf('qemu+tcp://h/system'), undefined);
+    assert.equal(sshTargetOf('qemu:///system'), undefined);
+    const t = sshTargetOf('qemu+ssh://admin@kvm1.example:2222/system?keyfile=/k/id&no_verify=1&command=/opt/ssh')!;
+    assert.deepEqual({ ...t }, { host: 'kvm1.example', user: 'admin', port: 2222, keyfile: '/k/id', noVerify: true, command: '/opt/ssh', label: 'admin@kvm1.example:2222' });
+    assert.deepEqual(sshArgs(t, ['-L', 'a:b']), ['-T', '-o', 'BatchMode=yes', '-e', 'none', '-p', '2222', '-l', 'admin', '-i', '/k/id', '-o', 'StrictHostKeyChecking=no', '-L', 'a:b', '--', 'kvm1.example']);
+    assert.deepEqual(sshArgs(sshTargetOf('qemu+ssh://[fd00::7]/system')!), ['-T', '-o', 'BatchMode=yes', '-e', 'none', '--', 'fd00::7']);
+    assert.equal(shellQuote('/var/lib/images/a.qcow2'), '/var/lib/images/a.qcow2');
+    assert.equal(shellQuote("it's $(rm -rf /) `x` a b"), `'it'\\''s $(rm -rf /) \`x\` a b'`);
   });
 
   it('tries a few ports of the range from a random start, wrapping around; parses port ranges', () => {

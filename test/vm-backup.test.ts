@@ -268,7 +268,7 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       await run('virsh', ['-c', h2.uri, 'undefine', dom.name, '--checkpoints-metadata']).catch(() => undefined);
     });
 
-    it('on a remote host (qemu+tcp://, qemu+ssh://) is read over NBD/TCP with TLS, incrementally, and restores exactly; a wrong CA, a missing CA, a busy port and a shut-off VM fail cleanly', async (t) => {
+    it('on a remote host (qemu+tcp://, qemu+ssh://) is read over NBD/TCP with TLS, incrementally, and restores exactly (shut off: over ssh); a wrong CA, a missing CA, a busy port fail cleanly', async (t) => {
       const [h1] = hosts.hosts;
       const disk = lab.path('remote-sda.qcow2');
       await run('qemu-img', ['create', '-f', 'qcow2', disk, '64M']);
@@ -360,10 +360,29 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       await restore(viaSsh.snapshot.name, 'sda', outSsh);
       await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, outSsh]);
 
+      // Shut off: through qemu+tcp there is no way to its images, a clear error; through qemu+ssh
+      // they are read there with qemu-img and qemu-nbd, over ssh.
       await run('virsh', ['-c', h1.uri, 'destroy', dom.name]);
       const off = await remote(tlsDir);
       assert.notEqual(off.code, 0, off.stdout);
-      assert.match(`${off.stdout}${off.stderr}`, /is shut off: Tresor reads a shut-off domain's images with qemu-nbd on the machine it runs on/);
+      assert.match(`${off.stdout}${off.stderr}`, /is shut off: its images can only be read on that host, and Tresor runs commands there only over ssh/);
+      // Written while shut off (qemu-io keeps the image's enabled bitmap up to date, as QEMU does).
+      await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x48 48M 256k', disk]);
+      const offSsh = await ok([], h1.sshUri);
+      const log4 = offSsh.log.join('\n');
+      assert.match(log4, /shut off on root@[\d.]+: reading its images there with qemu-img and qemu-nbd, forwarded over ssh/);
+      // destroy lets QEMU close the image on SIGTERM: the bitmap is stored cleanly, and only the
+      // write since the last backup is read.
+      assert.match(log4, /incremental read of sda from bitmap tresor-/);
+      assert.equal(offSsh.snapshot.disks[0].base?.snapshot, viaSsh.snapshot.name, log4);
+      assert.equal(offSsh.snapshot.disks[0].bytesRead, 256 * 1024, log4);
+      assert.equal(offSsh.snapshot.source.consistency.level, 'offline');
+      const outOff = lab.path('remote-restored-off.raw');
+      await restore(offSsh.snapshot.name, 'sda', outOff);
+      await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', disk, outOff]);
+      // Nothing left running or listening on the host.
+      assert.deepEqual((await readdir('/tmp')).filter((f) => f.startsWith('tresor-nbd-')), []);
+      await assert.rejects(run('pgrep', ['-f', `qemu-nbd .*${disk}`]));
       await run('virsh', ['-c', h1.uri, 'undefine', dom.name, '--checkpoints-metadata']).catch(() => undefined);
 
       // Free space of a directory on the host, through libvirt: a transient pool, or an active

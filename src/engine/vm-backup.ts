@@ -39,6 +39,7 @@ import { SnapshotSession } from './snapshot-writer.ts';
 import { RateLimitedSource, TokenBucket } from './rate-limit.ts';
 import { processAlive } from '../util/process.ts';
 import { HypervisorError } from '../hypervisor/errors.ts';
+import { sshTargetOf } from '../hypervisor/ssh.ts';
 import { describeNbdServer, planNbdServer, portCandidates, type NbdServerPlan, type VmNbdOptions } from './vm-nbd-server.ts';
 
 export type ConsistencyPolicy = 'require' | 'try' | 'off';
@@ -113,8 +114,10 @@ export async function backupVm(repo: Repository, hv: Hypervisor, domainRef: stri
   const sessionStarting = SnapshotSession.start(repo, `backup vm ${opts.id ?? domainRef}`);
   let dom: DomainInfo, id: string, vmDir: string, parentFinding: Promise<SnapshotManifest | undefined>, nbdPlan: NbdServerPlan;
   try {
-    nbdPlan = await planNbdServer(hv, opts.nbd);
     dom = await hv.getDomain(domainRef);
+    // Where a running domain's disks will be served (TLS files are read now, before any job);
+    // a shut-off domain's are read with qemu-nbd instead.
+    nbdPlan = dom.state === 'shutoff' ? { transport: 'unix' } : await planNbdServer(hv, opts.nbd);
     id = validateSourceId(opts.id ?? dom.name);
     // Read-only, so it need not wait for the lock: whatever it finds is only used through the
     // blob index, which loads after the lock (a parent pruned meanwhile fails loudly, never silently).
@@ -481,13 +484,15 @@ async function thaw(c: Common, state: ConsistencyState): Promise<void> {
 
 async function backupStoppedVm(c: Common): Promise<VmBackupResult> {
   const { say } = c;
-  if (c.hv.remoteHost !== undefined) {
-    // Its images are files on the other host, and only a running QEMU can serve them to us.
-    throw new VmBackupError('remote-shutoff', `domain ${c.dom.name} on ${c.hv.remoteHost} is shut off: Tresor reads a shut-off domain's images with qemu-nbd on the machine it runs on, and ${c.hv.remoteHost} is another machine`, {
-      hint: `start the domain (a running domain is read over NBD/TCP from here), or run the backup on ${c.hv.remoteHost} itself against the same repository`,
+  // Its images are files on the domain's host: on another host they are read there, over ssh.
+  const ssh = c.hv.remoteHost === undefined ? undefined : sshTargetOf(c.hv.uri);
+  if (c.hv.remoteHost !== undefined && ssh === undefined) {
+    throw new VmBackupError('remote-shutoff', `domain ${c.dom.name} on ${c.hv.remoteHost} is shut off: its images can only be read on that host, and Tresor runs commands there only over ssh (qemu+ssh://), not through ${c.hv.uri.split(':')[0]}`, {
+      hint: `connect with qemu+ssh://${c.hv.remoteHost}/system (the same ssh login virsh uses), start the domain (a running domain is read over NBD/TCP), or run the backup on ${c.hv.remoteHost} itself`,
       context: { domain: c.dom.name, host: c.hv.remoteHost },
     });
   }
+  if (ssh) say(`the domain is shut off on ${ssh.label}: reading its images there with qemu-img and qemu-nbd, forwarded over ssh`);
   const recorded = c.parent?.source.checkpoint as { name: string; xml: string } | undefined;
   const plans: Array<DiskPlan & { bitmap: string | undefined }> = [];
   let keepCheckpoint = recorded !== undefined && !c.opts.full;
@@ -497,7 +502,7 @@ async function backupStoppedVm(c: Common): Promise<VmBackupResult> {
         hint: 'start the domain to back it up through libvirt, or exclude the disk with --exclude-disk',
       });
     }
-    const info = await readImageInfo(disk.source);
+    const info = await readImageInfo(disk.source, { ssh });
     const prev = c.parent?.disks.find((d) => d.name === disk.target);
     const bitmap = recorded ? info.bitmaps.find((b) => b.name === recorded.name) : undefined;
     let reason: string | undefined;
@@ -526,7 +531,7 @@ async function backupStoppedVm(c: Common): Promise<VmBackupResult> {
     let exported: DiskImageExport | undefined;
     let source: NbdDiskSource | undefined;
     try {
-      exported = await exportDiskImage({ image: p.disk.source!, socketPath: join(c.vmDir, `${p.disk.target}.sock`), bitmap: p.bitmap, format: p.disk.format });
+      exported = await exportDiskImage({ image: p.disk.source!, socketPath: join(c.vmDir, `${p.disk.target}.sock`), bitmap: p.bitmap, format: p.disk.format, ssh });
       source = await NbdDiskSource.open(exported.nbd, { exportName: exported.exportName, dirtyBitmap: exported.dirtyBitmapContext, connections: c.opts.connections ?? 4 });
       const r = await backupOneDisk(c, p, source, bucket, (done) => c.opts.progress?.(before + done, total));
       records.push(r.record);

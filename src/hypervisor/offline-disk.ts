@@ -7,13 +7,21 @@
  * qemu-nbd runs as our child under `setpriv --pdeathsig KILL`: if this process dies, the kernel
  * kills qemu-nbd too, so a leftover export never holds the image's lock and stops the VM from
  * starting.
+ *
+ * On a host reached by `qemu+ssh://` (ssh.ts) both run there, over ssh: qemu-nbd listens on a unix
+ * socket in the host's /tmp, and ssh forwards a local socket to it, so the data is encrypted and
+ * authenticated by the ssh connection virsh already relies on. The remote side is tied to the
+ * ssh session: when our end closes (close(), or this process dying: ssh runs under pdeathsig
+ * too), a watcher there sees its stdin end and stops qemu-nbd.
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { randomBytes } from 'node:crypto';
 import { NbdClient, type NbdTarget } from '../nbd/client.ts';
 import { HypervisorError } from './errors.ts';
+import { runOverSsh, shellQuote, sshArgs, type SshTarget } from './ssh.ts';
 
 export interface ImageBitmap {
   name: string;
@@ -38,9 +46,9 @@ export interface ImageInfo {
  * `qemu-img info` of a disk image, with its persistent bitmaps. `force` (-U) reads an image that
  * another process (a running QEMU) holds; its bitmaps then show in-use because QEMU has them open.
  */
-export async function readImageInfo(path: string, opts: { force?: boolean } = {}): Promise<ImageInfo> {
+export async function readImageInfo(path: string, opts: { force?: boolean; ssh?: SshTarget } = {}): Promise<ImageInfo> {
   const args = ['info', '--output=json', ...(opts.force === true ? ['-U'] : []), path];
-  const out = await runTool('qemu-img', args, 'qemu-img info', path);
+  const out = await runTool('qemu-img', args, 'qemu-img info', path, opts.ssh);
   let json: {
     format?: unknown; 'virtual-size'?: unknown; 'dirty-flag'?: unknown;
     'format-specific'?: { data?: { compat?: unknown; bitmaps?: Array<{ name?: unknown; granularity?: unknown; flags?: unknown }> } };
@@ -80,6 +88,8 @@ export interface DiskImageExportOptions {
   bitmap?: string;
   /** Parallel client connections allowed (default 8). */
   maxConnections?: number;
+  /** The image is on this host (qemu+ssh): qemu-nbd runs there, `socketPath` forwards to it. */
+  ssh?: SshTarget;
 }
 
 export interface DiskImageExport {
@@ -94,18 +104,30 @@ const READY_TIMEOUT_MS = 15_000;
 
 /** Exports a (shut-off domain's) disk image read-only over NBD on a unix socket. */
 export async function exportDiskImage(opts: DiskImageExportOptions): Promise<DiskImageExport> {
-  const format = opts.format ?? (await readImageInfo(opts.image)).format;
+  const format = opts.format ?? (await readImageInfo(opts.image, { ssh: opts.ssh })).format;
   const exportName = opts.exportName ?? 'disk';
-  const args = [
-    '--pdeathsig', 'KILL', '--', 'qemu-nbd', '--read-only', '--persistent', `--shared=${opts.maxConnections ?? 8}`,
-    `--format=${format}`, `--export-name=${exportName}`, `--socket=${opts.socketPath}`, '--cache=none', '--aio=threads',
+  const serverSocket = opts.ssh === undefined ? opts.socketPath : `/tmp/tresor-nbd-${randomBytes(8).toString('hex')}.sock`;
+  const qemuNbd = [
+    'qemu-nbd', '--read-only', '--persistent', `--shared=${opts.maxConnections ?? 8}`,
+    `--format=${format}`, `--export-name=${exportName}`, `--socket=${serverSocket}`, '--cache=none', '--aio=threads',
+    ...(opts.bitmap === undefined ? [] : [`--bitmap=${opts.bitmap}`]), opts.image,
   ];
-  if (opts.bitmap !== undefined) args.push(`--bitmap=${opts.bitmap}`);
-  args.push(opts.image);
-  const context = { operation: 'qemu-nbd export', path: opts.image, socketPath: opts.socketPath };
-  const child = spawn('setpriv', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const context = { operation: 'qemu-nbd export', path: opts.image, socketPath: opts.socketPath, ...(opts.ssh ? { host: opts.ssh.label } : {}) };
+  let child: ChildProcess;
+  if (opts.ssh === undefined) {
+    child = spawn('setpriv', ['--pdeathsig', 'KILL', '--', ...qemuNbd], { stdio: ['ignore', 'ignore', 'pipe'] });
+  } else {
+    await rm(opts.socketPath, { force: true });
+    // qemu-nbd in the background; a watcher stops it when the session's stdin ends (fd 3: sh
+    // gives background jobs /dev/null as stdin); the script ends (and with it the session) when
+    // qemu-nbd does, with its status.
+    const script = `exec 3<&0; ${qemuNbd.map(shellQuote).join(' ')} & pid=$!; (cat <&3 >/dev/null; kill $pid 2>/dev/null) >/dev/null 2>&1 & exec 3<&-; wait $pid; status=$?; rm -f ${shellQuote(serverSocket)}; exit $status`;
+    const forward = ['-o', 'ExitOnForwardFailure=yes', '-o', 'StreamLocalBindUnlink=yes', '-L', `${opts.socketPath}:${serverSocket}`];
+    child = spawn('setpriv', ['--pdeathsig', 'KILL', '--', opts.ssh.command, ...sshArgs(opts.ssh, forward), `sh -c ${shellQuote(script)}`], { stdio: ['pipe', 'ignore', 'pipe'] });
+    child.stdin!.on('error', () => undefined); // the session may be gone when we end it
+  }
   let stderr = '';
-  child.stderr.setEncoding('utf8').on('data', (chunk: string) => { stderr = (stderr + chunk).slice(-4096); });
+  child.stderr!.setEncoding('utf8').on('data', (chunk: string) => { stderr = (stderr + chunk).slice(-4096); });
   const exited = new Promise<number | null>((resolve) => {
     child.on('error', () => resolve(-1));
     child.on('close', (code) => resolve(code));
@@ -132,6 +154,11 @@ export async function exportDiskImage(opts: DiskImageExportOptions): Promise<Dis
     async close(): Promise<void> {
       if (closed) return;
       closed = true;
+      // Over ssh: ending the session's stdin lets the host stop qemu-nbd and remove its socket.
+      if (child.stdin !== null) {
+        child.stdin.end();
+        await Promise.race([exited, sleep(5000)]);
+      }
       await stopChild(child, exited);
       await rm(opts.socketPath, { force: true });
     },
@@ -181,7 +208,16 @@ async function servesExport(socketPath: string, exportName: string): Promise<boo
   }
 }
 
-function runTool(cmd: string, args: string[], operation: string, path: string): Promise<string> {
+async function runTool(cmd: string, args: string[], operation: string, path: string, ssh?: SshTarget): Promise<string> {
+  if (ssh !== undefined) {
+    try {
+      return (await runOverSsh(ssh, [cmd, ...args], { operation: `${operation} ${path}` })).stdout;
+    } catch (err) {
+      const stderr = (err as { stderr?: string }).stderr ?? '';
+      if (IMAGE_LOCKED.test(stderr)) throw imageInUse(stderr.trim(), { operation, path, host: ssh.label });
+      throw err;
+    }
+  }
   return new Promise((resolve, reject) => {
     execFile(cmd, args, { maxBuffer: 16 << 20, timeout: 60_000, env: { ...process.env, LC_ALL: 'C' } }, (err, stdout, stderr) => {
       if (err === null) return resolve(stdout);

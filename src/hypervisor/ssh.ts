@@ -1,0 +1,77 @@
+/**
+ * Commands on a libvirt host reached by `qemu+ssh://`, with the same ssh settings virsh uses for
+ * that URI (libvirt's remote URI parameters): user, port, `keyfile`, `no_verify`, `command` (the
+ * ssh binary). Authentication stays ssh's own (agent, keys, known_hosts); no secret passes through
+ * Tresor. Used for what libvirt cannot do for us on a remote host: reading a shut-off domain's
+ * images (qemu-img info, qemu-nbd).
+ */
+import { execFile } from 'node:child_process';
+import { HypervisorError } from './errors.ts';
+
+export interface SshTarget {
+  host: string;
+  user: string | undefined;
+  port: number | undefined;
+  keyfile: string | undefined;
+  noVerify: boolean;
+  /** The ssh client binary (`command=` in the URI; default `ssh`). */
+  command: string;
+  /** For messages: user@host:port. */
+  label: string;
+}
+
+/** The ssh target of a `qemu+ssh://` URI, or undefined for any other URI. */
+export function sshTargetOf(uri: string): SshTarget | undefined {
+  if (!/^[a-z0-9]+\+ssh:\/\//i.test(uri)) return undefined;
+  let url: URL;
+  try {
+    url = new URL(uri.replace(/^[^:]+:/, 'ssh:'));
+  } catch {
+    return undefined;
+  }
+  const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
+  if (host === '') return undefined;
+  const user = url.username === '' ? undefined : decodeURIComponent(url.username);
+  const port = url.port === '' ? undefined : Number(url.port);
+  return {
+    host, user, port,
+    keyfile: url.searchParams.get('keyfile') ?? undefined,
+    noVerify: url.searchParams.get('no_verify') === '1',
+    command: url.searchParams.get('command') ?? 'ssh',
+    label: `${user === undefined ? '' : `${user}@`}${host}${port === undefined ? '' : `:${port}`}`,
+  };
+}
+
+/** ssh arguments up to and including the host; `extra` go before the host (e.g. -L forwards). */
+export function sshArgs(t: SshTarget, extra: string[] = []): string[] {
+  return [
+    '-T', '-o', 'BatchMode=yes', '-e', 'none',
+    ...(t.port === undefined ? [] : ['-p', String(t.port)]),
+    ...(t.user === undefined ? [] : ['-l', t.user]),
+    ...(t.keyfile === undefined ? [] : ['-i', t.keyfile]),
+    ...(t.noVerify ? ['-o', 'StrictHostKeyChecking=no'] : []),
+    ...extra,
+    '--', t.host,
+  ];
+}
+
+/** One word for the remote POSIX shell. */
+export function shellQuote(word: string): string {
+  return /^[A-Za-z0-9_./:=@%+-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
+}
+
+/** Runs `argv` on the host (through its login shell, every word quoted) and returns stdout. */
+export function runOverSsh(t: SshTarget, argv: string[], opts: { operation: string; timeoutMs?: number }): Promise<{ stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const remote = ['env', 'LC_ALL=C', ...argv].map(shellQuote).join(' ');
+    execFile(t.command, [...sshArgs(t), remote], { maxBuffer: 16 << 20, timeout: opts.timeoutMs ?? 60_000 }, (err, stdout, stderr) => {
+      if (err === null) return resolve({ stdout, stderr });
+      const code = (err as { code?: unknown }).code;
+      reject(Object.assign(new HypervisorError(code === 255 ? 'libvirt-unreachable' : 'operation-failed',
+        `${opts.operation} on ${t.label} over ssh failed: ${stderr.trim() || err.message}`, {
+          context: { operation: opts.operation, host: t.label },
+          hint: code === 255 ? `check that \`${t.command} ${t.label}\` logs in without a prompt (keys or agent), as virsh's qemu+ssh needs too` : undefined,
+        }), { stderr }));
+    });
+  });
+}
