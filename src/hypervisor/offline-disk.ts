@@ -9,7 +9,7 @@
  * starting.
  *
  * On a host reached by `qemu+ssh://` (ssh.ts) both run there, over ssh: qemu-nbd listens on a unix
- * socket in the host's /tmp, and ssh forwards a local socket to it, so the data is encrypted and
+ * socket in a private directory in the host's /tmp, and ssh forwards a local socket to it, so the data is encrypted and
  * authenticated by the ssh connection virsh already relies on. The remote side is tied to the
  * ssh session: when our end closes (close(), or this process dying: ssh runs under pdeathsig
  * too), a watcher there sees its stdin end and stops qemu-nbd.
@@ -106,7 +106,10 @@ const READY_TIMEOUT_MS = 15_000;
 export async function exportDiskImage(opts: DiskImageExportOptions): Promise<DiskImageExport> {
   const format = opts.format ?? (await readImageInfo(opts.image, { ssh: opts.ssh })).format;
   const exportName = opts.exportName ?? 'disk';
-  const serverSocket = opts.ssh === undefined ? opts.socketPath : `/tmp/tresor-nbd-${randomBytes(8).toString('hex')}.sock`;
+  // On a remote host: a private directory (0700, unguessable name) so no other user there can
+  // connect to the export.
+  const serverDir = `/tmp/tresor-nbd-${randomBytes(8).toString('hex')}`;
+  const serverSocket = opts.ssh === undefined ? opts.socketPath : `${serverDir}/nbd.sock`;
   const qemuNbd = [
     'qemu-nbd', '--read-only', '--persistent', `--shared=${opts.maxConnections ?? 8}`,
     `--format=${format}`, `--export-name=${exportName}`, `--socket=${serverSocket}`, '--cache=none', '--aio=threads',
@@ -121,7 +124,8 @@ export async function exportDiskImage(opts: DiskImageExportOptions): Promise<Dis
     // qemu-nbd in the background; a watcher stops it when the session's stdin ends (fd 3: sh
     // gives background jobs /dev/null as stdin); the script ends (and with it the session) when
     // qemu-nbd does, with its status.
-    const script = `exec 3<&0; ${qemuNbd.map(shellQuote).join(' ')} & pid=$!; (cat <&3 >/dev/null; kill $pid 2>/dev/null) >/dev/null 2>&1 & exec 3<&-; wait $pid; status=$?; rm -f ${shellQuote(serverSocket)}; exit $status`;
+    const script = `mkdir -m 700 ${shellQuote(serverDir)} || exit 1; exec 3<&0; ${qemuNbd.map(shellQuote).join(' ')} & pid=$!; `
+      + `(cat <&3 >/dev/null; kill $pid 2>/dev/null) >/dev/null 2>&1 & exec 3<&-; wait $pid; status=$?; rm -rf ${shellQuote(serverDir)}; exit $status`;
     const forward = ['-o', 'ExitOnForwardFailure=yes', '-o', 'StreamLocalBindUnlink=yes', '-L', `${opts.socketPath}:${serverSocket}`];
     child = spawn('setpriv', ['--pdeathsig', 'KILL', '--', opts.ssh.command, ...sshArgs(opts.ssh, forward), `sh -c ${shellQuote(script)}`], { stdio: ['pipe', 'ignore', 'pipe'] });
     child.stdin!.on('error', () => undefined); // the session may be gone when we end it
