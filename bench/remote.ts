@@ -7,7 +7,8 @@
  * dropped before it:
  *   - unix:      qemu+unix:// (this machine; NBD over a unix socket), the baseline;
  *   - tcp+tls:   qemu+tcp:// (a remote host; NBD over TCP with TLS, the default);
- *   - tcp clear: qemu+tcp:// with --nbd-tls off.
+ *   - tcp clear: qemu+tcp:// with --nbd-tls off;
+ *   - shut off, ssh: the domain shut off, qemu+ssh:// (qemu-nbd on the host, forwarded by ssh).
  * Wall time, CPU (user+sys) and peak RSS come from GNU time. Prints a Markdown table with each
  * transport's ratio to the unix baseline.
  *
@@ -76,17 +77,21 @@ try {
     ['tcp+tls', h1!.tcpUri, ['--nbd-tls-dir', hosts.pki.clientDir]],
     ['tcp clear', h1!.tcpUri, ['--nbd-tls', 'off']],
   ];
+  const measure = (transport: string, uri: string, extra: string[]) => {
+    const repo = join(dir, 'repo');
+    rmSync(repo, { recursive: true, force: true });
+    run(NODE, [CLI, '--repo', repo, 'repo', 'init']);
+    run('sh', ['-c', 'sync; echo 3 > /proc/sys/vm/drop_caches']);
+    const row = { transport, ...timed(['--repo', repo, '--json', 'backup', 'vm', dom.name, '--connect', uri, '--consistency', 'off', '--full', ...extra]) };
+    console.error(`${transport}: ${row.wall.toFixed(2)} s, ${row.cpu.toFixed(1)} CPU-s, ${row.rssMiB.toFixed(0)} MiB`);
+    rows.push(row);
+  };
   for (let i = 0; i < runs; i++) {
-    for (const [transport, uri, extra] of transports) {
-      const repo = join(dir, 'repo');
-      rmSync(repo, { recursive: true, force: true });
-      run(NODE, [CLI, '--repo', repo, 'repo', 'init']);
-      run('sh', ['-c', 'sync; echo 3 > /proc/sys/vm/drop_caches']);
-      const row = { transport, ...timed(['--repo', repo, '--json', 'backup', 'vm', dom.name, '--connect', uri, '--consistency', 'off', '--full', ...extra]) };
-      console.error(`${transport}: ${row.wall.toFixed(2)} s, ${row.cpu.toFixed(1)} CPU-s, ${row.rssMiB.toFixed(0)} MiB`);
-      rows.push(row);
-    }
+    for (const [transport, uri, extra] of transports) measure(transport, uri, extra);
   }
+  // Shut off: qemu-img and qemu-nbd on the host over ssh, the data through an ssh forward.
+  run('virsh', ['-c', h1!.uri, 'destroy', dom.name]);
+  for (let i = 0; i < runs; i++) measure('shut off, ssh', h1!.sshUri, []);
 } finally {
   await hosts.stop();
   if (!values.keep) rmSync(dir, { recursive: true, force: true });
@@ -99,7 +104,7 @@ const base = median(by('unix').map((r) => r.wall));
 console.log(`Full backup of the ${formatSize(size)} corpus VM on a lab host, ${new Date().toISOString()}, commit ${commit}, ${runs} run(s) each (median):\n`);
 console.log('| transport | wall | vs unix | CPU user+sys | peak RSS |');
 console.log('|---|---:|---:|---:|---:|');
-for (const t of ['unix', 'tcp+tls', 'tcp clear']) {
+for (const t of ['unix', 'tcp+tls', 'tcp clear', 'shut off, ssh']) {
   const rs = by(t);
   const wall = median(rs.map((r) => r.wall));
   console.log(`| ${t} | ${wall.toFixed(2)} s | ${(wall / base).toFixed(2)}× | ${median(rs.map((r) => r.cpu)).toFixed(1)} s | ${Math.max(...rs.map((r) => r.rssMiB)).toFixed(0)} MiB |`);
