@@ -9,8 +9,8 @@
  * starting.
  *
  * On a host reached by `qemu+ssh://` (ssh.ts) both run there, over ssh: qemu-nbd listens on a unix
- * socket in a private directory in the host's /tmp, and ssh forwards a local socket to it, so the data is encrypted and
- * authenticated by the ssh connection virsh already relies on. The remote side is tied to the
+ * socket in a private directory in the host's /tmp, and ssh forwards a local socket to it, so the
+ * data is encrypted and authenticated by the ssh connection virsh already relies on. The remote side is tied to the
  * ssh session: when our end closes (close(), or this process dying: ssh runs under pdeathsig
  * too), a watcher there sees its stdin end and stops qemu-nbd.
  */
@@ -170,7 +170,8 @@ export async function exportDiskImage(opts: DiskImageExportOptions): Promise<Dis
 }
 
 function exportFailure(stderr: string, context: Record<string, unknown> & { operation: string }): HypervisorError {
-  const message = stderr.trim() || 'qemu-nbd exited';
+  // Over ssh, every readiness probe before qemu-nbd listened left a "channel N: open failed" line.
+  const message = stderr.split(/\r?\n/).filter((line) => !/^channel \d+: open failed/.test(line)).join('\n').trim() || 'qemu-nbd exited';
   if (IMAGE_LOCKED.test(message)) return imageInUse(message, context);
   if (/bitmap/i.test(message)) {
     return new HypervisorError('checkpoint-not-found', `qemu-nbd cannot export the bitmap: ${message}`, {

@@ -13,7 +13,8 @@
  * process's own namespace has a veth into the bridge too (address 10.X.Y.254), so NBD servers of
  * backup jobs on a host are reached over TCP exactly as on another machine. Host to host (p2p
  * migration) also uses `qemu+tcp://`. Every host's QEMU serves backup NBD over TLS with a lab
- * certificate (pki.ts); `pki.clientDir` holds the client side for Tresor.
+ * certificate (pki.ts); `pki.clientDir` holds the client side for Tresor. Every host also runs sshd
+ * on its address (root, lab key only), for `sshUri` (qemu+ssh://).
  *
  * Teardown (stop(), also after failures): domains destroyed and undefined, libvirtd stopped, every
  * process left in the namespaces killed, namespaces deleted, directories removed. libvirtd runs
