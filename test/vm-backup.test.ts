@@ -360,6 +360,23 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       await restore(viaSsh.snapshot.name, 'sda', outSsh);
       await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, outSsh]);
 
+      // The disk data forwarded over ssh instead of TLS: no certificates involved.
+      await run('virsh', ['-c', h1.uri, 'resume', dom.name]);
+      await qemuIoWrite(h1.uri, dom.name, 'sda', { offset: 40 * MiB, length: 128 * 1024, pattern: 0x49 });
+      await run('virsh', ['-c', h1.uri, 'suspend', dom.name]);
+      const sshData = await ok(['--nbd-transport', 'ssh', '--nbd-tls-dir', lab.path('no-pki')], h1.sshUri);
+      const log5 = sshData.log.join('\n');
+      assert.match(log5, /NBD over a unix socket on root@[\d.]+, forwarded over ssh/);
+      assert.equal(sshData.snapshot.disks[0].base?.snapshot, viaSsh.snapshot.name, log5);
+      assert.equal(sshData.snapshot.disks[0].bytesRead, 128 * 1024, log5);
+      const outFwd = lab.path('remote-restored-fwd.raw');
+      await restore(sshData.snapshot.name, 'sda', outFwd);
+      await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, outFwd]);
+      assert.deepEqual((await readdir('/tmp')).filter((f) => f.startsWith('tresor-nbd-')), [], 'the socket directory on the host is removed');
+      const noSsh = await remote(['--nbd-transport', 'ssh']);
+      assert.notEqual(noSsh.code, 0, noSsh.stdout);
+      assert.match(`${noSsh.stdout}${noSsh.stderr}`, /--nbd-transport ssh needs a qemu\+ssh:\/\/ connection/);
+
       // Shut off: through qemu+tcp there is no way to its images, a clear error; through qemu+ssh
       // they are read there with qemu-img and qemu-nbd, over ssh.
       await run('virsh', ['-c', h1.uri, 'destroy', dom.name]);
@@ -374,7 +391,7 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       // destroy lets QEMU close the image on SIGTERM: the bitmap is stored cleanly, and only the
       // write since the last backup is read.
       assert.match(log4, /incremental read of sda from bitmap tresor-/);
-      assert.equal(offSsh.snapshot.disks[0].base?.snapshot, viaSsh.snapshot.name, log4);
+      assert.equal(offSsh.snapshot.disks[0].base?.snapshot, sshData.snapshot.name, log4);
       assert.equal(offSsh.snapshot.disks[0].bytesRead, 256 * 1024, log4);
       assert.equal(offSsh.snapshot.source.consistency.level, 'offline');
       const outOff = lab.path('remote-restored-off.raw');

@@ -26,7 +26,7 @@ import { execFile } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
-import type { Hypervisor, DomainInfo, DiskInfo, CheckpointInfo, BackupJob, BlockInfo } from '../hypervisor/types.ts';
+import type { Hypervisor, DomainInfo, DiskInfo, CheckpointInfo, BackupJob, BlockInfo, PullBackupOptions } from '../hypervisor/types.ts';
 import { readImageInfo, exportDiskImage, type DiskImageExport } from '../hypervisor/offline-disk.ts';
 import { NbdDiskSource } from '../nbd/source.ts';
 import type { DiskSource } from '../image/disk.ts';
@@ -39,7 +39,7 @@ import { SnapshotSession } from './snapshot-writer.ts';
 import { RateLimitedSource, TokenBucket } from './rate-limit.ts';
 import { processAlive } from '../util/process.ts';
 import { HypervisorError } from '../hypervisor/errors.ts';
-import { sshTargetOf } from '../hypervisor/ssh.ts';
+import { forwardUnixSocket, runOverSsh, sshTargetOf, type SshForward, type SshTarget } from '../hypervisor/ssh.ts';
 import { describeNbdServer, planNbdServer, portCandidates, type NbdServerPlan, type VmNbdOptions } from './vm-nbd-server.ts';
 
 export type ConsistencyPolicy = 'require' | 'try' | 'off';
@@ -342,6 +342,7 @@ async function beginJob(c: Common, plan: IncrementalPlan, checkpoint: string | u
     await rm(join(c.vmDir, 'nbd.sock'), { force: true });
     return c.hv.beginPullBackup(c.dom.name, { ...job, socketPath: join(c.vmDir, 'nbd.sock') });
   }
+  if (server.transport === 'ssh') return beginJobOverSsh(c, server.ssh, job);
   const ports = portCandidates(server.ports);
   for (const [i, port] of ports.entries()) {
     try {
@@ -352,6 +353,47 @@ async function beginJob(c: Common, plan: IncrementalPlan, checkpoint: string | u
     }
   }
   throw new Error('unreachable: no port candidates');
+}
+
+/**
+ * The job's NBD server on a unix socket in a private directory on the host, which QEMU's user
+ * owns, and a local socket forwarded to it over ssh. The job's finish() also ends the forward and
+ * removes the directory; a job that cannot be forwarded is ended at once.
+ */
+async function beginJobOverSsh(c: Common, ssh: SshTarget, job: Omit<PullBackupOptions, 'socketPath' | 'tcp'>): Promise<BackupJob> {
+  const dir = `/tmp/tresor-nbd-${randomBytes(8).toString('hex')}`;
+  const removeDir = () => runOverSsh(ssh, ['rm', '-rf', dir], { operation: 'remove the NBD socket directory' }).then(() => undefined, () => undefined);
+  // QEMU runs as libvirt-qemu (Debian) or qemu (Fedora), as root in some setups.
+  await runOverSsh(ssh, ['sh', '-c', 'mkdir -m 700 "$1" && { chown libvirt-qemu "$1" 2>/dev/null || chown qemu "$1" 2>/dev/null || true; }', 'sh', dir],
+    { operation: 'create the NBD socket directory' });
+  let started: BackupJob;
+  try {
+    started = await c.hv.beginPullBackup(c.dom.name, { ...job, socketPath: `${dir}/nbd.sock` });
+  } catch (err) {
+    await removeDir();
+    throw err;
+  }
+  let forward: SshForward;
+  try {
+    forward = await forwardUnixSocket(ssh, join(c.vmDir, 'nbd-forward.sock'), `${dir}/nbd.sock`);
+  } catch (err) {
+    await started.finish().catch(() => undefined);
+    await removeDir();
+    throw err;
+  }
+  return {
+    domain: started.domain, disks: started.disks, checkpointName: started.checkpointName, incrementalFrom: started.incrementalFrom,
+    nbd: { unix: join(c.vmDir, 'nbd-forward.sock') },
+    socketPath: join(c.vmDir, 'nbd-forward.sock'),
+    finish: async () => {
+      try {
+        await started.finish();
+      } finally {
+        await forward.close();
+        await removeDir();
+      }
+    },
+  };
 }
 
 /**

@@ -21,6 +21,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ConnectionOptions } from 'node:tls';
 import type { Hypervisor } from '../hypervisor/types.ts';
+import { sshTargetOf, type SshTarget } from '../hypervisor/ssh.ts';
 import { TresorError, UsageError } from '../util/errors.ts';
 
 export interface VmNbdOptions {
@@ -32,6 +33,11 @@ export interface VmNbdOptions {
   tls?: 'on' | 'off';
   /** CA and client certificate for TLS (default /etc/pki/qemu). */
   tlsDir?: string;
+  /**
+   * How a remote domain's disks travel: 'tcp' (default; TLS per `tls`), or 'ssh' (qemu+ssh only):
+   * the job's NBD server on a unix socket on the host, forwarded over the ssh login virsh uses.
+   */
+  transport?: 'tcp' | 'ssh';
 }
 
 export const DEFAULT_NBD_PORTS: [number, number] = [10809, 10908];
@@ -41,6 +47,7 @@ const PORT_ATTEMPTS = 5;
 
 export type NbdServerPlan =
   | { transport: 'unix' }
+  | { transport: 'ssh'; ssh: SshTarget }
   | { transport: 'tcp'; address: string; ports: [number, number]; tls: ConnectionOptions | undefined; tlsDir: string | undefined };
 
 export class VmNbdError extends TresorError {}
@@ -48,6 +55,13 @@ export class VmNbdError extends TresorError {}
 /** Decides the transport, and loads the TLS material before any job starts (a missing file fails here). */
 export async function planNbdServer(hv: Hypervisor, opts: VmNbdOptions = {}): Promise<NbdServerPlan> {
   const remote = hv.remoteHost;
+  if (opts.transport === 'ssh') {
+    const ssh = sshTargetOf(hv.uri);
+    if (ssh === undefined) {
+      throw new UsageError(`--nbd-transport ssh needs a qemu+ssh:// connection, not ${hv.uri}`, 'connect with qemu+ssh://HOST/system, or use --nbd-transport tcp');
+    }
+    return { transport: 'ssh', ssh };
+  }
   if (remote === undefined && opts.address === undefined) return { transport: 'unix' };
   const ports = opts.ports ?? DEFAULT_NBD_PORTS;
   if (!(Number.isInteger(ports[0]) && Number.isInteger(ports[1]) && ports[0] >= 1 && ports[0] <= ports[1] && ports[1] <= 65535)) {
@@ -95,5 +109,6 @@ export function portCandidates(ports: [number, number], random = Math.random): n
 /** How the job log names the server. */
 export function describeNbdServer(plan: NbdServerPlan, port?: number): string {
   if (plan.transport === 'unix') return 'NBD over a unix socket on this machine';
+  if (plan.transport === 'ssh') return `NBD over a unix socket on ${plan.ssh.label}, forwarded over ssh`;
   return `NBD over TCP at ${plan.address}:${port ?? '?'} ${plan.tls ? `with TLS (client files from ${plan.tlsDir})` : 'IN CLEAR TEXT (--nbd-tls off): disk data crosses the network unencrypted'}`;
 }

@@ -5,7 +5,10 @@
  * Tresor. Used for what libvirt cannot do for us on a remote host: reading a shut-off domain's
  * images (qemu-img info, qemu-nbd).
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { HypervisorError } from './errors.ts';
 
 export interface SshTarget {
@@ -58,6 +61,45 @@ export function sshArgs(t: SshTarget, extra: string[] = []): string[] {
 /** One word for the remote POSIX shell. */
 export function shellQuote(word: string): string {
   return /^[A-Za-z0-9_./:=@%+-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
+}
+
+export interface SshForward {
+  /** Stops forwarding (the local socket is removed). */
+  close(): Promise<void>;
+}
+
+/**
+ * Forwards the local unix socket `localPath` to `remotePath` on the host (`ssh -N -L`), until
+ * close() or this process's death (ssh runs under pdeathsig). Resolves once ssh listens.
+ */
+export async function forwardUnixSocket(t: SshTarget, localPath: string, remotePath: string): Promise<SshForward> {
+  await rm(localPath, { force: true });
+  const forward = ['-N', '-o', 'ExitOnForwardFailure=yes', '-o', 'StreamLocalBindUnlink=yes', '-L', `${localPath}:${remotePath}`];
+  const child = spawn('setpriv', ['--pdeathsig', 'KILL', '--', t.command, ...sshArgs(t, forward)], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.setEncoding('utf8').on('data', (chunk: string) => { stderr = (stderr + chunk).slice(-4096); });
+  const exited = new Promise<void>((resolve) => {
+    child.on('error', () => resolve());
+    child.on('close', () => resolve());
+  });
+  const deadline = Date.now() + 15_000;
+  while (!existsSync(localPath)) {
+    if (child.exitCode !== null || child.signalCode !== null || Date.now() > deadline) {
+      child.kill('SIGKILL');
+      await exited;
+      throw new HypervisorError('libvirt-unreachable', `ssh to ${t.label} did not forward ${localPath} to ${remotePath}: ${stderr.trim() || 'no message'}`, {
+        context: { operation: 'ssh forward', host: t.label }, hint: `check that \`${t.command} ${t.label}\` logs in without a prompt and that the server allows stream-local forwarding`,
+      });
+    }
+    await Promise.race([sleep(20), exited]);
+  }
+  return {
+    async close(): Promise<void> {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+      await exited;
+      await rm(localPath, { force: true });
+    },
+  };
 }
 
 /** Runs `argv` on the host (through its login shell, every word quoted) and returns stdout. */

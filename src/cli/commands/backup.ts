@@ -61,6 +61,7 @@ export function registerBackupCommands(program: Command, env: CommandEnv): void 
     .option('--bwlimit <rate>', 'read at most this many bytes per second from the VM disks (e.g. 100M)')
     .option('--scratch-dir <dir>', `scratch (copy-before-write) space, a directory on the VM's host (default: ${DEFAULT_SCRATCH_DIR} on this machine; next to each disk image on a remote host)`)
     .option('--scratch-reserve <fraction>', 'free scratch space required, as a fraction of the disks\' size (default 0.1)')
+    .option('--nbd-transport <tcp|ssh>', 'remote host: the disk data over TCP (TLS per --nbd-tls), or forwarded over the ssh login of a qemu+ssh:// connection (no certificates needed)', 'tcp')
     .option('--nbd-address <address>', 'remote host: address its NBD server listens on and Tresor connects to (default: the host of --connect)')
     .option('--nbd-port <port|min-max>', `remote host: TCP port(s) for the NBD server (default ${DEFAULT_NBD_PORTS.join('-')})`)
     .option('--nbd-tls <on|off>', 'remote host: TLS for the disk data (default on; off sends it in clear text)', 'on')
@@ -68,11 +69,12 @@ export function registerBackupCommands(program: Command, env: CommandEnv): void 
     .option('--tag <key=value...>', 'tags to record on the snapshot', [])
     .action(async (domain: string, o: {
       connect?: string; id?: string; consistency: string; full: boolean; excludeDisk: string[]; bwlimit?: string; scratchDir?: string; scratchReserve?: string;
-      nbdAddress?: string; nbdPort?: string; nbdTls: string; nbdTlsDir?: string; tag: string[];
+      nbdTransport: string; nbdAddress?: string; nbdPort?: string; nbdTls: string; nbdTlsDir?: string; tag: string[];
     }) => {
       const g = env.globals();
       if (!['require', 'try', 'off'].includes(o.consistency)) throw new UsageError(`unknown consistency policy ${JSON.stringify(o.consistency)}`, 'use --consistency require, try or off');
       if (o.nbdTls !== 'on' && o.nbdTls !== 'off') throw new UsageError(`--nbd-tls must be on or off, not ${JSON.stringify(o.nbdTls)}`);
+      if (o.nbdTransport !== 'tcp' && o.nbdTransport !== 'ssh') throw new UsageError(`--nbd-transport must be tcp or ssh, not ${JSON.stringify(o.nbdTransport)}`);
       const scratchReserve = o.scratchReserve === undefined ? undefined : Number(o.scratchReserve);
       if (scratchReserve !== undefined && !(scratchReserve >= 0 && scratchReserve <= 1)) {
         throw new UsageError(`--scratch-reserve ${JSON.stringify(o.scratchReserve)} is not a fraction between 0 and 1`, 'e.g. --scratch-reserve 0.05 for 5 % of the disks');
@@ -83,7 +85,7 @@ export function registerBackupCommands(program: Command, env: CommandEnv): void 
       const r = await backupVm(repo, hv, domain, {
         id: o.id, consistency: o.consistency as ConsistencyPolicy, full: o.full, excludeDisks: o.excludeDisk,
         bwlimit: o.bwlimit ? parseSize(o.bwlimit) : undefined, scratchDir: o.scratchDir, scratchReserve, tags: parseTags(o.tag),
-        nbd: { address: o.nbdAddress, ports: o.nbdPort === undefined ? undefined : parsePortRange(o.nbdPort), tls: o.nbdTls, tlsDir: o.nbdTlsDir },
+        nbd: { transport: o.nbdTransport, address: o.nbdAddress, ports: o.nbdPort === undefined ? undefined : parsePortRange(o.nbdPort), tls: o.nbdTls, tlsDir: o.nbdTlsDir },
         signal: env.signal, progress: (d, t) => progress.update(d, t),
         log: (line) => { if (!g.json && !g.quiet && !process.stderr.isTTY) process.stderr.write(`${line}\n`); },
       });
