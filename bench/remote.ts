@@ -8,6 +8,7 @@
  *   - unix:      qemu+unix:// (this machine; NBD over a unix socket), the baseline;
  *   - tcp+tls:   qemu+tcp:// (a remote host; NBD over TCP with TLS, the default);
  *   - tcp clear: qemu+tcp:// with --nbd-tls off;
+ *   - ssh forward: qemu+ssh:// with --nbd-transport ssh (the job's unix socket forwarded by ssh);
  *   - shut off, ssh: the domain shut off, qemu+ssh:// (qemu-nbd on the host, forwarded by ssh).
  * Wall time, CPU (user+sys, the ssh client's included) and peak RSS come from GNU time. Prints a
  * Markdown table: each transport's range over the runs and its ratio to the unix baseline. On a
@@ -78,6 +79,7 @@ try {
     ['unix', h1!.uri, ['--scratch-dir', join(dir, 'scratch')]],
     ['tcp+tls', h1!.tcpUri, ['--nbd-tls-dir', hosts.pki.clientDir]],
     ['tcp clear', h1!.tcpUri, ['--nbd-tls', 'off']],
+    ['ssh forward', h1!.sshUri, ['--nbd-transport', 'ssh']],
   ];
   const measure = (transport: string, uri: string, extra: string[]) => {
     const repo = join(dir, 'repo');
@@ -110,7 +112,7 @@ const base = Math.min(...by('unix').map((r) => r.wall));
 console.log(`Full backup of the ${formatSize(size)} corpus VM on a lab host, ${new Date().toISOString()}, commit ${commit}, ${runs} run(s) each (range over the runs; ratio of the fastest to unix's fastest):\n`);
 console.log('| transport | wall | vs unix | CPU user+sys | peak RSS |');
 console.log('|---|---:|---:|---:|---:|');
-for (const t of ['unix', 'tcp+tls', 'tcp clear', 'shut off, ssh']) {
+for (const t of ['unix', 'tcp+tls', 'tcp clear', 'ssh forward', 'shut off, ssh']) {
   const rs = by(t);
   const walls = rs.map((r) => r.wall);
   console.log(`| ${t} | ${range(walls, 2)} s | ${(Math.min(...walls) / base).toFixed(2)}× | ${range(rs.map((r) => r.cpu), 1)} s | ${range(rs.map((r) => r.rssMiB), 0)} MiB |`);
