@@ -10,7 +10,8 @@
  *   - tcp clear: qemu+tcp:// with --nbd-tls off;
  *   - ssh forward: qemu+ssh:// with --nbd-transport ssh (the job's unix socket forwarded by ssh);
  *   - shut off, ssh: the domain shut off, qemu+ssh:// (qemu-nbd on the host, forwarded by ssh).
- * Wall time, CPU (user+sys, the ssh client's included) and peak RSS come from GNU time. Prints a
+ * Wall time is spawn to exit; CPU (user+sys, the ssh client's included) and peak RSS come from GNU
+ * time (bench/measure.ts runs the commands, as for the other benchmarks). Prints a
  * Markdown table: each transport's range over the runs and its ratio to the unix baseline. On a
  * lab host, sshd and qemu-nbd (shut off) run on the same cores as Tresor, unlike on another
  * machine.
@@ -24,6 +25,7 @@ import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import { generateCorpus, parseSize, formatSize } from './corpus.ts';
 import { convertToQcow2 } from './vm.ts';
+import { createCacheDropper, runChecked } from './measure.ts';
 import { defineTestDomain } from '../test/lab/guest.ts';
 import { startLibvirtHosts } from '../test/lab/hosts.ts';
 
@@ -54,11 +56,10 @@ function run(cmd: string, args: string[]): string {
   return r.stderr;
 }
 
-function timed(args: string[]): Omit<Row, 'transport'> {
-  const out = run('/usr/bin/time', ['-f', 'TIME %e %U %S %M', NODE, CLI, ...args]);
-  const m = /TIME (\S+) (\S+) (\S+) (\d+)/.exec(out);
-  if (!m) throw new Error(`no GNU time figures in: ${out.slice(-500)}`);
-  return { wall: Number(m[1]), cpu: Number(m[2]) + Number(m[3]), rssMiB: Number(m[4]) / 1024 };
+/** One Tresor command under GNU time (bench/measure.ts, as the other benchmarks measure). */
+async function timed(label: string, args: string[]): Promise<Omit<Row, 'transport'>> {
+  const m = await runChecked({ argv: [NODE, CLI, ...args], cwd: ROOT, env }, { logBase: join(dir, `log-${label.replace(/\W+/g, '-')}`), timeoutMs: 30 * 60_000, useGnuTime: true });
+  return { wall: m.wallSeconds, cpu: (m.userSeconds ?? 0) + (m.sysSeconds ?? 0), rssMiB: (m.peakRssBytes ?? 0) / (1 << 20) };
 }
 
 const raw = join(dir, 'corpus.raw');
@@ -81,21 +82,23 @@ try {
     ['tcp clear', h1!.tcpUri, ['--nbd-tls', 'off']],
     ['ssh forward', h1!.sshUri, ['--nbd-transport', 'ssh']],
   ];
-  const measure = (transport: string, uri: string, extra: string[]) => {
+  const caches = createCacheDropper();
+  if (!caches.works) console.error(caches.note);
+  const measure = async (transport: string, uri: string, extra: string[]) => {
     const repo = join(dir, 'repo');
     rmSync(repo, { recursive: true, force: true });
     run(NODE, [CLI, '--repo', repo, 'repo', 'init']);
-    run('sh', ['-c', 'sync; echo 3 > /proc/sys/vm/drop_caches']);
-    const row = { transport, ...timed(['--repo', repo, '--json', 'backup', 'vm', dom.name, '--connect', uri, '--consistency', 'off', '--full', ...extra]) };
+    caches.drop();
+    const row = { transport, ...await timed(transport, ['--repo', repo, '--json', 'backup', 'vm', dom.name, '--connect', uri, '--consistency', 'off', '--full', ...extra]) };
     console.error(`${transport}: ${row.wall.toFixed(2)} s, ${row.cpu.toFixed(1)} CPU-s, ${row.rssMiB.toFixed(0)} MiB`);
     rows.push(row);
   };
   for (let i = 0; i < runs; i++) {
-    for (const [transport, uri, extra] of transports) measure(transport, uri, extra);
+    for (const [transport, uri, extra] of transports) await measure(transport, uri, extra);
   }
   // Shut off: qemu-img and qemu-nbd on the host over ssh, the data through an ssh forward.
   run('virsh', ['-c', h1!.uri, 'destroy', dom.name]);
-  for (let i = 0; i < runs; i++) measure('shut off, ssh', h1!.sshUri, []);
+  for (let i = 0; i < runs; i++) await measure('shut off, ssh', h1!.sshUri, []);
 } finally {
   await hosts.stop();
   if (!values.keep) rmSync(dir, { recursive: true, force: true });

@@ -39,7 +39,7 @@ import { SnapshotSession } from './snapshot-writer.ts';
 import { RateLimitedSource, TokenBucket } from './rate-limit.ts';
 import { processAlive } from '../util/process.ts';
 import { HypervisorError } from '../hypervisor/errors.ts';
-import { forwardUnixSocket, runOverSsh, sshTargetOf, type SshForward, type SshTarget } from '../hypervisor/ssh.ts';
+import { forwardUnixSocket, remoteSocketDir, runOverSsh, sshTargetOf, type SshForward, type SshTarget } from '../hypervisor/ssh.ts';
 import { describeNbdServer, planNbdServer, portCandidates, type NbdServerPlan, type VmNbdOptions } from './vm-nbd-server.ts';
 
 export type ConsistencyPolicy = 'require' | 'try' | 'off';
@@ -361,7 +361,7 @@ async function beginJob(c: Common, plan: IncrementalPlan, checkpoint: string | u
  * removes the directory; a job that cannot be forwarded is ended at once.
  */
 async function beginJobOverSsh(c: Common, ssh: SshTarget, job: Omit<PullBackupOptions, 'socketPath' | 'tcp'>): Promise<BackupJob> {
-  const dir = `/tmp/tresor-nbd-${randomBytes(8).toString('hex')}`;
+  const dir = remoteSocketDir();
   const removeDir = () => runOverSsh(ssh, ['rm', '-rf', dir], { operation: 'remove the NBD socket directory' }).then(() => undefined, () => undefined);
   // QEMU runs as libvirt-qemu (Debian) or qemu (Fedora), as root in some setups.
   await runOverSsh(ssh, ['sh', '-c', 'mkdir -m 700 "$1" && { chown libvirt-qemu "$1" 2>/dev/null || chown qemu "$1" 2>/dev/null || true; }', 'sh', dir],
@@ -653,11 +653,16 @@ async function userId(name: string): Promise<number | undefined> {
 
 async function checkScratchSpace(dir: string, sizes: number[], reserve: number): Promise<void> {
   const st = await statfs(dir);
-  const free = st.bavail * st.bsize;
+  requireScratchSpace(dir, st.bavail * st.bsize, sizes, reserve, undefined);
+}
+
+/** The scratch rule for both kinds of host: `reserve` of the disks' size, at most 64 GiB. */
+function requireScratchSpace(dir: string, free: number, sizes: number[], reserve: number, host: string | undefined): void {
   const need = Math.min(sizes.reduce((a, b) => a + b, 0) * reserve, 64 << 30);
   if (free < need) {
-    throw new VmBackupError('scratch-space', `the scratch directory ${dir} has ${free} bytes free; the backup needs at least ${Math.ceil(need)} (${Math.round(reserve * 100)} % of the disks) for data the guest overwrites while it runs`, {
-      hint: 'free space there, point --scratch-dir at a larger filesystem, or lower --scratch-reserve if the guest writes little',
+    const where = host === undefined ? dir : `${dir} on ${host}`;
+    throw new VmBackupError('scratch-space', `the scratch directory ${where} has ${free} bytes free; the backup needs at least ${Math.ceil(need)} (${Math.round(reserve * 100)} % of the disks) for data the guest overwrites while it runs`, {
+      hint: `free space there, point --scratch-dir at a larger filesystem${host === undefined ? '' : ' on that host'}, or lower --scratch-reserve if the guest writes little`,
       exitCode: ExitCode.noSpace, context: { dir, free, need },
     });
   }
@@ -691,13 +696,7 @@ async function checkRemoteScratchSpace(c: Common, sizes: Map<string, number>): P
         hint: 'the directory must exist on that host; name another with --scratch-dir', context: { dir }, cause: err,
       });
     }
-    const need = Math.min(dirSizes.reduce((a, b) => a + b, 0) * reserve, 64 << 30);
-    if (free < need) {
-      throw new VmBackupError('scratch-space', `the scratch directory ${dir} on ${c.hv.remoteHost} has ${free} bytes free; the backup needs at least ${Math.ceil(need)} (${Math.round(reserve * 100)} % of the disks) for data the guest overwrites while it runs`, {
-        hint: 'free space there, point --scratch-dir at a larger filesystem on that host, or lower --scratch-reserve if the guest writes little',
-        exitCode: ExitCode.noSpace, context: { dir, free, need },
-      });
-    }
+    requireScratchSpace(dir, free, dirSizes, reserve, c.hv.remoteHost);
   }
 }
 

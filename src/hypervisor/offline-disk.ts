@@ -18,10 +18,9 @@ import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { randomBytes } from 'node:crypto';
 import { NbdClient, type NbdTarget } from '../nbd/client.ts';
 import { HypervisorError } from './errors.ts';
-import { runOverSsh, shellQuote, sshArgs, type SshTarget } from './ssh.ts';
+import { remoteSocketDir, runOverSsh, shellQuote, sshArgs, type SshTarget } from './ssh.ts';
 
 export interface ImageBitmap {
   name: string;
@@ -108,7 +107,7 @@ export async function exportDiskImage(opts: DiskImageExportOptions): Promise<Dis
   const exportName = opts.exportName ?? 'disk';
   // On a remote host: a private directory (0700, unguessable name) so no other user there can
   // connect to the export.
-  const serverDir = `/tmp/tresor-nbd-${randomBytes(8).toString('hex')}`;
+  const serverDir = remoteSocketDir();
   const serverSocket = opts.ssh === undefined ? opts.socketPath : `${serverDir}/nbd.sock`;
   const qemuNbd = [
     'qemu-nbd', '--read-only', '--persistent', `--shared=${opts.maxConnections ?? 8}`,

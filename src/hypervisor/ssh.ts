@@ -6,6 +6,7 @@
  * images (qemu-img info, qemu-nbd).
  */
 import { execFile, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -61,6 +62,14 @@ export function sshArgs(t: SshTarget, extra: string[] = []): string[] {
 /** One word for the remote POSIX shell. */
 export function shellQuote(word: string): string {
   return /^[A-Za-z0-9_./:=@%+-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
+}
+
+/**
+ * A fresh path for a private directory in a host's /tmp that will hold an NBD socket: the name is
+ * unguessable, so nobody there can create it first; the caller makes it 0700.
+ */
+export function remoteSocketDir(): string {
+  return `/tmp/tresor-nbd-${randomBytes(8).toString('hex')}`;
 }
 
 export interface SshForward {
