@@ -8,6 +8,7 @@ import { LocalStore } from '../src/store/local.ts';
 import { Repository } from '../src/repo/repository.ts';
 import { BlobIndex } from '../src/repo/blob-index.ts';
 import { BlobType, ZERO_ID, computeId, decodeBlob, encodeBlob, frameContentSize, type CodecKeys } from '../src/repo/codec.ts';
+import { CodecPool } from '../src/repo/codec-pool.ts';
 import { formatRecoveryKey, generateMasterKey, parseRecoveryKey } from '../src/repo/keys.ts';
 import { RepositoryLock, RepositoryLockedError } from '../src/repo/lock.ts';
 import { parseSnapshotName, snapshotName, validateSourceId } from '../src/repo/manifest.ts';
@@ -67,6 +68,38 @@ describe('codec', () => {
       const manifest = Buffer.from(JSON.stringify({ text: 'x'.repeat(n) }));
       const enc = encodeBlob(keys, BlobType.manifest, ZERO_ID, manifest);
       assert.deepEqual(decodeBlob(keys, BlobType.manifest, ZERO_ID, enc, { maxLength: 256 << 20 }, () => ({ what: 'manifest', context: {} })), manifest);
+    }
+  });
+});
+
+describe('codec pool', () => {
+  it('gives a batch buffer back for the next batch of its size, after encode and after drop, and encodes what was in it', async () => {
+    const keys: CodecKeys = { master: generateMasterKey(), compressionLevel: 1 };
+    const pool = new CodecPool(keys, 1);
+    try {
+      const chunk = 64 << 10;
+      for (const path of ['encode', 'drop'] as const) {
+        const data = pool.batchBuffer(4 * chunk);
+        for (let i = 0; i < 4; i++) data.fill(0x41 + i, i * chunk, (i + 1) * chunk);
+        const expected = Buffer.from(data);
+        const hashed = await pool.hash(data, chunk);
+        assert.equal(data.length, 0, 'the buffer moved to the worker');
+        for (let i = 0; i < 4; i++) assert.deepEqual(hashed.ids.subarray(i * 32, i * 32 + 32), computeId(keys, expected.subarray(i * chunk, (i + 1) * chunk)));
+        if (path === 'encode') {
+          const { blobs, release } = await pool.encode(hashed, [1, 3], BlobType.chunk);
+          assert.deepEqual(decodeBlob(keys, BlobType.chunk, hashed.ids.subarray(32, 64), blobs[0], { maxLength: chunk, exactLength: true }, () => ({ what: 'x', context: {} })), expected.subarray(chunk, 2 * chunk));
+          release();
+        } else {
+          await pool.encode(hashed, [], BlobType.chunk);
+        }
+        // A fresh ArrayBuffer would be all zeros: the old contents prove it came back.
+        const again = pool.batchBuffer(4 * chunk);
+        assert.deepEqual(again, expected, `recycled after ${path}`);
+        assert.equal(pool.batchBuffer(4 * chunk).every((b) => b === 0), true, 'only one came back');
+        assert.equal(pool.batchBuffer(3 * chunk).length, 3 * chunk, 'other sizes are allocated');
+      }
+    } finally {
+      await pool.close();
     }
   });
 });

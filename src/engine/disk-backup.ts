@@ -132,8 +132,16 @@ export async function backupDisk(
     }
   };
 
+  // Into a buffer an earlier batch came back in, where the source can (codec-pool.ts batchBuffer).
+  const readBatch = async (offset: number, length: number): Promise<Buffer> => {
+    if (source.readTo === undefined) return source.read(offset, length);
+    const target = pool.batchBuffer(length);
+    await source.readTo(offset, length, target);
+    return target;
+  };
+
   const readAndStore = async (firstSlot: number, count: number, offset: number, length: number): Promise<void> => {
-    const data = await source.read(offset, length);
+    const data = await readBatch(offset, length);
     stats.bytesRead += length;
     collector.note(length);
     const hashed: HashedBatch = await pool.hash(data, chunkSize);

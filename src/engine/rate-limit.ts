@@ -67,6 +67,12 @@ export class RateLimitedSource implements DiskSource {
     return this.#inner.read(offset, length);
   }
 
+  async readTo(offset: number, length: number, target: Buffer): Promise<void> {
+    await this.#bucket.take(length);
+    if (this.#inner.readTo !== undefined) await this.#inner.readTo(offset, length, target);
+    else (await this.#inner.read(offset, length)).copy(target, 0);
+  }
+
   close(): Promise<void> {
     return this.#inner.close();
   }

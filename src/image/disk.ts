@@ -10,6 +10,8 @@
  *   means identical to the same range of the parent snapshot the engine was given.
  * - `read(offset, length)` returns exactly `length` bytes; zero extents read as zeros. Reads past
  *   `size` are an error. Concurrent reads are allowed.
+ * - `readTo(offset, length, target)`, where a source offers it, reads the same bytes into
+ *   target[0, length) instead, overwriting whatever it held (so a caller can reuse its buffers).
  * - A malformed image is a BadInputError naming the file and the structure at fault, never a
  *   crash, an out-of-bounds read, or a hang.
  */
@@ -29,6 +31,7 @@ export interface DiskSource {
   readonly description: string;
   extents(offset: number, length: number): AsyncIterable<Extent>;
   read(offset: number, length: number): Promise<Buffer>;
+  readTo?(offset: number, length: number, target: Buffer): Promise<void>;
   close(): Promise<void>;
 }
 

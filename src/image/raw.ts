@@ -105,12 +105,16 @@ class RawDisk implements DiskSource {
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
-    checkRange(this, offset, length);
     const buf = Buffer.allocUnsafe(length);
-    const got = await readAt(this.fh, buf, 0, length, offset);
-    // The file shrank since it was opened: what is gone reads as zeros, like a sparse tail.
-    if (got < length) buf.fill(0, got);
+    await this.readTo(offset, length, buf);
     return buf;
+  }
+
+  async readTo(offset: number, length: number, target: Buffer): Promise<void> {
+    checkRange(this, offset, length);
+    const got = await readAt(this.fh, target, 0, length, offset);
+    // The file shrank since it was opened: what is gone reads as zeros, like a sparse tail.
+    if (got < length) target.fill(0, got, length);
   }
 
   async close(): Promise<void> {

@@ -121,6 +121,11 @@ export class NbdDiskSource implements DiskSource {
     return this.reader.read(offset, length);
   }
 
+  readTo(offset: number, length: number, target: Buffer): Promise<void> {
+    this.checkRange(offset, length);
+    return this.reader.readInto(offset, length, target);
+  }
+
   close(): Promise<void> {
     return this.reader.close();
   }

@@ -4,10 +4,11 @@
  * it runs in a worker thread (codec-worker.ts). Protocol:
  *  - hash {batch, data, chunkSize}: split `data` into chunks; reply ids (32 bytes each, all-zero
  *    id for an all-zero chunk). The executor keeps the data until `encode` or `drop`.
- *  - encode {batch, which[], into?}: encode the chosen chunks; reply their lengths, the blobs
- *    one after another in `into` (a SharedArrayBuffer the caller reuses) when they fit, else in
- *    one buffer of the reply; forget the batch.
- *  - drop {batch}: forget the batch.
+ *  - encode {batch, which[], into?, recycle?}: encode the chosen chunks; reply their lengths, the
+ *    blobs one after another in `into` (a SharedArrayBuffer the caller reuses) when they fit,
+ *    else in one buffer of the reply; forget the batch. With `recycle` the batch's data buffer
+ *    goes back to the caller in the reply (`data`, transferred) instead of being freed.
+ *  - drop {batch, recycle?}: forget the batch (its buffer back as with encode).
  *  - decode {items[], into?}: decode stored blobs (verifying ids); reply plaintexts or error
  *    messages. With `into` (a SharedArrayBuffer the caller reuses) each plaintext is copied to
  *    its item's `at` and only verdicts travel back: no buffer is allocated per chunk that
@@ -21,8 +22,8 @@ import { isAllZero, releaseBuffer } from '../util/bytes.ts';
 
 export type CodecRequest =
   | { op: 'hash'; req: number; batch: number; data: ArrayBuffer; byteLength: number; chunkSize: number }
-  | { op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue; into?: SharedArrayBuffer }
-  | { op: 'drop'; req: number; batch: number }
+  | { op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue; into?: SharedArrayBuffer; recycle?: boolean }
+  | { op: 'drop'; req: number; batch: number; recycle?: boolean }
   | { op: 'decode'; req: number; items: DecodeItem[]; checkOnly?: boolean; trustAead?: boolean; into?: SharedArrayBuffer };
 
 export interface DecodeItem {
@@ -56,6 +57,18 @@ function chunkAt(data: Buffer, chunkSize: number, i: number): Buffer {
 export class CodecExecutor {
   readonly #keys: CodecKeys;
   readonly #batches = new Map<number, { data: Buffer; chunkSize: number; ids: Buffer }>();
+
+  /** A batch is done with: its buffer back to the caller (`recycle`), else freed now. */
+  #finish(b: { data: Buffer } | undefined, recycle: boolean | undefined, message: Record<string, unknown>, transfer: ArrayBuffer[]): void {
+    if (b === undefined) return;
+    const ab = b.data.buffer;
+    if (recycle === true && ab instanceof ArrayBuffer && !ab.detached) {
+      message.data = ab;
+      transfer.push(ab);
+    } else {
+      releaseBuffer(b.data, 'arraybuffer');
+    }
+  }
 
   constructor(keys: CodecKeys) {
     this.#keys = keys;
@@ -92,7 +105,6 @@ export class CodecExecutor {
           encoded.push(blob);
           total += blob.length;
         }
-        releaseBuffer(b.data);
         const shared = msg.into !== undefined && total <= msg.into.byteLength;
         const out = shared ? new Uint8Array(msg.into!, 0, total) : Buffer.from(new ArrayBuffer(total));
         const lengths: number[] = [];
@@ -104,14 +116,18 @@ export class CodecExecutor {
           releaseBuffer(blob);
         }
         // What is left for the collector: cipher outputs small enough to live in Node's pool.
-        if (shared) return { message: { req: msg.req, lengths, shared: true }, transfer: [], garbage: total };
-        return { message: { req: msg.req, out, lengths }, transfer: [out.buffer as ArrayBuffer], garbage: total };
+        const message: Record<string, unknown> = shared ? { req: msg.req, lengths, shared: true } : { req: msg.req, out, lengths };
+        const transfer: ArrayBuffer[] = shared ? [] : [out.buffer as ArrayBuffer];
+        this.#finish(b, msg.recycle, message, transfer);
+        return { message, transfer, garbage: total };
       }
       case 'drop': {
         const b = this.#batches.get(msg.batch);
         this.#batches.delete(msg.batch);
-        if (b) releaseBuffer(b.data);
-        return { message: { req: msg.req }, transfer: [], garbage: 0 };
+        const message: Record<string, unknown> = { req: msg.req };
+        const transfer: ArrayBuffer[] = [];
+        this.#finish(b, msg.recycle, message, transfer);
+        return { message, transfer, garbage: 0 };
       }
       case 'decode': {
         const transfer: ArrayBuffer[] = [];

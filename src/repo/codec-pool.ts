@@ -103,6 +103,8 @@ export class CodecPool {
   #slabs: SharedBufferPool | undefined;
   #nextReq = 1;
   #nextBatch = 1;
+  /** Batch buffers back from the executors, for the next batches (batchBuffer). */
+  readonly #spareBatches: ArrayBuffer[] = [];
 
   /** `size` workers (default: one per core, up to 8). */
   constructor(keys: CodecKeys, size = Math.max(1, Math.min(availableParallelism(), 8))) {
@@ -135,6 +137,23 @@ export class CodecPool {
     return best;
   }
 
+  /**
+   * A buffer of `bytes` to read a batch into and hand to `hash`: one that an earlier batch of the
+   * same size came back in when there is one. A backup reads its whole disk through a few such
+   * buffers instead of allocating one per batch, which the garbage collector would count
+   * towards its next full collection (dozens per gigabyte).
+   */
+  batchBuffer(bytes: number): Buffer {
+    const i = this.#spareBatches.findIndex((ab) => ab.byteLength === bytes);
+    return Buffer.from(i >= 0 ? this.#spareBatches.splice(i, 1)[0] : new ArrayBuffer(bytes));
+  }
+
+  #keepSpare(ab: ArrayBuffer | undefined): void {
+    if (ab === undefined) return;
+    this.#spareBatches.push(ab);
+    if (this.#spareBatches.length > this.#executors.length + 1) this.#spareBatches.shift();
+  }
+
   /** Hashes `data` (the caller must not touch it afterwards) in chunks of `chunkSize`. */
   async hash(data: Buffer, chunkSize: number): Promise<HashedBatch> {
     const e = this.#pick();
@@ -158,20 +177,22 @@ export class CodecPool {
    */
   async encode(b: HashedBatch, which: number[], type: BlobTypeValue): Promise<EncodedBlobs> {
     if (which.length === 0) {
-      await this.#executors[b.executor].call({ op: 'drop', req: this.#nextReq++, batch: b.batch });
+      const dropped = await this.#executors[b.executor].call<{ data?: ArrayBuffer }>({ op: 'drop', req: this.#nextReq++, batch: b.batch, recycle: true });
+      this.#keepSpare(dropped.data);
       return { blobs: [], release: () => undefined };
     }
     // Output into a reused shared buffer when the batch surely fits (blobs are at most the
     // chunk plus a small overhead): the common case allocates nothing per batch.
     const bound = b.byteLength + which.length * 64;
     const slab = bound <= ENCODE_SLAB_BYTES ? await this.#encodeSlabs.acquire() : undefined;
-    let r: { out?: Uint8Array; lengths: number[]; shared?: boolean };
+    let r: { out?: Uint8Array; lengths: number[]; shared?: boolean; data?: ArrayBuffer };
     try {
-      r = await this.#executors[b.executor].call({ op: 'encode', req: this.#nextReq++, batch: b.batch, which, type, into: slab });
+      r = await this.#executors[b.executor].call({ op: 'encode', req: this.#nextReq++, batch: b.batch, which, type, into: slab, recycle: true });
     } catch (err) {
       if (slab) this.#encodeSlabs.release(slab);
       throw err;
     }
+    this.#keepSpare(r.data);
     if (slab && !r.shared) this.#encodeSlabs.release(slab);
     const out = r.shared ? Buffer.from(slab!, 0, r.lengths.reduce((n, x) => n + x, 0)) : Buffer.from(r.out!.buffer, r.out!.byteOffset, r.out!.byteLength);
     const blobs: Buffer[] = [];
