@@ -83,6 +83,10 @@ class WorkerExecutor implements Executor {
  */
 const ENCODE_SLAB_BYTES = (2 << 20) + (64 << 10);
 
+/** Batch buffer size classes (powers of two): a chunk of 128 KiB up to a 2 MiB batch. Larger ones are not kept. */
+const MIN_BATCH_CLASS = 128 << 10;
+const MAX_BATCH_CLASS = 2 << 20;
+
 export interface EncodedBlobs {
   blobs: Buffer[];
   /** Frees the buffer under `blobs` (after they were copied into a pack). */
@@ -103,8 +107,10 @@ export class CodecPool {
   #slabs: SharedBufferPool | undefined;
   #nextReq = 1;
   #nextBatch = 1;
-  /** Batch buffers back from the executors, for the next batches (batchBuffer). */
-  readonly #spareBatches: ArrayBuffer[] = [];
+  /** Batch buffers back from the executors by size class, for the next batches (batchBuffer). */
+  readonly #spareBatches = new Map<number, ArrayBuffer[]>();
+  /** Buffers batchBuffer handed out and `hash` has not taken yet (whole: transferable). */
+  readonly #handedOut = new WeakSet<ArrayBuffer>();
 
   /** `size` workers (default: one per core, up to 8). */
   constructor(keys: CodecKeys, size = Math.max(1, Math.min(availableParallelism(), 8))) {
@@ -138,20 +144,25 @@ export class CodecPool {
   }
 
   /**
-   * A buffer of `bytes` to read a batch into and hand to `hash`: one that an earlier batch of the
-   * same size came back in when there is one. A backup reads its whole disk through a few such
+   * A buffer of `bytes` to read a batch into and hand to `hash`, laid in one that an earlier
+   * batch came back in when there is one. A backup reads its whole disk through a few such
    * buffers instead of allocating one per batch, which the garbage collector would count
-   * towards its next full collection (dozens per gigabyte).
+   * towards its next full collection (dozens per gigabyte). Sizes are rounded up to a power of
+   * two so runs of any length (a batch cut by holes) find a spare of their class.
    */
   batchBuffer(bytes: number): Buffer {
-    const i = this.#spareBatches.findIndex((ab) => ab.byteLength === bytes);
-    return Buffer.from(i >= 0 ? this.#spareBatches.splice(i, 1)[0] : new ArrayBuffer(bytes));
+    const size = bytes <= MIN_BATCH_CLASS ? MIN_BATCH_CLASS : 2 ** Math.ceil(Math.log2(bytes));
+    const ab = this.#spareBatches.get(size)?.pop() ?? new ArrayBuffer(size);
+    this.#handedOut.add(ab);
+    return Buffer.from(ab, 0, bytes);
   }
 
+  /** A batch buffer back from an executor: kept for the next batch of its class, a few per class. */
   #keepSpare(ab: ArrayBuffer | undefined): void {
-    if (ab === undefined) return;
-    this.#spareBatches.push(ab);
-    if (this.#spareBatches.length > this.#executors.length + 1) this.#spareBatches.shift();
+    if (ab === undefined || ab.byteLength > MAX_BATCH_CLASS || (ab.byteLength & (ab.byteLength - 1)) !== 0) return;
+    let spares = this.#spareBatches.get(ab.byteLength);
+    if (spares === undefined) this.#spareBatches.set(ab.byteLength, spares = []);
+    if (spares.length <= this.#executors.length) spares.push(ab);
   }
 
   /** Hashes `data` (the caller must not touch it afterwards) in chunks of `chunkSize`. */
@@ -159,10 +170,14 @@ export class CodecPool {
     const e = this.#pick();
     const batch = this.#nextBatch++;
     const byteLength = data.length; // `data` may be detached by the transfer below
-    // Transfer needs a whole, unshared ArrayBuffer; copy when `data` is a view into a larger one.
+    // Transfer needs a whole, unshared ArrayBuffer (or one from batchBuffer, all the caller's);
+    // copy when `data` is a view into a larger one.
     let ab: ArrayBuffer;
-    if (data.byteOffset === 0 && data.buffer.byteLength === data.length && data.buffer instanceof ArrayBuffer) {
-      ab = data.buffer;
+    const whole = data.byteOffset === 0 && data.buffer instanceof ArrayBuffer
+      && (data.buffer.byteLength === data.length || this.#handedOut.has(data.buffer));
+    if (whole) {
+      ab = data.buffer as ArrayBuffer;
+      this.#handedOut.delete(ab);
     } else {
       ab = new ArrayBuffer(data.length);
       new Uint8Array(ab).set(data);

@@ -131,17 +131,40 @@ function zstd(data: Uint8Array, level: number, strategy?: number, tuning?: Compr
 
 /**
  * Disk images are largely either compressible (text, binaries, metadata) or not at all (media,
- * encrypted or already compressed data). Two 4 KiB samples at level 1 tell which, for a fraction
- * of the cost of compressing an incompressible chunk in full.
+ * encrypted or already compressed data). Three 4 KiB samples (start, middle, end) compressed
+ * together at level 1 tell which, for a fraction of the cost of compressing an incompressible
+ * chunk in full. One call for the three: a zstd call's setup costs as much as compressing a
+ * sample, and half of a typical disk's chunks are sampled and found incompressible.
  */
 function looksIncompressible(plaintext: Uint8Array): boolean {
   if (plaintext.length < 4 * SAMPLE) return false;
   const mid = (plaintext.length >> 1) - (SAMPLE >> 1);
-  for (const at of [0, mid, plaintext.length - SAMPLE]) {
-    if (zstd(plaintext.subarray(at, at + SAMPLE), 1).length < SAMPLE - (SAMPLE >> 4)) return false;
-  }
-  return true;
+  sampleScratch.set(plaintext.subarray(0, SAMPLE), 0);
+  sampleScratch.set(plaintext.subarray(mid, mid + SAMPLE), SAMPLE);
+  sampleScratch.set(plaintext.subarray(plaintext.length - SAMPLE), 2 * SAMPLE);
+  return zstd(sampleScratch, 1).length >= sampleScratch.length - (SAMPLE >> 4);
 }
+
+/**
+ * Random 96-bit GCM nonces, taken from a block of CSPRNG output drawn 4 KiB at a time: the same
+ * randomness as one randomBytes(12) per blob, without a call into the CSPRNG per blob (~20 µs
+ * each, 20 000 per 2.5 GiB backed up).
+ */
+const NONCE_BLOCK = 4096 - (4096 % 12);
+let nonceBlock = Buffer.alloc(0);
+let nonceAt = 0;
+function nextNonce(): Buffer {
+  if (nonceAt + 12 > nonceBlock.length) {
+    nonceBlock = randomBytes(NONCE_BLOCK);
+    nonceAt = 0;
+  }
+  const nonce = nonceBlock.subarray(nonceAt, nonceAt + 12);
+  nonceAt += 12;
+  return nonce;
+}
+
+/** The samples of looksIncompressible (one per thread: the codec runs synchronously). */
+const sampleScratch = Buffer.alloc(3 * SAMPLE);
 
 function compress(plaintext: Uint8Array, keys: CodecKeys, sample: boolean): Buffer | undefined {
   const level = keys.compressionLevel;
@@ -167,7 +190,7 @@ export function encodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint
     blob.writeUInt32LE(zlib.crc32(payload), HEADER);
     blob.set(payload, HEADER + 4);
   } else {
-    const nonce = randomBytes(12);
+    const nonce = nextNonce();
     const c = createCipheriv('aes-256-gcm', keyObject(keys.master.encKey), nonce);
     c.setAAD(aad(header, type, contextId));
     const ct1 = c.update(payload);

@@ -31,7 +31,6 @@ export class PackWriter {
   #currentMap: PackBuilder | undefined;
   readonly #pendingIds = new Set<string>();
   readonly #uploads = new Set<Promise<void>>();
-  readonly #spareBuffers: Buffer[] = [];
   #uncommitted: IndexedPack[] = [];
   #failure: unknown;
   readonly stats: PackWriterStats = { packs: 0, blobs: 0, bytes: 0 };
@@ -43,24 +42,9 @@ export class PackWriter {
   }
 
   /** Room for a full pack plus the blob that overflows it and the header, allocated once. */
-  #packCapacity(): number {
-    const target = Math.min(this.#repo.config.packSize, MAX_PACK_SIZE);
-    return target + Math.min(target, this.#repo.config.chunkSize + (256 << 10));
-  }
-
   #newBuilder(): PackBuilder {
-    return new PackBuilder(this.#packCapacity(), this.#spareBuffers.pop());
-  }
-
-  /**
-   * A stored pack's buffer goes to the next pack instead of being freed: a backup lays out a
-   * pack every 8 MiB, and allocating each anew is external memory the garbage collector counts
-   * towards its next full collection (a gigabyte backed up cost dozens of them).
-   */
-  #recycle(data: Buffer): void {
-    const whole = Buffer.from(data.buffer, 0, data.buffer.byteLength);
-    if (whole.length === this.#packCapacity() && this.#spareBuffers.length <= this.#maxUploads) this.#spareBuffers.push(whole);
-    else releaseBuffer(data, 'arraybuffer');
+    const target = Math.min(this.#repo.config.packSize, MAX_PACK_SIZE);
+    return new PackBuilder(target + Math.min(target, this.#repo.config.chunkSize + (256 << 10)));
   }
 
   /** True when the blob is written or being written by this writer (not yet in the index). */
@@ -121,7 +105,7 @@ export class PackWriter {
       this.stats.bytes += sealed.data.length;
     })().catch((err) => {
       this.#failure ??= err;
-    }).finally(() => this.#recycle(sealed.data));
+    }).finally(() => releaseBuffer(sealed.data, 'arraybuffer'));
     const tracked = upload.finally(() => this.#uploads.delete(tracked));
     this.#uploads.add(tracked);
   }

@@ -57,10 +57,8 @@ export class PackBuilder {
   #buf: Buffer | undefined;
   readonly #capacity: number;
 
-  /** `spare`: a buffer of at least `capacity` bytes to lay the pack out in (recycled from a stored pack). */
-  constructor(capacity = 1 << 20, spare?: Buffer) {
+  constructor(capacity = 1 << 20) {
     this.#capacity = capacity;
-    if (spare !== undefined && spare.length >= capacity) this.#buf = spare;
   }
 
   add(type: BlobTypeValue, id: Buffer, encoded: Uint8Array, rawLength: number): void {
