@@ -10,7 +10,7 @@ import { checkpointCreateXml, parseCheckpointXml, validateCheckpointName } from 
 import { classifyLibvirtError } from '../src/hypervisor/errors.ts';
 import { parseEventLine } from '../src/hypervisor/events.ts';
 import { remoteHostOf } from '../src/hypervisor/libvirt.ts';
-import { shellQuote, sshArgs, sshTargetOf } from '../src/hypervisor/ssh.ts';
+import { isRemoteSocketDir, remoteSocketDir, shellQuote, sshArgs, sshTargetOf } from '../src/hypervisor/ssh.ts';
 import { portCandidates } from '../src/engine/vm-nbd-server.ts';
 import { parsePortRange } from '../src/cli/commands/backup.ts';
 import { BadInputError } from '../src/util/errors.ts';
@@ -127,6 +127,15 @@ describe('backup and checkpoint XML', () => {
     assert.deepEqual(sshArgs(sshTargetOf('qemu+ssh://[fd00::7]/system')!), ['-T', '-o', 'BatchMode=yes', '-e', 'none', '--', 'fd00::7']);
     assert.equal(shellQuote('/var/lib/images/a.qcow2'), '/var/lib/images/a.qcow2');
     assert.equal(shellQuote("it's $(rm -rf /) `x` a b"), `'it'\\''s $(rm -rf /) \`x\` a b'`);
+  });
+
+  it('removes a recorded socket directory only when it is one Tresor makes', () => {
+    const dir = remoteSocketDir();
+    assert.ok(isRemoteSocketDir(dir), dir);
+    assert.notEqual(remoteSocketDir(), dir);
+    for (const bad of ['/', '/tmp', '/tmp/tresor-nbd-', '/tmp/tresor-nbd-0123456789abcdef/../..', '/tmp/tresor-nbd-0123456789abcdeg', ' /tmp/tresor-nbd-0123456789abcdef', '/tmp/tresor-nbd-0123456789abcdef\n/etc']) {
+      assert.equal(isRemoteSocketDir(bad), false, JSON.stringify(bad));
+    }
   });
 
   it('tries a few ports of the range from a random start, wrapping around; parses port ranges', () => {

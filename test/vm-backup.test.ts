@@ -372,7 +372,27 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       const outFwd = lab.path('remote-restored-fwd.raw');
       await restore(sshData.snapshot.name, 'sda', outFwd);
       await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, outFwd]);
-      assert.deepEqual((await readdir('/tmp')).filter((f) => f.startsWith('tresor-nbd-')), [], 'the socket directory on the host is removed');
+      const socketDirs = async () => (await readdir('/tmp')).filter((f) => f.startsWith('tresor-nbd-'));
+      assert.deepEqual(await socketDirs(), [], 'the socket directory on the host is removed');
+      // Killed while its disk data is forwarded over ssh: the next run also removes the socket
+      // directory the killed one left on the host.
+      await run('virsh', ['-c', h1.uri, 'resume', dom.name]);
+      const killed = spawnTresor(['--repo', repo, '--json', 'backup', 'vm', dom.name, '--connect', h1.sshUri, '--id', 'remote', '--consistency', 'off',
+        '--full', '--nbd-transport', 'ssh', '--nbd-tls-dir', lab.path('no-pki'), '--bwlimit', '1M'], { env: env() });
+      let reading = false;
+      for (let i = 0; i < 200 && !reading; i++) {
+        await sleep(100);
+        reading = (await socketDirs()).length === 1 && await jobType() !== 'None';
+      }
+      assert.ok(reading, 'the killed run started its job');
+      await sleep(500);
+      killed.kill('SIGKILL');
+      await new Promise((r) => killed.on('close', r));
+      assert.equal((await socketDirs()).length, 1, 'the killed run left its socket directory');
+      const afterKill = await ok(['--nbd-transport', 'ssh', '--nbd-tls-dir', lab.path('no-pki')], h1.sshUri);
+      assert.match(afterKill.log.join('\n'), /removed its NBD socket directory \/tmp\/tresor-nbd-[0-9a-f]{16} on root@/);
+      assert.deepEqual(await socketDirs(), [], 'nothing left on the host after the next run');
+      await run('virsh', ['-c', h1.uri, 'suspend', dom.name]);
       const noSsh = await remote(['--nbd-transport', 'ssh']);
       assert.notEqual(noSsh.code, 0, noSsh.stdout);
       assert.match(`${noSsh.stdout}${noSsh.stderr}`, /--nbd-transport ssh needs a qemu\+ssh:\/\/ connection/);
@@ -391,7 +411,7 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       // destroy lets QEMU close the image on SIGTERM: the bitmap is stored cleanly, and only the
       // write since the last backup is read.
       assert.match(log4, /incremental read of sda from bitmap tresor-/);
-      assert.equal(offSsh.snapshot.disks[0].base?.snapshot, sshData.snapshot.name, log4);
+      assert.equal(offSsh.snapshot.disks[0].base?.snapshot, afterKill.snapshot.name, log4);
       assert.equal(offSsh.snapshot.disks[0].bytesRead, 256 * 1024, log4);
       assert.equal(offSsh.snapshot.source.consistency.level, 'offline');
       const outOff = lab.path('remote-restored-off.raw');

@@ -39,7 +39,7 @@ import { SnapshotSession } from './snapshot-writer.ts';
 import { RateLimitedSource, TokenBucket } from './rate-limit.ts';
 import { processAlive } from '../util/process.ts';
 import { HypervisorError } from '../hypervisor/errors.ts';
-import { forwardUnixSocket, remoteSocketDir, runOverSsh, sshTargetOf, type SshForward, type SshTarget } from '../hypervisor/ssh.ts';
+import { forwardUnixSocket, isRemoteSocketDir, runOverSsh, sshTargetOf, type SshForward, type SshTarget } from '../hypervisor/ssh.ts';
 import { describeNbdServer, planNbdServer, portCandidates, type NbdServerPlan, type VmNbdOptions } from './vm-nbd-server.ts';
 
 export type ConsistencyPolicy = 'require' | 'try' | 'off';
@@ -91,6 +91,8 @@ interface JobFile {
   domainUuid: string;
   checkpoint: string | undefined;
   started: string;
+  /** --nbd-transport ssh: the socket directory on the VM's host, removed with the job. */
+  remoteSocketDir?: string;
 }
 
 /** What a disk's backup will be based on. */
@@ -227,7 +229,10 @@ async function backupRunningVm(c: Common): Promise<VmBackupResult> {
   // Application consistency: freeze as briefly as possible, around the job's start only.
   const consistency = await freeze(c);
   const newCheckpoint = bitmapCapable.length > 0 ? `${CHECKPOINT_PREFIX}${compactTime(new Date())}-${randomBytes(2).toString('hex')}` : undefined;
-  await writeJobFile(c.vmDir, { pid: process.pid, host: hostname(), domainUuid: dom.uuid, checkpoint: newCheckpoint, started: new Date().toISOString() });
+  await writeJobFile(c.vmDir, {
+    pid: process.pid, host: hostname(), domainUuid: dom.uuid, checkpoint: newCheckpoint, started: new Date().toISOString(),
+    ...(c.nbdPlan.transport === 'ssh' ? { remoteSocketDir: c.nbdPlan.socketDir } : {}),
+  });
   let job: BackupJob | undefined;
   let pointInTime = new Date();
   let committed = false;
@@ -342,7 +347,7 @@ async function beginJob(c: Common, plan: IncrementalPlan, checkpoint: string | u
     await rm(join(c.vmDir, 'nbd.sock'), { force: true });
     return c.hv.beginPullBackup(c.dom.name, { ...job, socketPath: join(c.vmDir, 'nbd.sock') });
   }
-  if (server.transport === 'ssh') return beginJobOverSsh(c, server.ssh, job);
+  if (server.transport === 'ssh') return beginJobOverSsh(c, server.ssh, server.socketDir, job);
   const ports = portCandidates(server.ports);
   for (const [i, port] of ports.entries()) {
     try {
@@ -360,8 +365,7 @@ async function beginJob(c: Common, plan: IncrementalPlan, checkpoint: string | u
  * owns, and a local socket forwarded to it over ssh. The job's finish() also ends the forward and
  * removes the directory; a job that cannot be forwarded is ended at once.
  */
-async function beginJobOverSsh(c: Common, ssh: SshTarget, job: Omit<PullBackupOptions, 'socketPath' | 'tcp'>): Promise<BackupJob> {
-  const dir = remoteSocketDir();
+async function beginJobOverSsh(c: Common, ssh: SshTarget, dir: string, job: Omit<PullBackupOptions, 'socketPath' | 'tcp'>): Promise<BackupJob> {
   const removeDir = () => runOverSsh(ssh, ['rm', '-rf', dir], { operation: 'remove the NBD socket directory' }).then(() => undefined, () => undefined);
   // QEMU runs as libvirt-qemu (Debian) or qemu (Fedora), as root in some setups.
   await runOverSsh(ssh, ['sh', '-c', 'mkdir -m 700 "$1" && { chown libvirt-qemu "$1" 2>/dev/null || chown qemu "$1" 2>/dev/null || true; }', 'sh', dir],
@@ -700,6 +704,19 @@ async function checkRemoteScratchSpace(c: Common, sizes: Map<string, number>): P
   }
 }
 
+/** The socket directory a killed --nbd-transport ssh run left on the host, removed over ssh when there is a way. */
+async function removeLeftoverSocketDir(hv: Hypervisor, dir: string, say: (l: string) => void): Promise<void> {
+  const ssh = sshTargetOf(hv.uri);
+  if (!isRemoteSocketDir(dir)) {
+    say(`the job file names ${JSON.stringify(dir)} as its socket directory, which Tresor would not have made: left alone`);
+  } else if (ssh === undefined) {
+    say(`its NBD socket directory ${dir} on ${hv.remoteHost ?? 'the host'} is left: remove it there (this connection is not over ssh)`);
+  } else {
+    await runOverSsh(ssh, ['rm', '-rf', dir], { operation: 'remove a leftover NBD socket directory' });
+    say(`removed its NBD socket directory ${dir} on ${ssh.label}`);
+  }
+}
+
 async function writeJobFile(vmDir: string, job: JobFile): Promise<void> {
   await writeFile(join(vmDir, 'job.json'), JSON.stringify(job));
 }
@@ -737,6 +754,7 @@ async function cleanUpLeftovers(hv: Hypervisor, dom: DomainInfo, vmDir: string, 
         say(`deleted its uncommitted checkpoint ${job.checkpoint}`);
       }
     }
+    if (job.remoteSocketDir !== undefined) await removeLeftoverSocketDir(hv, job.remoteSocketDir, say);
     await removeJobFile(vmDir);
   }
   // Scratch files of a dead job are removed by libvirt when the job ends; remove what remains.

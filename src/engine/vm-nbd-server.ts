@@ -21,7 +21,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ConnectionOptions } from 'node:tls';
 import type { Hypervisor } from '../hypervisor/types.ts';
-import { sshTargetOf, type SshTarget } from '../hypervisor/ssh.ts';
+import { remoteSocketDir, sshTargetOf, type SshTarget } from '../hypervisor/ssh.ts';
 import { TresorError, UsageError } from '../util/errors.ts';
 
 export interface VmNbdOptions {
@@ -47,7 +47,8 @@ const PORT_ATTEMPTS = 5;
 
 export type NbdServerPlan =
   | { transport: 'unix' }
-  | { transport: 'ssh'; ssh: SshTarget }
+  /** `socketDir`: the private directory on the host for the job's socket (chosen now, so the job file can name it). */
+  | { transport: 'ssh'; ssh: SshTarget; socketDir: string }
   | { transport: 'tcp'; address: string; ports: [number, number]; tls: ConnectionOptions | undefined; tlsDir: string | undefined };
 
 export class VmNbdError extends TresorError {}
@@ -60,7 +61,7 @@ export async function planNbdServer(hv: Hypervisor, opts: VmNbdOptions = {}): Pr
     if (ssh === undefined) {
       throw new UsageError(`--nbd-transport ssh needs a qemu+ssh:// connection, not ${hv.uri}`, 'connect with qemu+ssh://HOST/system, or use --nbd-transport tcp');
     }
-    return { transport: 'ssh', ssh };
+    return { transport: 'ssh', ssh, socketDir: remoteSocketDir() };
   }
   if (remote === undefined && opts.address === undefined) return { transport: 'unix' };
   const ports = opts.ports ?? DEFAULT_NBD_PORTS;

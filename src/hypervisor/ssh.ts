@@ -72,6 +72,11 @@ export function remoteSocketDir(): string {
   return `/tmp/tresor-nbd-${randomBytes(8).toString('hex')}`;
 }
 
+/** True for a path remoteSocketDir could have made (checked before a recorded one is removed). */
+export function isRemoteSocketDir(path: string): boolean {
+  return /^\/tmp\/tresor-nbd-[0-9a-f]{16}$/.test(path);
+}
+
 export interface SshForward {
   /** Stops forwarding (the local socket is removed). */
   close(): Promise<void>;
