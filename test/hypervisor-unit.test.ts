@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { parseActiveBackupXml, parseJobStats, pullBackupXml } from '../src/hypervisor/backup-job.ts';
-import { checkpointCreateXml, parseCheckpointXml, validateCheckpointName } from '../src/hypervisor/checkpoint.ts';
+import { checkpointCreateXml, checkpointXmlWithoutParent, parseCheckpointXml, validateCheckpointName } from '../src/hypervisor/checkpoint.ts';
 import { classifyLibvirtError } from '../src/hypervisor/errors.ts';
 import { parseEventLine } from '../src/hypervisor/events.ts';
 import { remoteHostOf } from '../src/hypervisor/libvirt.ts';
@@ -93,6 +93,33 @@ describe('backup and checkpoint XML', () => {
     assert.deepEqual(checkpoint.disks[1], { target: 'sdb', checkpoint: 'bitmap', bitmap: 'cp2', size: 65536 });
     assert.throws(() => parseCheckpointXml('<domain/>'), BadInputError);
     assert.throws(() => parseCheckpointXml('<domaincheckpoint><name>x</name><creationTime>-1</creationTime></domaincheckpoint>'), BadInputError);
+  });
+
+  it('drops a checkpoint\'s parent for redefinition on a host that lacks it, and nothing else', () => {
+    const xml = `<domaincheckpoint>
+  <name>tresor-2</name>
+  <parent>
+    <name>tresor-1</name>
+  </parent>
+  <creationTime>1795345300</creationTime>
+  <disks>
+    <disk name='sda' checkpoint='bitmap' bitmap='tresor-2' size='65536'/>
+  </disks>
+  <domain type='qemu'>
+    <name>vm</name>
+    <description>&lt;parent&gt;&lt;name&gt;tresor-1&lt;/name&gt;&lt;/parent&gt;</description>
+  </domain>
+</domaincheckpoint>`;
+    const stripped = checkpointXmlWithoutParent(xml);
+    const before = parseCheckpointXml(xml);
+    const after = parseCheckpointXml(stripped);
+    assert.equal(before.parent, 'tresor-1');
+    assert.equal(after.parent, undefined);
+    assert.deepEqual({ ...after, xml: '' }, { ...before, parent: undefined, xml: '' });
+    assert.equal(stripped, xml.replace(/  <parent>\n    <name>tresor-1<\/name>\n  <\/parent>\n/, ''));
+    assert.match(stripped, /<description>&lt;parent&gt;/, 'the domain definition is untouched');
+    const root = '<domaincheckpoint><name>a</name><creationTime>1</creationTime></domaincheckpoint>';
+    assert.equal(checkpointXmlWithoutParent(root), root);
   });
 
   it('puts the NBD server on TCP with TLS for a remote host, and reads it back', () => {

@@ -6,7 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
-import { readFile, readdir, mkdir } from 'node:fs/promises';
+import { readFile, readdir, mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -264,6 +264,50 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       const out = lab.path('mig-restored.raw');
       await restore(second.snapshot.name, 'sda', out);
       await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, out]);
+
+      // Back again, live: the checkpoint to redefine now has a parent (the one redefined on h2,
+      // which h1 never had and Tresor deleted once the second backup committed). It is redefined
+      // without it, and the backup stays incremental.
+      await run('virsh', ['-c', h2.uri, 'resume', dom.name]);
+      await hosts.migrate(dom.name, h2, h1);
+      await qemuIoWrite(h1.uri, dom.name, 'sda', { offset: 24 * MiB, length: 256 * 1024, pattern: 0x4b });
+      await run('virsh', ['-c', h1.uri, 'suspend', dom.name]);
+      const back = await backup(dom.name, ['--id', 'mig', '--consistency', 'off'], h1.uri);
+      const logBack = back.log.join('\n');
+      assert.equal(back.snapshot.disks[0].base?.snapshot, second.snapshot.name, logBack);
+      assert.match(logBack, /redefined it from snapshot/);
+      assert.equal(back.snapshot.disks[0].bytesRead, 256 * 1024, logBack);
+
+      // Moved cold to h2, its disk copied without the bitmaps (qemu-img convert, as another tool's
+      // copy would be): the bitmap did not travel, so the next backup reads everything there is,
+      // says why, and starts a fresh checkpoint that the one after continues incrementally.
+      await run('virsh', ['-c', h1.uri, 'destroy', dom.name]);
+      const xml = (await run('virsh', ['-c', h1.uri, 'dumpxml', '--inactive', dom.name])).stdout;
+      await run('virsh', ['-c', h1.uri, 'undefine', dom.name, '--checkpoints-metadata']);
+      const moved = lab.path('mig-sda-moved.qcow2');
+      await run('qemu-img', ['convert', '-O', 'qcow2', disk, moved]);
+      assert.doesNotMatch((await run('qemu-img', ['info', moved])).stdout, /bitmaps:/);
+      const movedXml = lab.path('mig-moved.xml');
+      await writeFile(movedXml, xml.split(disk).join(moved));
+      await run('virsh', ['-c', h2.uri, 'define', movedXml]);
+      await run('virsh', ['-c', h2.uri, 'start', dom.name]);
+      await run('virsh', ['-c', h2.uri, 'suspend', dom.name]);
+      const third = await backup(dom.name, ['--id', 'mig', '--consistency', 'off'], h2.uri);
+      const log3 = third.log.join('\n');
+      t.diagnostic(log3);
+      assert.equal(third.snapshot.source.uuid, dom.uuid);
+      assert.ok(!third.snapshot.disks[0].base?.snapshot, log3);
+      assert.match(log3, /is gone and cannot be redefined/);
+      assert.equal(third.snapshot.disks[0].bytesRead, 8 * MiB + 512 * 1024 + 2 * 256 * 1024, log3);
+      const outMoved = lab.path('mig-restored-moved.raw');
+      await restore(third.snapshot.name, 'sda', outMoved);
+      await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', moved, outMoved]);
+      await run('virsh', ['-c', h2.uri, 'resume', dom.name]);
+      await qemuIoWrite(h2.uri, dom.name, 'sda', { offset: 48 * MiB, length: 128 * 1024, pattern: 0x4a });
+      await run('virsh', ['-c', h2.uri, 'suspend', dom.name]);
+      const fourth = await backup(dom.name, ['--id', 'mig', '--consistency', 'off'], h2.uri);
+      assert.equal(fourth.snapshot.disks[0].base?.snapshot, third.snapshot.name, fourth.log.join('\n'));
+      assert.equal(fourth.snapshot.disks[0].bytesRead, 128 * 1024, fourth.log.join('\n'));
       await run('virsh', ['-c', h2.uri, 'destroy', dom.name]).catch(() => undefined);
       await run('virsh', ['-c', h2.uri, 'undefine', dom.name, '--checkpoints-metadata']).catch(() => undefined);
     });

@@ -40,6 +40,7 @@ import { RateLimitedSource, TokenBucket } from './rate-limit.ts';
 import { processAlive } from '../util/process.ts';
 import { HypervisorError } from '../hypervisor/errors.ts';
 import { forwardUnixSocket, isRemoteSocketDir, runOverSsh, sshTargetOf, type SshForward, type SshTarget } from '../hypervisor/ssh.ts';
+import { checkpointXmlWithoutParent } from '../hypervisor/checkpoint.ts';
 import { describeNbdServer, planNbdServer, portCandidates, type NbdServerPlan, type VmNbdOptions } from './vm-nbd-server.ts';
 
 export type ConsistencyPolicy = 'require' | 'try' | 'off';
@@ -304,7 +305,9 @@ async function planIncremental(c: Common, checkpoints: CheckpointInfo[], sizes: 
   if (!cp) {
     // libvirt's metadata is gone (VM moved to another host, or redefined), the bitmaps may not be.
     try {
-      await c.hv.redefineCheckpoint(dom.name, recorded.xml, { validate: true });
+      // Without its parent: libvirt has none of the chain here (and Tresor deleted the parent on
+      // the old host once this checkpoint's backup committed).
+      await c.hv.redefineCheckpoint(dom.name, checkpointXmlWithoutParent(recorded.xml), { validate: true });
       cp = (await c.hv.checkpoints(dom.name)).find((x) => x.name === recorded.name);
       say(`checkpoint ${recorded.name} was unknown to libvirt at ${c.hv.uri}; redefined it from snapshot ${parent.name} (libvirt validated its bitmaps)`);
     } catch (err) {

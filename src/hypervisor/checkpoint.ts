@@ -33,6 +33,28 @@ export function parseCheckpointXml(xml: string): CheckpointInfo {
   return { name, creationTime, parent: childText(root, 'parent', 'name'), disks, xml };
 }
 
+/**
+ * The checkpoint XML without its `<parent>`, for redefining it where its parent is unknown (a host
+ * it moved to, or after Tresor deleted the parent, which it does once the next backup commits):
+ * libvirt refuses to redefine a checkpoint whose parent it does not have, and the bitmap a
+ * checkpoint stands for does not depend on its parent.
+ */
+export function checkpointXmlWithoutParent(xml: string): string {
+  const { name, parent } = parseCheckpointXml(xml);
+  if (parent === undefined) return xml;
+  const escaped = parent.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+  const element = new RegExp(`<parent>\\s*<name>${escaped}</name>\\s*</parent>\\s*`);
+  const match = element.exec(xml);
+  const domainAt = xml.search(/<domain[\s>]/);
+  if (match === null || (domainAt >= 0 && match.index > domainAt)) {
+    throw new BadInputError('checkpoint-xml-invalid', `checkpoint ${name}: its <parent> element is not where libvirt writes it`);
+  }
+  const stripped = xml.slice(0, match.index) + xml.slice(match.index + match[0].length);
+  const check = parseCheckpointXml(stripped);
+  if (check.parent !== undefined || check.name !== name) throw new BadInputError('checkpoint-xml-invalid', `checkpoint ${name}: could not remove its parent`);
+  return stripped;
+}
+
 /** The checkpoint XML for `backup-begin`: a bitmap on each listed disk, 'no' on every other disk of the domain. */
 export function checkpointCreateXml(name: string, bitmapTargets: string[], allTargets: string[]): string {
   return renderXml({
