@@ -219,6 +219,76 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       assert.equal(v.code, 0, v.stdout);
     });
 
+    it('other tools\' checkpoints change nothing; a resized disk and a repository without the checkpoint\'s snapshot (rolled back) make a full read, with the reason', async () => {
+      const disk = lab.path('fallbacks-sda.qcow2');
+      await run('qemu-img', ['create', '-f', 'qcow2', disk, '32M']);
+      await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x51 0 4M', disk]);
+      const dom = await lab.defineDomain({ name: 'fallbacks', disks: [{ path: disk, bus: 'scsi', target: 'sda' }], agent: false, bootable: false });
+      await lab.start(dom);
+      // A repository of its own: this test rolls it back.
+      const own = lab.path('fallbacks-repo');
+      assert.equal((await tresor(['--repo', own, '--json', 'repo', 'init'], { env: env() })).code, 0);
+      const b = async () => {
+        const r = await tresor(['--repo', own, '--json', 'backup', 'vm', dom.name, '--connect', SYSTEM_URI, '--scratch-dir', scratch, '--consistency', 'off'], { env: env(), timeoutMs: 300_000 });
+        assert.equal(r.code, 0, `${r.stdout}${r.stderr}`);
+        return { ...(r.json as { snapshot: any; log: string[] }), text: (r.json.log as string[]).join('\n') };
+      };
+      let restores = 0;
+      const restoresExactly = async (snapshot: string) => {
+        // Paused: QEMU's caches are in the image, and nothing writes (no guest OS).
+        await run('virsh', ['-c', SYSTEM_URI, 'suspend', dom.name]);
+        const out = lab.path(`fallbacks-${restores++}.raw`);
+        const r = await tresor(['--repo', own, '--json', 'restore', 'image', snapshot, out, '--disk', 'sda'], { env: env() });
+        assert.equal(r.code, 0, r.stdout);
+        await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, out]);
+        await run('virsh', ['-c', SYSTEM_URI, 'resume', dom.name]);
+      };
+      const checkpointNames = async () => (await (await openLibvirt(SYSTEM_URI)).checkpoints(dom.name)).map((c) => c.name);
+      const first = await b();
+      assert.match(first.text, /full read: no earlier snapshot/);
+
+      // Another tool's checkpoint after ours: libvirt merges the bitmaps, the incremental reads
+      // exactly what was written, and the other checkpoint stays.
+      await run('virsh', ['-c', SYSTEM_URI, 'checkpoint-create-as', dom.name, 'othertool-1']);
+      await qemuIoWrite(SYSTEM_URI, dom.name, 'sda', { offset: 8 * MiB, length: 256 * 1024, pattern: 0x52 });
+      const second = await b();
+      assert.equal(second.snapshot.disks[0].base?.snapshot, first.snapshot.name, second.text);
+      assert.equal(second.snapshot.disks[0].bytesRead, 256 * 1024, second.text);
+      assert.ok((await checkpointNames()).includes('othertool-1'), 'the other tool\'s checkpoint is left alone');
+      await restoresExactly(second.snapshot.name);
+
+      // Grown while running: the old map does not fit, everything allocated is read.
+      await run('virsh', ['-c', SYSTEM_URI, 'blockresize', dom.name, 'sda', '48M']);
+      await qemuIoWrite(SYSTEM_URI, dom.name, 'sda', { offset: 40 * MiB, length: 128 * 1024, pattern: 0x53 });
+      const third = await b();
+      assert.ok(!third.snapshot.disks[0].base?.snapshot, third.text);
+      assert.match(third.text, /disk sda was resized from 33554432 to 50331648 bytes/);
+      assert.equal(third.snapshot.disks[0].size, 48 * MiB);
+      assert.equal(third.snapshot.disks[0].bytesRead, 4 * MiB + 256 * 1024 + 128 * 1024, third.text);
+      await restoresExactly(third.snapshot.name);
+
+      // The repository rolled back to a copy without the latest snapshot (say, restored from its
+      // off-site copy): libvirt's checkpoint belongs to a snapshot the repository does not have,
+      // and the one it does have lost its checkpoint. Nothing to be incremental from: a full read.
+      const copy = lab.path('fallbacks-repo-copy');
+      await run('cp', ['-a', own, copy]);
+      await qemuIoWrite(SYSTEM_URI, dom.name, 'sda', { offset: 12 * MiB, length: 64 * 1024, pattern: 0x54 });
+      const fourth = await b();
+      assert.equal(fourth.snapshot.disks[0].base?.snapshot, third.snapshot.name, fourth.text);
+      await run('rm', ['-rf', own]);
+      await run('mv', [copy, own]);
+      await qemuIoWrite(SYSTEM_URI, dom.name, 'sda', { offset: 16 * MiB, length: 64 * 1024, pattern: 0x55 });
+      const fifth = await b();
+      assert.ok(!fifth.snapshot.disks[0].base?.snapshot, fifth.text);
+      assert.match(fifth.text, new RegExp(`checkpoint ${third.snapshot.source.checkpoint.name} of snapshot ${third.snapshot.name.replace(/[/]/g, '\\/')} is gone and cannot be redefined`));
+      // (Each 64 KiB write is read as its whole 128 KiB chunk.)
+      assert.equal(fifth.snapshot.disks[0].bytesRead, 4 * MiB + 256 * 1024 + 128 * 1024 + 2 * 128 * 1024, fifth.text);
+      await restoresExactly(fifth.snapshot.name);
+      const sixth = await b();
+      assert.equal(sixth.snapshot.disks[0].base?.snapshot, fifth.snapshot.name, sixth.text);
+      assert.equal(sixth.snapshot.disks[0].bytesRead, 0, sixth.text);
+    });
+
     it('a checkpoint whose bitmap is gone (deleted behind our back) makes the next backup a full read, with the reason', async () => {
       const hv = await openLibvirt(SYSTEM_URI);
       for (const cp of await hv.checkpoints(bare.name)) await hv.deleteCheckpoint(bare.name, cp.name);
