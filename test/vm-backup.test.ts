@@ -38,6 +38,17 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
     assert.equal(r.code, 0, `restore ${snapshot}:${disk} failed: ${r.stdout}${r.stderr}`);
   };
   const vms = async () => (await cli(['snapshots', '--type', 'vm'])).json.snapshots as Array<{ name: string }>;
+  /** The snapshot's disk, restored to a raw file, equals `image` (qemu-img compare -U: a VM may hold it). */
+  const restoresTo = async (snapshot: string, disk: string, image: string, out: string) => {
+    await restore(snapshot, disk, out);
+    await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', image, out]);
+  };
+  /** Resumes the domain, writes through its block layer (HMP qemu-io), pauses it again: pausing flushes QEMU's qcow2 caches into the image. */
+  const writeThenPause = async (uri: string, domain: string, write: { offset: number; length: number; pattern: number }) => {
+    await run('virsh', ['-c', uri, 'resume', domain]);
+    await qemuIoWrite(uri, domain, 'sda', write);
+    await run('virsh', ['-c', uri, 'suspend', domain]);
+  };
 
   before(async () => {
     lab = await LabHost.create();
@@ -331,9 +342,7 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       assert.equal(d.base?.snapshot, first.snapshot.name, log);
       assert.match(log, /redefined it from snapshot/);
       assert.equal(d.bytesRead, 512 * 1024 + 256 * 1024, log);
-      const out = lab.path('mig-restored.raw');
-      await restore(second.snapshot.name, 'sda', out);
-      await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, out]);
+      await restoresTo(second.snapshot.name, 'sda', disk, lab.path('mig-restored.raw'));
 
       // Back again, live: the checkpoint to redefine now has a parent (the one redefined on h2,
       // which h1 never had and Tresor deleted once the second backup committed). It is redefined
@@ -369,12 +378,8 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       assert.ok(!third.snapshot.disks[0].base?.snapshot, log3);
       assert.match(log3, /is gone and cannot be redefined/);
       assert.equal(third.snapshot.disks[0].bytesRead, 8 * MiB + 512 * 1024 + 2 * 256 * 1024, log3);
-      const outMoved = lab.path('mig-restored-moved.raw');
-      await restore(third.snapshot.name, 'sda', outMoved);
-      await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', moved, outMoved]);
-      await run('virsh', ['-c', h2.uri, 'resume', dom.name]);
-      await qemuIoWrite(h2.uri, dom.name, 'sda', { offset: 48 * MiB, length: 128 * 1024, pattern: 0x4a });
-      await run('virsh', ['-c', h2.uri, 'suspend', dom.name]);
+      await restoresTo(third.snapshot.name, 'sda', moved, lab.path('mig-restored-moved.raw'));
+      await writeThenPause(h2.uri, dom.name, { offset: 48 * MiB, length: 128 * 1024, pattern: 0x4a });
       const fourth = await backup(dom.name, ['--id', 'mig', '--consistency', 'off'], h2.uri);
       assert.equal(fourth.snapshot.disks[0].base?.snapshot, third.snapshot.name, fourth.log.join('\n'));
       assert.equal(fourth.snapshot.disks[0].bytesRead, 128 * 1024, fourth.log.join('\n'));
@@ -432,9 +437,7 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       const d = second.snapshot.disks[0];
       assert.equal(d.base?.snapshot, first.snapshot.name, log2);
       assert.equal(d.bytesRead, 512 * 1024, log2);
-      const out = lab.path('remote-restored.raw');
-      await restore(second.snapshot.name, 'sda', out);
-      await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, out]);
+      await restoresTo(second.snapshot.name, 'sda', disk, lab.path('remote-restored.raw'));
 
       // A port the host already uses: a typed error naming the option, and nothing left behind.
       const squatter = spawn('ip', ['netns', 'exec', h1.netns, process.execPath, '-e',
@@ -462,30 +465,22 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
 
       // qemu+ssh://root@host: virsh goes through ssh, the disk data to the URI's host over NBD/TLS.
       // (Written while running: pausing flushes QEMU's qcow2 caches, so the image file is current.)
-      await run('virsh', ['-c', h1.uri, 'resume', dom.name]);
-      await qemuIoWrite(h1.uri, dom.name, 'sda', { offset: 32 * MiB, length: 256 * 1024, pattern: 0x47 });
-      await run('virsh', ['-c', h1.uri, 'suspend', dom.name]);
+      await writeThenPause(h1.uri, dom.name, { offset: 32 * MiB, length: 256 * 1024, pattern: 0x47 });
       const viaSsh = await ok(tlsDir, h1.sshUri);
       const log3 = viaSsh.log.join('\n');
       assert.match(log3, new RegExp(`NBD over TCP at ${h1.address.replace(/\./g, '\\.')}:\\d+ with TLS`));
       assert.equal(viaSsh.snapshot.disks[0].base?.snapshot, clear.snapshot.name, log3);
       assert.equal(viaSsh.snapshot.disks[0].bytesRead, 256 * 1024, log3);
-      const outSsh = lab.path('remote-restored-ssh.raw');
-      await restore(viaSsh.snapshot.name, 'sda', outSsh);
-      await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, outSsh]);
+      await restoresTo(viaSsh.snapshot.name, 'sda', disk, lab.path('remote-restored-ssh.raw'));
 
       // The disk data forwarded over ssh instead of TLS: no certificates involved.
-      await run('virsh', ['-c', h1.uri, 'resume', dom.name]);
-      await qemuIoWrite(h1.uri, dom.name, 'sda', { offset: 40 * MiB, length: 128 * 1024, pattern: 0x49 });
-      await run('virsh', ['-c', h1.uri, 'suspend', dom.name]);
+      await writeThenPause(h1.uri, dom.name, { offset: 40 * MiB, length: 128 * 1024, pattern: 0x49 });
       const sshData = await ok(['--nbd-transport', 'ssh', '--nbd-tls-dir', lab.path('no-pki')], h1.sshUri);
       const log5 = sshData.log.join('\n');
       assert.match(log5, /NBD over a unix socket on root@[\d.]+, forwarded over ssh/);
       assert.equal(sshData.snapshot.disks[0].base?.snapshot, viaSsh.snapshot.name, log5);
       assert.equal(sshData.snapshot.disks[0].bytesRead, 128 * 1024, log5);
-      const outFwd = lab.path('remote-restored-fwd.raw');
-      await restore(sshData.snapshot.name, 'sda', outFwd);
-      await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, outFwd]);
+      await restoresTo(sshData.snapshot.name, 'sda', disk, lab.path('remote-restored-fwd.raw'));
       const socketDirs = async () => (await readdir('/tmp')).filter((f) => f.startsWith('tresor-nbd-'));
       assert.deepEqual(await socketDirs(), [], 'the socket directory on the host is removed');
       // Killed while its disk data is forwarded over ssh: the next run also removes the socket
