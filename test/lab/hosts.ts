@@ -214,6 +214,7 @@ async function createSshKeys(dir: string): Promise<void> {
 
 async function writeSshdConfig(hostDir: string, address: string, sshDir: string): Promise<string> {
   const file = join(hostDir, 'sshd_config');
+  await mkdir(join(hostDir, 'home'), { recursive: true, mode: 0o700 });
   await writeFile(file, [
     `ListenAddress ${address}`,
     `HostKey ${join(sshDir, 'host_key')}`,
@@ -225,6 +226,10 @@ async function writeSshdConfig(hostDir: string, address: string, sshDir: string)
     'UsePAM no',
     // The lab directory's owners and modes are a test's, not a home directory's.
     'StrictModes no',
+    // Sessions get a home of their own, so bash does not source this machine's ~/.bashrc (which
+    // sshd sessions do): a developer's shell set-up is not a host's, and one that blocks (pyenv's
+    // rehash waits 60 s on a lock a killed session left) would hang every login.
+    `SetEnv HOME=${join(hostDir, 'home')}`,
     '',
   ].join('\n'));
   return file;
