@@ -7,11 +7,12 @@
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, readdir, stat, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { LocalStore } from '../src/store/local.ts';
 import type { BlobStore } from '../src/store/store.ts';
 import { Repository } from '../src/repo/repository.ts';
+import { CATALOG_MAX_AGE_MS } from '../src/repo/snapshot-catalog.ts';
 import type { SnapshotManifest } from '../src/repo/manifest.ts';
 import { tempDir } from './helpers/tmp.ts';
 
@@ -108,5 +109,30 @@ describe('snapshot catalog', () => {
     const healed = await open();
     assert.equal((await healed.repo.listSnapshots({ id: 'mail' })).snapshots.length, 4);
     assert.equal(healed.reads(), 4);
+  });
+
+  it('removes other repositories\' catalogs untouched for 30 days when it saves, and keeps its own fresh', async () => {
+    const dir = cache();
+    const day = 24 * 3600 * 1000;
+    const aged = async (name: string, ageMs: number) => {
+      await writeFile(join(dir, name), '{}');
+      const t = (Date.now() - ageMs) / 1000;
+      await utimes(join(dir, name), t, t);
+    };
+    await aged('gone-repository.json', CATALOG_MAX_AGE_MS + day);
+    await aged('recent-repository.json', CATALOG_MAX_AGE_MS - day);
+    await aged('dead-writer.json.123.abcd.tmp', 2 * 3600 * 1000);
+    await aged('not-a-catalog.txt', 10 * CATALOG_MAX_AGE_MS);
+    // Our own catalog, idle for longer than the limit: opening it refreshes its time.
+    const own = (await readdir(dir)).find((f) => f.endsWith('.json') && !f.includes('repository'))!;
+    const idle = (Date.now() - CATALOG_MAX_AGE_MS - day) / 1000;
+    await utimes(join(dir, own), idle, idle);
+    const s = await open();
+    assert.ok(Date.now() - (await stat(join(dir, own))).mtimeMs < day, 'a catalog in use is kept young');
+    // A new snapshot makes the catalog save; the save sweeps the directory.
+    const added = manifest('web', 10);
+    await s.repo.commitSnapshot(added);
+    assert.ok((await s.repo.listSnapshots({ id: 'web' })).snapshots.some((m) => m.name === added.name));
+    assert.deepEqual((await readdir(dir)).sort(), [own, 'not-a-catalog.txt', 'recent-repository.json'].sort());
   });
 });

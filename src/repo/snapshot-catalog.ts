@@ -14,14 +14,15 @@
  *
  * The file (JSON) lives in the user's cache directory, one per repository id, written atomically
  * (temporary file + rename; concurrent writers: the last one wins, a lost entry is learnt again)
- * with mode 0600. It carries an HMAC under a key derived from the repository's master key (for an
+ * with mode 0600; catalogs of other repositories untouched for 30 days are removed when one is
+ * saved (CATALOG_MAX_AGE_MS). It carries an HMAC under a key derived from the repository's master key (for an
  * unencrypted repository only a checksum): a file that fails it (edited, truncated, another
  * repository's) is ignored and rebuilt. A catalog
  * cannot make a backup wrong even then: the worst a stale parent can cause is a full read, since
  * the engine proves every link of an incremental against libvirt.
  */
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
-import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { nameId, type CodecKeys } from './codec.ts';
 import type { SnapshotManifest } from './manifest.ts';
@@ -35,6 +36,16 @@ export interface CatalogEntry {
 
 const FORMAT = 'tresor-snapshot-catalog';
 const VERSION = 1;
+/**
+ * Catalogs of other repositories untouched this long are removed when a catalog is saved, so
+ * repositories that are gone (tests, moved or deleted ones) do not pile up in the cache. One still
+ * in use but idle that long is rebuilt on its next use: a listing that reads every manifest once.
+ */
+export const CATALOG_MAX_AGE_MS = 30 * 24 * 3600 * 1000;
+/** A catalog in use gets its time refreshed when older than this (a write at most once a day). */
+const TOUCH_AFTER_MS = 24 * 3600 * 1000;
+/** Temporary files older than this were left by a writer that died. */
+const TMP_MAX_AGE_MS = 3600 * 1000;
 
 interface CatalogFile {
   format: typeof FORMAT;
@@ -74,6 +85,9 @@ export class SnapshotCatalog {
       const given = Buffer.from(String(file.mac), 'hex');
       if (given.length !== expected.length || !timingSafeEqual(given, expected)) return catalog;
       for (const [key, e] of Object.entries(file.entries)) catalog.#entries.set(key, e);
+      // In use: keep it younger than the age at which other repositories' saves remove it.
+      const now = Date.now();
+      if (now - (await stat(catalog.path)).mtimeMs > TOUCH_AFTER_MS) await utimes(catalog.path, now / 1000, now / 1000).catch(() => undefined);
     } catch {
       // Not JSON: rebuilt from the repository.
     }
@@ -121,6 +135,7 @@ export class SnapshotCatalog {
     } catch {
       await rm(tmp, { force: true }).catch(() => undefined);
     }
+    await removeStaleCatalogs(dirname(this.path), this.path).catch(() => undefined);
   }
 
   #mac(entries: Record<string, CatalogEntry>): Buffer {
@@ -131,6 +146,18 @@ export class SnapshotCatalog {
       h.update(`${key}\0${e.name}\0${e.type}\0${e.id}\0${e.time}\n`);
     }
     return h.digest();
+  }
+}
+
+/** Other repositories' catalogs untouched for CATALOG_MAX_AGE_MS, and dead writers' temporary files. */
+async function removeStaleCatalogs(dir: string, own: string): Promise<void> {
+  const now = Date.now();
+  for (const name of await readdir(dir)) {
+    const path = join(dir, name);
+    const maxAge = name.endsWith('.tmp') ? TMP_MAX_AGE_MS : name.endsWith('.json') ? CATALOG_MAX_AGE_MS : undefined;
+    if (maxAge === undefined || path === own) continue;
+    const info = await stat(path).catch(() => undefined);
+    if (info !== undefined && now - info.mtimeMs > maxAge) await rm(path, { force: true }).catch(() => undefined);
   }
 }
 
