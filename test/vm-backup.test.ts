@@ -27,20 +27,21 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
   let scratch: string;
   let main: TestDomain;
   const env = () => ({ TRESOR_PASSPHRASE: PASS });
-  const cli = (args: string[], timeoutMs = 300_000) => tresor(['--repo', repo, '--json', ...args], { env: env(), timeoutMs });
-  const backup = async (domain: string, extra: string[] = [], uri = SYSTEM_URI) => {
-    const r = await cli(['backup', 'vm', domain, '--connect', uri, '--scratch-dir', scratch, ...extra]);
+  // `inRepo`: the suite's repository unless a test has one of its own.
+  const cli = (args: string[], timeoutMs = 300_000, inRepo = repo) => tresor(['--repo', inRepo, '--json', ...args], { env: env(), timeoutMs });
+  const backup = async (domain: string, extra: string[] = [], uri = SYSTEM_URI, inRepo = repo) => {
+    const r = await cli(['backup', 'vm', domain, '--connect', uri, '--scratch-dir', scratch, ...extra], 300_000, inRepo);
     assert.equal(r.code, 0, `backup vm ${domain} failed: ${r.stdout}${r.stderr}`);
     return r.json as { snapshot: any; log: string[] };
   };
-  const restore = async (snapshot: string, disk: string, out: string) => {
-    const r = await cli(['restore', 'image', snapshot, out, '--disk', disk]);
+  const restore = async (snapshot: string, disk: string, out: string, inRepo = repo) => {
+    const r = await cli(['restore', 'image', snapshot, out, '--disk', disk], 300_000, inRepo);
     assert.equal(r.code, 0, `restore ${snapshot}:${disk} failed: ${r.stdout}${r.stderr}`);
   };
   const vms = async () => (await cli(['snapshots', '--type', 'vm'])).json.snapshots as Array<{ name: string }>;
   /** The snapshot's disk, restored to a raw file, equals `image` (qemu-img compare -U: a VM may hold it). */
-  const restoresTo = async (snapshot: string, disk: string, image: string, out: string) => {
-    await restore(snapshot, disk, out);
+  const restoresTo = async (snapshot: string, disk: string, image: string, out: string, inRepo = repo) => {
+    await restore(snapshot, disk, out, inRepo);
     await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', image, out]);
   };
   /** Resumes the domain, writes through its block layer (HMP qemu-io), pauses it again: pausing flushes QEMU's qcow2 caches into the image. */
@@ -238,20 +239,16 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       await lab.start(dom);
       // A repository of its own: this test rolls it back.
       const own = lab.path('fallbacks-repo');
-      assert.equal((await tresor(['--repo', own, '--json', 'repo', 'init'], { env: env() })).code, 0);
+      assert.equal((await cli(['repo', 'init'], 300_000, own)).code, 0);
       const b = async () => {
-        const r = await tresor(['--repo', own, '--json', 'backup', 'vm', dom.name, '--connect', SYSTEM_URI, '--scratch-dir', scratch, '--consistency', 'off'], { env: env(), timeoutMs: 300_000 });
-        assert.equal(r.code, 0, `${r.stdout}${r.stderr}`);
-        return { ...(r.json as { snapshot: any; log: string[] }), text: (r.json.log as string[]).join('\n') };
+        const r = await backup(dom.name, ['--consistency', 'off'], SYSTEM_URI, own);
+        return { ...r, text: r.log.join('\n') };
       };
       let restores = 0;
       const restoresExactly = async (snapshot: string) => {
         // Paused: QEMU's caches are in the image, and nothing writes (no guest OS).
         await run('virsh', ['-c', SYSTEM_URI, 'suspend', dom.name]);
-        const out = lab.path(`fallbacks-${restores++}.raw`);
-        const r = await tresor(['--repo', own, '--json', 'restore', 'image', snapshot, out, '--disk', 'sda'], { env: env() });
-        assert.equal(r.code, 0, r.stdout);
-        await run('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', disk, out]);
+        await restoresTo(snapshot, 'sda', disk, lab.path(`fallbacks-${restores++}.raw`), own);
         await run('virsh', ['-c', SYSTEM_URI, 'resume', dom.name]);
       };
       const checkpointNames = async () => (await (await openLibvirt(SYSTEM_URI)).checkpoints(dom.name)).map((c) => c.name);
@@ -310,9 +307,7 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       assert.ok(!offline.snapshot.disks[0].base?.snapshot, offline.text);
       const bitmap = sixth.snapshot.source.checkpoint.name;
       assert.match(offline.text, new RegExp(`full read of sda: (the image of sda has no bitmap ${bitmap}|bitmap ${bitmap} in the image of sda is marked in use)`));
-      const r = await tresor(['--repo', own, '--json', 'restore', 'image', offline.snapshot.name, lab.path('fallbacks-offline.raw'), '--disk', 'sda'], { env: env() });
-      assert.equal(r.code, 0, r.stdout);
-      await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', disk, lab.path('fallbacks-offline.raw')]);
+      await restoresTo(offline.snapshot.name, 'sda', disk, lab.path('fallbacks-offline.raw'), own);
     });
 
     it('a checkpoint whose bitmap is gone (deleted behind our back) makes the next backup a full read, with the reason', async () => {

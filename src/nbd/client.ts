@@ -1156,9 +1156,7 @@ export class NbdReaderPool implements NbdReader {
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
-      throw new NbdError('nbd-usage', `NBD export ${this.description}: range of ${length} bytes at offset ${offset} is outside the export (${this.size} bytes)`, { server: this.description });
-    }
+    this.checkRange(offset, length);
     if (length === 0) return Buffer.alloc(0);
     const start = alignDown(offset, this.blockSize.minimum);
     const end = alignUp(offset + length, this.blockSize.minimum);
@@ -1169,14 +1167,21 @@ export class NbdReaderPool implements NbdReader {
 
   /** Reads exactly `length` bytes at `offset` into target[0, length) (straight in when aligned). */
   async readInto(offset: number, length: number, target: Buffer): Promise<void> {
+    this.checkRange(offset, length);
     if (length > target.length) {
       throw new NbdError('nbd-usage', `NBD export ${this.description}: target buffer of ${target.length} bytes cannot hold ${length} bytes`, { server: this.description });
     }
-    if (offset % this.blockSize.minimum === 0 && length % this.blockSize.minimum === 0 && offset + length <= this.size && offset >= 0) {
+    if (offset % this.blockSize.minimum === 0 && length % this.blockSize.minimum === 0) {
       await this.readAlignedInto(offset, length, target);
       return;
     }
     (await this.read(offset, length)).copy(target, 0);
+  }
+
+  private checkRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
+      throw new NbdError('nbd-usage', `NBD export ${this.description}: range of ${length} bytes at offset ${offset} is outside the export (${this.size} bytes)`, { server: this.description });
+    }
   }
 
   /** Spreads an aligned range over the connections, in pieces, into `target` from 0. */
