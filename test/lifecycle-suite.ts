@@ -193,6 +193,47 @@ function suiteBody(fx: LifecycleFixture, part: 'main' | 'crash'): void {
     await restoresTo(loc, snaps[3], shas[3]);
   });
 
+  logicIt('forget deletes the named snapshots, all or none; the others restore, also after gc', async () => {
+    const loc = await init();
+    const img = image(8 << 20, 4);
+    const shas: string[] = [];
+    const snaps: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      if (i > 0) rewriteCorpus(img, { fraction: 0.3, seed: 40 + i });
+      shas.push(await sha256File(img));
+      snaps.push((await backup(loc, img)).name);
+    }
+    await ok(loc, ['protect', snaps[2]]);
+    // One protected or unknown name fails the call, and nothing is deleted.
+    const protectedOne = await cli(loc, ['forget', snaps[0], snaps[2]]);
+    assert.equal(protectedOne.code, 1, protectedOne.stdout);
+    assert.equal(protectedOne.json.error.code, 'snapshot-protected');
+    assert.match(protectedOne.json.error.message, new RegExp(`${snaps[2]} is protected; nothing was deleted`));
+    assert.match(protectedOne.json.error.hint, /tresor unprotect/);
+    const unknown = await cli(loc, ['forget', snaps[0], 'image/vm1/20200101T000000Z']);
+    assert.equal(unknown.code, 5, unknown.stdout);
+    assert.equal(unknown.json.error.code, 'no-such-snapshot');
+    assert.equal((await cli(loc, ['forget'])).code, 2, 'no name is a usage error');
+    const dry = await ok(loc, ['forget', snaps[1], snaps[0], '--dry-run']);
+    assert.deepEqual(dry.removed, [snaps[0], snaps[1]].sort());
+    assert.deepEqual(await names(loc), snaps, 'refused calls and a dry run delete nothing');
+    // The first (full) and the third's parent go: every snapshot stands on its own.
+    const forgot = await ok(loc, ['forget', snaps[0], snaps[1], snaps[0]]);
+    assert.deepEqual(forgot.removed, [snaps[0], snaps[1]].sort());
+    assert.deepEqual(await names(loc), [snaps[2], snaps[3]]);
+    const gc = await ok(loc, ['gc']);
+    assert.ok(gc.complete && gc.deletedPacks + gc.repackedPacks > 0, JSON.stringify(gc));
+    await verifyClean(loc);
+    await restoresTo(loc, snaps[2], shas[2]);
+    await restoresTo(loc, snaps[3], shas[3]);
+    // A backup after the latest snapshot is forgotten is complete, and restores.
+    assert.deepEqual((await ok(loc, ['forget', snaps[3]])).removed, [snaps[3]]);
+    rewriteCorpus(img, { fraction: 0.3, seed: 50 });
+    const next = await backup(loc, img);
+    await restoresTo(loc, next.name, await sha256File(img));
+    await verifyClean(loc);
+  });
+
   mainIt('gc runs safely while backups run: every snapshot restores afterwards', async () => {
     const loc = await init();
     const img = image(12 << 20, 2);
@@ -475,7 +516,7 @@ function suiteBody(fx: LifecycleFixture, part: 'main' | 'crash'): void {
     await ok(loc, ['prune', '--all', '--keep-last', '1', '--dry-run'], ao);
     const slots = await ok(loc, ['key', 'list']);
     const full = slots.find((k: any) => k.kind === 'passphrase' && k.current).name;
-    for (const args of [['prune', '--all', '--keep-last', '1'], ['gc'], ['unprotect', s], ['key', 'remove', full], ['unlock', '--all']]) {
+    for (const args of [['prune', '--all', '--keep-last', '1'], ['forget', s], ['gc'], ['unprotect', s], ['key', 'remove', full], ['unlock', '--all']]) {
       const r = await cli(loc, args, ao);
       assert.equal(r.code, 6, `${args.join(' ')}: ${r.stdout}${r.stderr}`);
       assert.equal(r.json.error.code, 'append-only');

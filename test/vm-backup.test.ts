@@ -231,7 +231,7 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       assert.equal(v.code, 0, v.stdout);
     });
 
-    it('other tools\' checkpoints change nothing; a resized disk and a repository without the checkpoint\'s snapshot (rolled back) make a full read, with the reason', async () => {
+    it('other tools\' checkpoints change nothing; forgetting a snapshot breaks no other; a resized disk and a repository without the checkpoint\'s snapshot (rolled back or forgotten) make a full read, with the reason', async () => {
       const disk = lab.path('fallbacks-sda.qcow2');
       await run('qemu-img', ['create', '-f', 'qcow2', disk, '32M']);
       await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x51 0 4M', disk]);
@@ -296,6 +296,32 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       assert.equal(sixth.snapshot.disks[0].base?.snapshot, fifth.snapshot.name, sixth.text);
       assert.equal(sixth.snapshot.disks[0].bytesRead, 0, sixth.text);
 
+      // Forgetting a snapshot breaks no other: the sixth (an incremental) restores without its
+      // parent, also after gc (the sixth holds all the parent's data: nothing may be condemned;
+      // lifecycle-suite.ts has forget with data that gc frees). With the sixth forgotten too, the
+      // checkpoint libvirt holds belongs to no snapshot, and the newest one left (the third) lost
+      // its checkpoint long ago: the next backup is a full read, says why, and replaces the
+      // orphaned checkpoint.
+      const forget = async (name: string) => {
+        const r = await cli(['forget', name], 300_000, own);
+        assert.equal(r.code, 0, r.stdout);
+        assert.deepEqual(r.json.removed, [name]);
+      };
+      await forget(fifth.snapshot.name);
+      const gc = await cli(['gc'], 300_000, own);
+      assert.ok(gc.code === 0 && gc.json.complete && gc.json.condemnedBlobs === 0, gc.stdout);
+      await restoresExactly(sixth.snapshot.name);
+      await forget(sixth.snapshot.name);
+      await qemuIoWrite(SYSTEM_URI, dom.name, 'sda', { offset: 20 * MiB, length: 64 * 1024, pattern: 0x56 });
+      const seventh = await b();
+      assert.ok(!seventh.snapshot.disks[0].base?.snapshot, seventh.text);
+      assert.equal(seventh.snapshot.parent, third.snapshot.name, seventh.text);
+      assert.match(seventh.text, new RegExp(`full read: checkpoint ${third.snapshot.source.checkpoint.name} of snapshot ${third.snapshot.name.replace(/[/]/g, '\\/')} is gone and cannot be redefined`));
+      assert.equal(seventh.snapshot.disks[0].bytesRead, fifth.snapshot.disks[0].bytesRead + 128 * 1024, seventh.text);
+      await restoresExactly(seventh.snapshot.name);
+      const left = await checkpointNames();
+      assert.ok(left.includes(seventh.snapshot.source.checkpoint.name) && !left.includes(sixth.snapshot.source.checkpoint.name), left.join(' '));
+
       // QEMU killed, the VM left shut off: the checkpoint's bitmap never reached the image (QEMU
       // stores it on close) or is marked in use there, so the backup from the image reads it all,
       // and says why.
@@ -305,7 +331,7 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
       const offline = await b();
       assert.equal(offline.snapshot.source.consistency.level, 'offline');
       assert.ok(!offline.snapshot.disks[0].base?.snapshot, offline.text);
-      const bitmap = sixth.snapshot.source.checkpoint.name;
+      const bitmap = seventh.snapshot.source.checkpoint.name;
       assert.match(offline.text, new RegExp(`full read of sda: (the image of sda has no bitmap ${bitmap}|bitmap ${bitmap} in the image of sda is marked in use)`));
       await restoresTo(offline.snapshot.name, 'sda', disk, lab.path('fallbacks-offline.raw'), own);
     });

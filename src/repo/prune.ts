@@ -1,13 +1,15 @@
 /**
  * `tresor prune`: applies retention rules (retention.ts) to each backup group (snapshots of the
  * same type and id) and deletes the manifests of the snapshots no rule keeps, then their notes.
- * Data is freed later by garbage collection (gc.ts). Protected snapshots are never deleted.
+ * `tresor forget`: the same for snapshots named one by one. Data is freed later by garbage
+ * collection (gc.ts). Protected snapshots are never deleted. Every snapshot is complete on its
+ * own (a synthetic full), so deleting one never breaks another.
  *
  * Prune takes a shared lock: it runs beside backups and restores. Deleting a manifest is atomic;
  * a crash between a manifest and its notes leaves orphan notes that GC removes. A snapshot
  * protected while prune runs is re-checked just before its manifest is deleted.
  */
-import { UsageError } from '../util/errors.ts';
+import { TresorError, UsageError } from '../util/errors.ts';
 import { mapLimit } from '../util/concurrency.ts';
 import { requireFullAccess } from './access.ts';
 import { deleteNotes, readSnapshotState, readSnapshotStates } from './notes.ts';
@@ -82,17 +84,69 @@ export async function pruneSnapshots(repo: Repository, opts: PruneOptions): Prom
       return report;
     }
     await mapLimit(doomed, 8, async (name) => {
-      if ((await readSnapshotState(repo, name)).protected) {
-        report.skipped.push(name);
-        return;
-      }
-      await repo.store.delete(repo.snapshotKey(name));
-      await deleteNotes(repo, name);
-      report.removed.push(name);
+      if (await removeSnapshot(repo, name)) report.removed.push(name);
+      else report.skipped.push(name);
     });
     report.removed.sort();
     return report;
   } finally {
     await lock.release();
   }
+}
+
+export interface ForgetReport {
+  dryRun: boolean;
+  /** Deleted (with dryRun: would be deleted), sorted. */
+  removed: string[];
+  /** Protected between the check and the deletion: not deleted. */
+  skipped: string[];
+}
+
+/**
+ * Deletes the named snapshots (restic `forget ID`, Proxmox Backup Server "forget"). All names are
+ * checked first: one that does not exist or is protected fails the call, and then nothing is
+ * deleted, so a typo in a list never leaves it half done.
+ */
+export async function forgetSnapshots(repo: Repository, names: string[], opts: { dryRun?: boolean } = {}): Promise<ForgetReport> {
+  const unique = [...new Set(names)].sort();
+  if (unique.length === 0) throw new UsageError('forget needs at least one snapshot name', 'list them with `tresor snapshots`');
+  if (!opts.dryRun) await requireFullAccess(repo, 'forget snapshots');
+  const lock = await repo.lock('shared', 'forget');
+  try {
+    await mapLimit(unique, 8, (name) => repo.readSnapshot(name)); // each must exist (no-such-snapshot)
+    const { states } = await readSnapshotStates(repo, unique);
+    const protectedOnes = unique.filter((name) => states.get(name)?.protected);
+    if (protectedOnes.length > 0) {
+      throw new TresorError('snapshot-protected', `${protectedOnes.length === 1 ? 'snapshot' : 'snapshots'} ${protectedOnes.join(', ')} ${protectedOnes.length === 1 ? 'is' : 'are'} protected; nothing was deleted`, {
+        hint: 'remove the protection first (`tresor unprotect NAME`), or leave protected snapshots out',
+        context: { snapshots: protectedOnes },
+      });
+    }
+    const report: ForgetReport = { dryRun: opts.dryRun === true, removed: [], skipped: [] };
+    if (opts.dryRun) {
+      report.removed = unique;
+      return report;
+    }
+    await mapLimit(unique, 8, async (name) => {
+      if (await removeSnapshot(repo, name)) report.removed.push(name);
+      else report.skipped.push(name);
+    });
+    report.removed.sort();
+    report.skipped.sort();
+    return report;
+  } finally {
+    await lock.release();
+  }
+}
+
+/**
+ * Deletes one snapshot's manifest, then its notes; false when it was protected meanwhile (checked
+ * again just before: protection may be set while a prune or forget runs). Deleting the manifest
+ * is atomic; a crash before the notes are gone leaves orphan notes that GC removes.
+ */
+async function removeSnapshot(repo: Repository, name: string): Promise<boolean> {
+  if ((await readSnapshotState(repo, name)).protected) return false;
+  await repo.store.delete(repo.snapshotKey(name));
+  await deleteNotes(repo, name);
+  return true;
 }

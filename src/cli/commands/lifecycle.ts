@@ -1,5 +1,5 @@
 /**
- * Repository lifecycle commands: `tresor prune`, `protect`, `unprotect`, `gc`, `sync`, `check`,
+ * Repository lifecycle commands: `tresor prune`, `forget`, `protect`, `unprotect`, `gc`, `sync`, `check`,
  * and `tresor key add-append-only`.
  */
 import { availableParallelism } from 'node:os';
@@ -11,7 +11,7 @@ import { checkRepository } from '../../repo/check.ts';
 import { CodecPool } from '../../repo/codec-pool.ts';
 import { collectGarbage } from '../../repo/gc.ts';
 import { readSnapshotState, writeNote } from '../../repo/notes.ts';
-import { describePolicy, pruneSnapshots } from '../../repo/prune.ts';
+import { describePolicy, forgetSnapshots, pruneSnapshots } from '../../repo/prune.ts';
 import { Repository } from '../../repo/repository.ts';
 import type { RetentionPolicy } from '../../repo/retention.ts';
 import { syncRepositories } from '../../repo/sync.ts';
@@ -85,6 +85,20 @@ export function registerLifecycleCommands(program: Command, env: CommandEnv): vo
         lines.push(`${report.dryRun ? 'would remove' : 'removed'} ${report.removed.length} snapshot(s), kept ${report.kept}${report.dryRun || report.removed.length === 0 ? '' : '; run `tresor gc` to free their data'}`);
         return lines.join('\n');
       });
+    });
+
+  program.command('forget <snapshots...>')
+    .description('delete the named snapshots (all or none: an unknown or protected name deletes nothing); `tresor gc` then frees their data')
+    .option('--dry-run', 'only check the names and say what would be deleted')
+    .action(async (snapshots: string[], o: { dryRun?: boolean }) => {
+      const g = env.globals();
+      const repo = await openRepository(g);
+      const report = await forgetSnapshots(repo, snapshots, { dryRun: o.dryRun });
+      printResult(g, { ok: true, ...report }, () => [
+        ...report.removed.map((s) => `${report.dryRun ? 'would remove' : 'removed'} ${s}`),
+        ...report.skipped.map((s) => `not removed (protected meanwhile): ${s}`),
+        report.dryRun ? 'dry run: nothing deleted' : `removed ${report.removed.length} snapshot(s); run \`tresor gc\` to free their data`,
+      ].join('\n'));
     });
 
   program.command('protect <snapshot>')
