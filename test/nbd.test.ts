@@ -697,6 +697,58 @@ async function expectReadViolation(onRequest: Script['onRequest'], pattern: RegE
   });
 }
 
+describe('reply reassembly (scripted)', () => {
+  it('reads right however the stream is cut: many replies per segment, one reply over many, leftovers larger than the reader keeps aside', async () => {
+    // Bytes of the export: a function of the offset, so every reply can be checked.
+    const content = (offset: number, length: number) => {
+      const b = Buffer.allocUnsafe(length);
+      for (let i = 0; i < length; i++) b[i] = (Math.imul(offset + i, 2654435761) >>> 24) & 255;
+      return b;
+    };
+    const lengths = Array.from({ length: 96 }, (_, i) => (i % 16 === 5 ? 300 * 1024 + i : i % 4 === 0 ? 1 + i * 37 : 512 + ((i * 7919) % 8192)));
+    const total = lengths.reduce((a, b) => a + b, 0);
+    const pending: ScriptedRequest[] = [];
+    let answered = 0;
+    const onRequest = (request: ScriptedRequest, socket: net.Socket) => {
+      pending.push(request);
+      if (pending.length < Math.min(32, lengths.length - answered)) return;
+      // All replies of the round in one stream, last request first, written in random slices
+      // (1 byte to 150 KiB) a moment apart, so reads see every kind of cut.
+      const stream = Buffer.concat(pending.reverse().map((r) => offsetData(r.handle, r.offset, content(r.offset, r.length))));
+      answered += pending.length;
+      pending.length = 0;
+      void (async () => {
+        for (let at = 0; at < stream.length;) {
+          const n = Math.min(stream.length - at, randomInt(4) === 0 ? 1 + randomInt(64) : 1 + randomInt(150 * 1024));
+          socket.write(stream.subarray(at, at + n));
+          at += n;
+          await new Promise((r) => setImmediate(r));
+        }
+      })();
+    };
+    await withScripted({ onRequest, size: 64 * MiB }, async (target) => {
+      const client = await NbdClient.connect(target, { exportName: 'x', timeoutMs: 10_000, maxInFlight: 32 });
+      let offset = 0;
+      const reads = lengths.map((length, i) => {
+        const at = offset;
+        offset += length + 4096;
+        if (i % 2 === 0) return client.read(at, length).then((got) => ({ at, got }));
+        const target = Buffer.alloc(length);
+        return client.readInto(at, length, target).then(() => ({ at, got: target }));
+      });
+      const results = await Promise.all(reads);
+      for (const { at, got } of results) assert.ok(got.equals(content(at, got.length)), `read at ${at} (${got.length} bytes) returned other bytes`);
+      // Buffers handed out stay intact while the connection goes on reading into its own.
+      const again = await client.read(0, lengths[0]);
+      assert.ok(again.equals(content(0, lengths[0])));
+      for (const { at, got } of results) assert.ok(got.equals(content(at, got.length)), `read at ${at} changed after later reads`);
+      await client.close();
+    });
+    assert.equal(answered, lengths.length + 1);
+    assert.ok(total > 1024 * 1024);
+  });
+});
+
 describe('hostile or broken servers (scripted)', () => {
   it('random bytes instead of a greeting: a clean protocol error', async () => {
     await withScripted({ raw: (socket) => socket.write(randomBytes(64)) }, async (target) => {

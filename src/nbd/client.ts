@@ -76,6 +76,8 @@ const READER_HIGH_WATER = 16 * 1024 * 1024;
 const CLOSE_GRACE_MS = 2000;
 /** The buffer a plain socket reads into (copied out at once): a few socket reads' worth. */
 const SOCKET_READ_BUFFER = 128 * 1024;
+/** Where leftovers of that buffer wait for their reader: two socket reads' worth. */
+const SPILL_BUFFER = 2 * SOCKET_READ_BUFFER;
 
 // ---------------------------------------------------------------------------------------------
 // Buffered reader: turns the socket's chunks into exact-length reads.
@@ -83,6 +85,8 @@ const SOCKET_READ_BUFFER = 128 * 1024;
 
 class ByteReader {
   private chunks: Buffer[] = [];
+  /** Leftovers of reused socket buffers (queue). */
+  private spill: Buffer | undefined;
   private head = 0;
   private buffered = 0;
   private waiter: { need: number; resolve: () => void; reject: (err: Error) => void } | null = null;
@@ -128,7 +132,7 @@ class ByteReader {
       }
       if (rest.length === 0) return;
     }
-    this.chunks.push(reused ? Buffer.from(rest) : rest);
+    this.queue(rest, reused);
     this.buffered += rest.length;
     if (this.buffered >= READER_HIGH_WATER && !this.paused) {
       this.paused = true;
@@ -139,6 +143,35 @@ class ByteReader {
       this.waiter = null;
       resolve();
     }
+  }
+
+  /**
+   * Queues received bytes. A reused buffer's bytes are copied into `spill`, appended to the spill
+   * view at the end of the queue or, once the queue holds none, from its start again: a plain
+   * socket's leftovers (the next reply's header and first bytes, ~7 % of a backup's data) then
+   * cost no allocation each, which the garbage collector would count towards its next full
+   * collection. What does not fit is copied into a buffer of its own.
+   */
+  private queue(bytes: Buffer, reused: boolean): void {
+    if (!reused) {
+      this.chunks.push(bytes);
+      return;
+    }
+    const spill = (this.spill ??= Buffer.allocUnsafeSlow(SPILL_BUFFER));
+    const last = this.chunks[this.chunks.length - 1];
+    if (last !== undefined && last.buffer === spill.buffer) {
+      const end = last.byteOffset + last.length;
+      if (end + bytes.length <= spill.length) {
+        bytes.copy(spill, end);
+        this.chunks[this.chunks.length - 1] = spill.subarray(last.byteOffset, end + bytes.length);
+        return;
+      }
+    } else if (bytes.length <= spill.length && !this.chunks.some((c) => c.buffer === spill.buffer)) {
+      bytes.copy(spill, 0);
+      this.chunks.push(spill.subarray(0, bytes.length));
+      return;
+    }
+    this.chunks.push(Buffer.from(bytes));
   }
 
   /** Makes every current and future read fail; buffered bytes are dropped. */
@@ -189,7 +222,8 @@ class ByteReader {
 
   private take(n: number): Buffer {
     const first = this.chunks[0];
-    if (first !== undefined && first.length - this.head >= n) {
+    // Not a view of `spill`: its bytes are overwritten once consumed, and callers may keep what they read.
+    if (first !== undefined && first.length - this.head >= n && first.buffer !== this.spill?.buffer) {
       const out = first.subarray(this.head, this.head + n);
       this.consume(n);
       return out;
