@@ -9,6 +9,7 @@ import { Repository } from '../src/repo/repository.ts';
 import { BlobIndex } from '../src/repo/blob-index.ts';
 import { BlobType, ZERO_ID, computeId, decodeBlob, encodeBlob, frameContentSize, type CodecKeys } from '../src/repo/codec.ts';
 import { CodecPool } from '../src/repo/codec-pool.ts';
+import { decodePackHeader, encodePackHeader } from '../src/repo/pack.ts';
 import { formatRecoveryKey, generateMasterKey, parseRecoveryKey } from '../src/repo/keys.ts';
 import { RepositoryLock, RepositoryLockedError } from '../src/repo/lock.ts';
 import { parseSnapshotName, snapshotName, validateSourceId } from '../src/repo/manifest.ts';
@@ -101,6 +102,26 @@ describe('codec pool', () => {
     } finally {
       await pool.close();
     }
+  });
+});
+
+describe('pack headers', () => {
+  it('round-trip; entries that do not tile the data, or of a type packs never hold, are named damage', () => {
+    const entries = [
+      { type: BlobType.chunk, id: randomBytes(32), offset: 0, length: 100, rawLength: 128 },
+      { type: BlobType.mapNode, id: randomBytes(32), offset: 100, length: 50, rawLength: 64 },
+      { type: BlobType.indexPiece, id: randomBytes(32), offset: 150, length: 10, rawLength: 12 },
+    ];
+    assert.deepEqual(decodePackHeader(encodePackHeader(entries), 160, 'p'), entries);
+    const damage = (header: Buffer, headerOffset: number, pattern: RegExp) => assert.throws(() => decodePackHeader(header, headerOffset, 'data/ab/abcd'),
+      (err: unknown) => err instanceof DamageError && err.code === 'damaged-pack' && pattern.test(err.message) && /pack data\/ab\/abcd/.test(err.message));
+    damage(encodePackHeader(entries), 170, /entries end at 160 but the header starts at 170/);
+    damage(encodePackHeader([entries[1], entries[0]]), 160, /entry 0 at 100\+50 is out of place/);
+    for (const type of [0, BlobType.packHeader, BlobType.manifest, BlobType.meta, 200]) {
+      damage(encodePackHeader([entries[0], { ...entries[1], type: type as typeof BlobType.chunk }]), 150, new RegExp(`entry 1 has blob type ${type}, which packs never hold`));
+    }
+    const truncated = encodePackHeader(entries).subarray(0, 8 + 45 * 2);
+    damage(truncated, 160, /does not match 3 entries/);
   });
 });
 

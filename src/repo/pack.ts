@@ -15,6 +15,8 @@ import { DamageError } from '../util/errors.ts';
 import { BlobType, type BlobTypeValue, type CodecKeys, ZERO_ID, decodeBlob, encodeBlob } from './codec.ts';
 
 export const PACK_MAGIC = Buffer.from('TRPACK01');
+/** The blob types a pack holds (docs/repository-format.md §5): chunks and disk-map blobs. */
+const PACKED_TYPES: ReadonlySet<number> = new Set([BlobType.chunk, BlobType.indexPiece, BlobType.mapNode]);
 const HEADER_MAGIC = Buffer.from('TPH1');
 const ENTRY = 1 + 32 + 4 + 4 + 4;
 export const PACK_TRAILER = 4 + PACK_MAGIC.length;
@@ -133,6 +135,7 @@ export function decodePackHeader(plain: Buffer, headerOffset: number, packLabel:
   let expectOffset = 0;
   for (let i = 0, p = 8; i < count; i++, p += ENTRY) {
     const type = plain[p] as BlobTypeValue;
+    if (!PACKED_TYPES.has(type)) bad(`entry ${i} has blob type ${type}, which packs never hold (only ${[...PACKED_TYPES].join(', ')})`);
     const offset = plain.readUInt32LE(p + 33);
     const length = plain.readUInt32LE(p + 37);
     if (offset !== expectOffset || offset + length > headerOffset) bad(`entry ${i} at ${offset}+${length} is out of place`);
