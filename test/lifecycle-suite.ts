@@ -127,6 +127,17 @@ function suiteBody(fx: LifecycleFixture, part: 'main' | 'crash'): void {
     return c;
   };
   const backup = async (loc: string, img: string, id = 'vm1') => (await ok(loc, ['backup', 'image', img, '--id', id])).snapshot;
+  /** `count` backups of `img`, 30 % of it rewritten before each but the first (seeds from `seed`). */
+  const backupSeries = async (loc: string, img: string, count: number, seed: number) => {
+    const shas: string[] = [];
+    const snaps: string[] = [];
+    for (let i = 0; i < count; i++) {
+      if (i > 0) rewriteCorpus(img, { fraction: 0.3, seed: seed + i });
+      shas.push(await sha256File(img));
+      snaps.push((await backup(loc, img)).name);
+    }
+    return { shas, snaps };
+  };
   const packs = async (loc: string) => (await fx.list(loc)).filter((o) => o.name.startsWith('data/'));
   const localSyncOk = async (src: string, dst: string) => {
     const r = await cli(src, ['sync', '--to', dst, ...toArgs()]);
@@ -155,13 +166,7 @@ function suiteBody(fx: LifecycleFixture, part: 'main' | 'crash'): void {
   mainIt('prune keeps what the rules say and never a protected snapshot; gc frees the data; what remains restores', async () => {
     const loc = await init();
     const img = image();
-    const shas: string[] = [];
-    const snaps: string[] = [];
-    for (let i = 0; i < 4; i++) {
-      if (i > 0) rewriteCorpus(img, { fraction: 0.3, seed: 10 + i });
-      shas.push(await sha256File(img));
-      snaps.push((await backup(loc, img)).name);
-    }
+    const { shas, snaps } = await backupSeries(loc, img, 4, 10);
     const dry = await ok(loc, ['prune', '--all', '--keep-last', '2', '--dry-run']);
     assert.deepEqual(dry.groups[0].snapshots.map((s: any) => [s.name, s.action, s.reason]), [
       [snaps[3], 'keep', 'keep-last'], [snaps[2], 'keep', 'keep-last'], [snaps[1], 'remove', 'remove'], [snaps[0], 'remove', 'remove'],
@@ -196,13 +201,7 @@ function suiteBody(fx: LifecycleFixture, part: 'main' | 'crash'): void {
   logicIt('forget deletes the named snapshots, all or none; the others restore, also after gc', async () => {
     const loc = await init();
     const img = image(8 << 20, 4);
-    const shas: string[] = [];
-    const snaps: string[] = [];
-    for (let i = 0; i < 4; i++) {
-      if (i > 0) rewriteCorpus(img, { fraction: 0.3, seed: 40 + i });
-      shas.push(await sha256File(img));
-      snaps.push((await backup(loc, img)).name);
-    }
+    const { shas, snaps } = await backupSeries(loc, img, 4, 40);
     await ok(loc, ['protect', snaps[2]]);
     // One protected or unknown name fails the call, and nothing is deleted.
     const protectedOne = await cli(loc, ['forget', snaps[0], snaps[2]]);

@@ -79,15 +79,7 @@ export async function pruneSnapshots(repo: Repository, opts: PruneOptions): Prom
         else doomed.push(d.name);
       }
     }
-    if (opts.dryRun) {
-      report.removed = doomed;
-      return report;
-    }
-    await mapLimit(doomed, 8, async (name) => {
-      if (await removeSnapshot(repo, name)) report.removed.push(name);
-      else report.skipped.push(name);
-    });
-    report.removed.sort();
+    await removeSnapshots(repo, doomed, report);
     return report;
   } finally {
     await lock.release();
@@ -123,20 +115,28 @@ export async function forgetSnapshots(repo: Repository, names: string[], opts: {
       });
     }
     const report: ForgetReport = { dryRun: opts.dryRun === true, removed: [], skipped: [] };
-    if (opts.dryRun) {
-      report.removed = unique;
-      return report;
-    }
-    await mapLimit(unique, 8, async (name) => {
-      if (await removeSnapshot(repo, name)) report.removed.push(name);
-      else report.skipped.push(name);
-    });
-    report.removed.sort();
-    report.skipped.sort();
+    await removeSnapshots(repo, unique, report);
     return report;
   } finally {
     await lock.release();
   }
+}
+
+/**
+ * Deletes `names` into `report.removed`, or `report.skipped` when protected meanwhile; a dry run
+ * only lists them as removed.
+ */
+async function removeSnapshots(repo: Repository, names: string[], report: { dryRun: boolean; removed: string[]; skipped: string[] }): Promise<void> {
+  if (report.dryRun) {
+    report.removed = [...names];
+    return;
+  }
+  await mapLimit(names, 8, async (name) => {
+    if (await removeSnapshot(repo, name)) report.removed.push(name);
+    else report.skipped.push(name);
+  });
+  report.removed.sort();
+  report.skipped.sort();
 }
 
 /**
