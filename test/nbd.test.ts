@@ -698,7 +698,7 @@ async function expectReadViolation(onRequest: Script['onRequest'], pattern: RegE
 }
 
 describe('reply reassembly (scripted)', () => {
-  it('reads right however the stream is cut: many replies per segment, one reply over many, leftovers larger than the reader keeps aside', async () => {
+  it('reads right however the stream is cut: many replies per segment, one reply over many, replies larger than the reader\'s spill buffer', async () => {
     // Bytes of the export: a function of the offset, so every reply can be checked.
     const content = (offset: number, length: number) => {
       const b = Buffer.allocUnsafe(length);
@@ -706,7 +706,6 @@ describe('reply reassembly (scripted)', () => {
       return b;
     };
     const lengths = Array.from({ length: 96 }, (_, i) => (i % 16 === 5 ? 300 * 1024 + i : i % 4 === 0 ? 1 + i * 37 : 512 + ((i * 7919) % 8192)));
-    const total = lengths.reduce((a, b) => a + b, 0);
     const pending: ScriptedRequest[] = [];
     let answered = 0;
     const onRequest = (request: ScriptedRequest, socket: net.Socket) => {
@@ -745,7 +744,6 @@ describe('reply reassembly (scripted)', () => {
       await client.close();
     });
     assert.equal(answered, lengths.length + 1);
-    assert.ok(total > 1024 * 1024);
   });
 });
 

@@ -39,7 +39,7 @@ import { SnapshotSession } from './snapshot-writer.ts';
 import { RateLimitedSource, TokenBucket } from './rate-limit.ts';
 import { processAlive } from '../util/process.ts';
 import { HypervisorError } from '../hypervisor/errors.ts';
-import { forwardUnixSocket, isRemoteSocketDir, runOverSsh, sshTargetOf, type SshForward, type SshTarget } from '../hypervisor/ssh.ts';
+import { forwardUnixSocket, isRemoteSocketDir, removeRemoteSocketDir, runOverSsh, sshTargetOf, type SshForward, type SshTarget } from '../hypervisor/ssh.ts';
 import { checkpointXmlWithoutParent } from '../hypervisor/checkpoint.ts';
 import { describeNbdServer, planNbdServer, portCandidates, type NbdServerPlan, type VmNbdOptions } from './vm-nbd-server.ts';
 
@@ -369,7 +369,7 @@ async function beginJob(c: Common, plan: IncrementalPlan, checkpoint: string | u
  * removes the directory; a job that cannot be forwarded is ended at once.
  */
 async function beginJobOverSsh(c: Common, ssh: SshTarget, dir: string, job: Omit<PullBackupOptions, 'socketPath' | 'tcp'>): Promise<BackupJob> {
-  const removeDir = () => runOverSsh(ssh, ['rm', '-rf', dir], { operation: 'remove the NBD socket directory' }).then(() => undefined, () => undefined);
+  const removeDir = () => removeRemoteSocketDir(ssh, dir).catch(() => undefined);
   // QEMU runs as libvirt-qemu (Debian) or qemu (Fedora), as root in some setups.
   await runOverSsh(ssh, ['sh', '-c', 'mkdir -m 700 "$1" && { chown libvirt-qemu "$1" 2>/dev/null || chown qemu "$1" 2>/dev/null || true; }', 'sh', dir],
     { operation: 'create the NBD socket directory' });
@@ -715,7 +715,7 @@ async function removeLeftoverSocketDir(hv: Hypervisor, dir: string, say: (l: str
   } else if (ssh === undefined) {
     say(`its NBD socket directory ${dir} on ${hv.remoteHost ?? 'the host'} is left: remove it there (this connection is not over ssh)`);
   } else {
-    await runOverSsh(ssh, ['rm', '-rf', dir], { operation: 'remove a leftover NBD socket directory' });
+    await removeRemoteSocketDir(ssh, dir);
     say(`removed its NBD socket directory ${dir} on ${ssh.label}`);
   }
 }

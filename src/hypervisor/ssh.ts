@@ -77,6 +77,16 @@ export function isRemoteSocketDir(path: string): boolean {
   return /^\/tmp\/tresor-nbd-[0-9a-f]{16}$/.test(path);
 }
 
+/** Removes, over ssh, a directory remoteSocketDir made; any other path is refused (this is rm -rf). */
+export async function removeRemoteSocketDir(t: SshTarget, dir: string): Promise<void> {
+  if (!isRemoteSocketDir(dir)) {
+    throw new HypervisorError('operation-failed', `${JSON.stringify(dir)} on ${t.label} is not an NBD socket directory of Tresor's: not removed`, {
+      context: { operation: 'remove the NBD socket directory', host: t.label }, hint: 'this is a bug in Tresor: only directories it made are removed',
+    });
+  }
+  await runOverSsh(t, ['rm', '-rf', dir], { operation: 'remove the NBD socket directory' });
+}
+
 export interface SshForward {
   /** Stops forwarding (the local socket is removed). */
   close(): Promise<void>;
