@@ -7,7 +7,7 @@ import zlib from 'node:zlib';
 import { LocalStore } from '../src/store/local.ts';
 import { Repository } from '../src/repo/repository.ts';
 import { BlobIndex } from '../src/repo/blob-index.ts';
-import { BlobType, ZERO_ID, computeId, decodeBlob, encodeBlob, frameContentSize, type CodecKeys } from '../src/repo/codec.ts';
+import { BlobType, ZERO_ID, computeId, decodeBlob, encodeBlob, encodeChunk, frameContentSize, type CodecKeys } from '../src/repo/codec.ts';
 import { CodecPool } from '../src/repo/codec-pool.ts';
 import { decodePackHeader, encodePackHeader } from '../src/repo/pack.ts';
 import { formatRecoveryKey, generateMasterKey, parseRecoveryKey } from '../src/repo/keys.ts';
@@ -121,7 +121,16 @@ describe('pack headers', () => {
       damage(encodePackHeader([entries[0], { ...entries[1], type: type as typeof BlobType.chunk }]), 150, new RegExp(`entry 1 has blob type ${type}, which packs never hold`));
     }
     const truncated = encodePackHeader(entries).subarray(0, 8 + 45 * 2);
-    damage(truncated, 160, /does not match 3 entries/);
+    damage(truncated, 160, /too short for 3 entries/);
+    // A delta chunk's entry carries its base (77 bytes); cut short or naming itself, it is damage.
+    const delta = { type: BlobType.deltaChunk, id: randomBytes(32), offset: 160, length: 40, rawLength: 128, base: entries[0].id };
+    const withDelta = [...entries, delta];
+    const encoded = encodePackHeader(withDelta);
+    assert.equal(encoded.length, 8 + 45 * 3 + 77);
+    assert.deepEqual(decodePackHeader(encoded, 200, 'p'), withDelta);
+    damage(encoded.subarray(0, encoded.length - 1), 200, /truncated entry at byte 143/);
+    damage(encodePackHeader([...entries, { ...delta, base: delta.id }]), 200, /names itself as its base/);
+    assert.throws(() => encodePackHeader([...entries, { ...delta, base: undefined }]), /has no base id/);
   });
 });
 
@@ -147,6 +156,63 @@ describe('blob index', () => {
     twin[31] ^= 1;
     assert.equal(index.has(twin), false);
   });
+
+  it('keeps delta chunks\' bases through growth and replacement, and lists exactly them', () => {
+    const index = new BlobIndex(16);
+    const pack = randomBytes(32);
+    const bases = new Map<string, Buffer>();
+    for (let i = 0; i < 20_000; i++) {
+      const id = randomBytes(32);
+      const base = i % 7 === 0 ? randomBytes(32) : undefined;
+      if (base) bases.set(id.toString('hex'), base);
+      index.add(id, { packId: pack, type: base ? BlobType.deltaChunk : BlobType.chunk, offset: i, length: 1, rawLength: 1, ...(base ? { base } : {}) });
+    }
+    const listed = new Map([...index.deltaBases()].map(([id, base]) => [id.toString('hex'), base]));
+    assert.deepEqual(listed, bases);
+    for (const [hex, base] of bases) assert.deepEqual(index.get(Buffer.from(hex, 'hex'))!.base, base);
+    // Replaced by a plain copy: no base any more.
+    const [first] = bases.keys();
+    index.add(Buffer.from(first, 'hex'), { packId: pack, type: BlobType.chunk, offset: 0, length: 1, rawLength: 1 }, true);
+    assert.equal(index.get(Buffer.from(first, 'hex'))!.base, undefined);
+    assert.equal([...index.deltaBases()].length, bases.size - 1);
+  });
+});
+
+describe('delta chunks (codec)', () => {
+  // Random: every byte of the chunk outside the change can only come from the base.
+  const base = randomBytes(128 << 10);
+  const chunk = Buffer.from(base);
+  randomBytes(4096).copy(chunk, 70_000);
+  for (const encrypted of [true, false]) {
+    it(`decode only against their own base (${encrypted ? 'encrypted' : 'unencrypted'})`, () => {
+      const keys: CodecKeys = { master: encrypted ? generateMasterKey() : undefined, compressionLevel: 3 };
+      const id = computeId(keys, chunk);
+      const baseId = computeId(keys, base);
+      const { type, blob } = encodeChunk(keys, id, chunk, { id: baseId, plain: base });
+      assert.equal(type, BlobType.deltaChunk);
+      assert.ok(blob.length < 6000, `a 4 KiB change costs ${blob.length} bytes`);
+      const expect = { id, maxLength: chunk.length, exactLength: true };
+      const label = () => ({ what: 'delta chunk x', context: {} });
+      assert.ok(decodeBlob(keys, type, id, blob, expect, label, { id: baseId, plain: base }).equals(chunk));
+      // Encrypted, the base's id is bound (AAD): the same bytes under another id fail. Unencrypted
+      // only the bytes matter, and the identity check proves the result.
+      if (encrypted) assert.throws(() => decodeBlob(keys, type, id, blob, expect, label, { id: randomBytes(32), plain: base }), /authentication failed/);
+      else assert.ok(decodeBlob(keys, type, id, blob, expect, label, { id: randomBytes(32), plain: base }).equals(chunk));
+      // Other bytes as the base fail either way (identity).
+
+      const other = Buffer.from(base);
+      other[70_000 + 5000] ^= 1;
+      assert.throws(() => decodeBlob(keys, type, id, blob, expect, label, { id: baseId, plain: other }), DamageError);
+      assert.throws(() => decodeBlob(keys, type, id, blob, expect, label), /cannot be decoded without its base/);
+      // As a plain chunk the same bytes are no chunk of this id's delta: the type is bound too (AAD / identity).
+      if (encrypted) assert.throws(() => decodeBlob(keys, BlobType.chunk, id, blob, expect, label), /authentication failed/);
+      // Without a base, or where the base does not help, a plain chunk.
+      assert.equal(encodeChunk(keys, id, chunk, undefined).type, BlobType.chunk);
+      const noise = randomBytes(128 << 10);
+      assert.equal(encodeChunk(keys, computeId(keys, noise), noise, { id: baseId, plain: base }).type, BlobType.chunk);
+      assert.throws(() => encodeBlob(keys, BlobType.deltaChunk, id, chunk), /made by encodeChunk/);
+    });
+  }
 });
 
 describe('keys', () => {

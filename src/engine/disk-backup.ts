@@ -7,8 +7,13 @@
  * (which also spots all-zero chunks), looked up in the blob index, and only new chunks are
  * compressed and encrypted (second worker round trip) and handed to the pack writer.
  * Several batches are in flight at once so reading, hashing, encoding and uploading overlap.
+ *
+ * With a parent, a chunk the source marks changed only in part (a dirty bitmap is 64 KiB, a chunk
+ * larger) is encoded as a delta against the parent's chunk in that slot: the unchanged part costs
+ * almost nothing to store (docs/repository-format.md §4). Only plain chunks serve as bases.
  */
-import { ZERO_ID, BlobType } from '../repo/codec.ts';
+import { ZERO_ID, BlobType, type DeltaBase } from '../repo/codec.ts';
+import { readDeltaBases } from '../repo/blob-batch.ts';
 import type { CodecPool, HashedBatch } from '../repo/codec-pool.ts';
 import { DiskMapReader, DiskMapWriter, slotCount } from '../repo/disk-map.ts';
 import type { PackWriter } from '../repo/pack-writer.ts';
@@ -24,6 +29,8 @@ export interface DiskBackupStats {
   reusedChunks: number;
   holeChunks: number;
   unchangedChunks: number;
+  /** New chunks stored as deltas against the parent's chunk in their slot. */
+  deltaChunks: number;
 }
 
 export interface DiskBackupOptions {
@@ -52,7 +59,8 @@ export async function backupDisk(
   }
   const index = await repo.index();
   const map = new DiskMapWriter(repo, writer, source.size, chunkSize, repo.config.pieceSlots);
-  const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0 };
+  const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0, deltaChunks: 0 };
+  const deltas = parent !== undefined && repo.deltaChunks;
   const slots = slotCount(source.size, chunkSize);
   const batchBytes = Math.max(chunkSize, opts.batchBytes ?? 2 << 20);
   const slotsPerBatch = Math.floor(batchBytes / chunkSize);
@@ -71,7 +79,7 @@ export async function backupDisk(
   let done = 0;
 
   const processBatch = async (first: number, count: number): Promise<void> => {
-    const plans = await planSlots(source, parent !== undefined, chunkSize, first, count);
+    const { plans, partial } = await planSlots(source, parent !== undefined, chunkSize, first, count);
     const reads: Array<Promise<void>> = [];
     for (let i = 0; i < count;) {
       const plan = plans[i];
@@ -83,7 +91,7 @@ export async function backupDisk(
       } else if (plan === 'parent') {
         await reuseParentSlots(first + i, j - i, reads);
       } else {
-        reads.push(readRun(first + i, j - i));
+        reads.push(readRun(first + i, j - i, deltas ? partial.subarray(i, j) : undefined));
       }
       i = j;
     }
@@ -121,12 +129,13 @@ export async function backupDisk(
     if (rereadFrom >= 0) reads.push(readRun(rereadFrom, end - rereadFrom));
   };
 
-  const readRun = async (firstSlot: number, count: number): Promise<void> => {
+  /** `partial`: per slot, 1 when the source changed it only in part (a delta candidate). */
+  const readRun = async (firstSlot: number, count: number, partial?: Uint8Array): Promise<void> => {
     const offset = firstSlot * chunkSize;
     const length = Math.min(count * chunkSize, source.size - offset);
     await readBudget.acquire(length);
     try {
-      await readAndStore(firstSlot, count, offset, length);
+      await readAndStore(firstSlot, count, offset, length, partial);
     } finally {
       readBudget.release(length);
     }
@@ -140,7 +149,34 @@ export async function backupDisk(
     return target;
   };
 
-  const readAndStore = async (firstSlot: number, count: number, offset: number, length: number): Promise<void> => {
+  /**
+   * Bases for the new chunks `which` (batch positions from `firstSlot`) that changed in part:
+   * the parent's chunk in the same slot when it is a plain chunk that may be used (like a reused
+   * chunk: not condemned, not damaged). Null where there is none or it cannot be read (the chunk
+   * is then stored whole; a damaged parent chunk is verify's to report).
+   */
+  const deltaBases = async (firstSlot: number, which: number[], partial: Uint8Array): Promise<Array<DeltaBase | null> | undefined> => {
+    const wanted: Array<Buffer | null> = [];
+    for (const k of which) {
+      let base: Buffer | null = null;
+      if (partial[k] === 1) {
+        const slot = firstSlot + k;
+        const p = Math.floor(slot / parent!.disk.pieceSlots);
+        const at = (slot - p * parent!.disk.pieceSlots) * 32;
+        const id = (await parent!.piece(p)).subarray(at, at + 32);
+        if (!ZERO_ID.equals(id) && index.get(id)?.type === BlobType.chunk && !repo.avoids(id)) base = Buffer.from(id);
+      }
+      wanted.push(base);
+    }
+    if (wanted.every((b) => b === null)) return undefined;
+    const read = await readDeltaBases(repo, wanted.filter((b): b is Buffer => b !== null), (id) => `chunk ${id.toString('hex')} of the parent snapshot`, { trustAead: true });
+    return wanted.map((b) => {
+      const got = b === null ? undefined : read.get(b.toString('hex'));
+      return got === undefined || got instanceof Error ? null : got;
+    });
+  };
+
+  const readAndStore = async (firstSlot: number, count: number, offset: number, length: number, partial?: Uint8Array): Promise<void> => {
     const data = await readBatch(offset, length);
     stats.bytesRead += length;
     collector.note(length);
@@ -157,13 +193,16 @@ export async function backupDisk(
       }
       map.set(firstSlot + k, id);
     }
-    const { blobs, release } = await pool.encode(hashed, encodeWhich, BlobType.chunk);
+    const bases = partial !== undefined && encodeWhich.length > 0 ? await deltaBases(firstSlot, encodeWhich, partial) : undefined;
+    const { blobs, types, release } = await pool.encode(hashed, encodeWhich, BlobType.chunk, bases);
     try {
       for (let n = 0; n < blobs.length; n++) {
         const k = encodeWhich[n];
         const id = Buffer.from(hashed.ids.subarray(k * 32, k * 32 + 32));
-        await writer.add(BlobType.chunk, id, blobs[n], Math.min(chunkSize, source.size - (firstSlot + k) * chunkSize));
+        const delta = types[n] === BlobType.deltaChunk;
+        await writer.add(types[n], id, blobs[n], Math.min(chunkSize, source.size - (firstSlot + k) * chunkSize), delta ? Buffer.from(bases![n]!.id) : undefined);
         stats.newChunks++;
+        if (delta) stats.deltaChunks++;
       }
     } finally {
       release();
@@ -185,22 +224,27 @@ export async function backupDisk(
   return { map, stats };
 }
 
-/** Decides per slot of [first, first+count) whether it is a hole, a parent copy, or a read. */
-async function planSlots(source: DiskSource, hasParent: boolean, chunkSize: number, first: number, count: number): Promise<SlotPlan[]> {
+/**
+ * Decides per slot of [first, first+count) whether it is a hole, a parent copy, or a read; and
+ * which reads are partial (with a parent: changed data next to unchanged data in one slot).
+ */
+async function planSlots(source: DiskSource, hasParent: boolean, chunkSize: number, first: number, count: number): Promise<{ plans: SlotPlan[]; partial: Uint8Array }> {
   const start = first * chunkSize;
   const end = Math.min(source.size, (first + count) * chunkSize);
   // Per slot: bit 1 = has data, bit 2 = has zero, bit 4 = has unchanged.
   const kinds = new Uint8Array(count);
   for await (const e of source.extents(start, end - start)) markExtent(kinds, e, start, chunkSize, end);
   const plans = new Array<SlotPlan>(count);
+  const partial = new Uint8Array(count);
   for (let i = 0; i < count; i++) {
     const k = kinds[i];
+    if (hasParent && (k & 4) !== 0 && (k & 1) !== 0) partial[i] = 1;
     if (k === 2) plans[i] = 'hole';
     else if (k === 4 && hasParent) plans[i] = 'parent';
     else if (k === 0) throw new TresorError('extent-gap', `${source.description}: extents do not cover bytes at ${start + i * chunkSize}`, { hint: 'this is a bug in the disk reader' });
     else plans[i] = 'read';
   }
-  return plans;
+  return { plans, partial };
 }
 
 function markExtent(kinds: Uint8Array, e: Extent, start: number, chunkSize: number, end: number): void {

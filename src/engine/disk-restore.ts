@@ -8,7 +8,8 @@
  * the worker pool, and written to every slot that uses them. Holes are never written, so raw
  * output stays sparse. Two units are in flight to keep storage and both cores busy.
  */
-import { ZERO_ID, BlobType } from '../repo/codec.ts';
+import { ZERO_ID, isChunkType } from '../repo/codec.ts';
+import { readDeltaBases } from '../repo/blob-batch.ts';
 import { type CodecPool, transferable } from '../repo/codec-pool.ts';
 import type { DecodeItem } from '../repo/codec-ops.ts';
 import { DiskMapReader, slotLength, unitPieces } from '../repo/disk-map.ts';
@@ -76,7 +77,7 @@ export async function restoreDisk(
             context: { snapshot, disk: disk.name, offset: (firstSlot + k) * disk.chunkSize, chunk: hex },
           });
         }
-        if (loc.type !== BlobType.chunk) {
+        if (!isChunkType(loc.type)) {
           throw new DamageError('wrong-blob-type', `snapshot ${snapshot}: disk ${disk.name} at offset ${(firstSlot + k) * disk.chunkSize} refers to blob ${hex}, which is not a data chunk`, { context: { snapshot, disk: disk.name, chunk: hex } });
         }
         w = { id: Buffer.from(id), loc, slots: [] };
@@ -101,10 +102,20 @@ export async function restoreDisk(
     const pack = packName(run.packId);
     const data = await repo.store.read(pack, { offset: run.offset, length: run.length });
     stats.bytesFetched += data.length;
+    // Delta chunks decode against their bases (plain chunks, mostly in other packs).
+    const baseIds = run.blobs.flatMap((w) => (w.loc.base !== undefined ? [w.loc.base] : []));
+    const bases = baseIds.length === 0 ? undefined
+      : await readDeltaBases(repo, baseIds, (id) => `chunk ${id.toString('hex')} (the base of a delta chunk of snapshot ${snapshot})`, { trustAead: true, onFetch: (n) => { stats.bytesFetched += n; } });
     let at = 0;
     const items: DecodeItem[] = run.blobs.map((w) => {
+      const base = w.loc.base !== undefined ? bases!.get(w.loc.base.toString('hex')) : undefined;
+      if (base instanceof Error) {
+        throw new DamageError('damaged-chunk', `snapshot ${snapshot} cannot be restored: delta chunk ${w.id.toString('hex')} of disk ${disk.name} cannot be decoded: ${base.message}`, {
+          context: { snapshot, disk: disk.name, chunk: w.id.toString('hex'), base: w.loc.base!.toString('hex') },
+        });
+      }
       const item = {
-        type: BlobType.chunk, id: w.id, rawLength: w.loc.rawLength, at,
+        type: w.loc.type, id: w.id, rawLength: w.loc.rawLength, at, ...(base !== undefined ? { base } : {}),
         stored: data.subarray(w.loc.offset - run.offset, w.loc.offset - run.offset + w.loc.length),
         label: `chunk ${w.id.toString('hex')} in ${pack}`,
       };

@@ -13,10 +13,10 @@
  * Large reads (file data streamed by a restore) use cached chunks but do not fill the cache, so
  * they do not evict the filesystem metadata every lookup needs.
  */
-import { BlobType, ZERO_ID, decodeBlob } from '../repo/codec.ts';
+import { BlobType, type DeltaBase, ZERO_ID, decodeBlob, isChunkType } from '../repo/codec.ts';
 import type { CodecPool } from '../repo/codec-pool.ts';
 import type { BlobLocation } from '../repo/blob-index.ts';
-import { readOneBlob } from '../repo/blob-batch.ts';
+import { readDeltaBases, readOneBlob } from '../repo/blob-batch.ts';
 import { pieceIds, slotCount, slotLength } from '../repo/disk-map.ts';
 import type { DiskRecord, SnapshotManifest } from '../repo/manifest.ts';
 import { packName } from '../repo/pack.ts';
@@ -262,7 +262,7 @@ class SnapshotDevice implements BlockDevice {
       for (const f of missing) {
         try {
           const loc = await this.#repo.locate(f.id, () => `the chunk for disk ${this.#disk.name} at offset ${f.diskOffset} of snapshot ${this.#snapshot}`);
-          if (loc.type !== BlobType.chunk) {
+          if (!isChunkType(loc.type)) {
             throw new DamageError('wrong-blob-type', `snapshot ${this.#snapshot}: disk ${this.#disk.name} at offset ${f.diskOffset} refers to blob ${f.hex}, which is not a data chunk`, {
               context: { snapshot: this.#snapshot, disk: this.#disk.name, chunk: f.hex },
             });
@@ -305,16 +305,35 @@ class SnapshotDevice implements BlockDevice {
     const damage = (f: Located, message: string) => new DamageError('damaged-chunk', `${message}; it holds disk ${this.#disk.name} at offset ${f.diskOffset} of snapshot ${this.#snapshot}`, {
       context: { snapshot: this.#snapshot, disk: this.#disk.name, chunk: f.hex, pack, offset: f.diskOffset },
     });
+    // Delta chunks decode against their bases (plain chunks, mostly in other packs).
+    const baseIds = fetches.flatMap((f) => (f.loc.base !== undefined ? [f.loc.base] : []));
+    const bases = baseIds.length === 0 ? undefined : await readDeltaBases(this.#repo, baseIds, (id) => `chunk ${id.toString('hex')} (the base of a delta chunk)`, {
+      onFetch: (n) => {
+        this.stats.bytesFetched += n;
+        this.stats.storeReads++;
+      },
+    });
+    const baseOf = (f: Located): DeltaBase | Error | undefined => (f.loc.base !== undefined ? bases!.get(f.loc.base.toString('hex')) : undefined);
     if (this.#pool) {
-      const results = await this.#pool.decode(fetches.map((f, i) => ({
-        type: BlobType.chunk, id: f.id, stored: stored[i], rawLength: f.loc.rawLength, label: `chunk ${f.hex} in ${pack}`,
-      })));
-      return results.map((r, i) => (r.ok ? Buffer.from(r.plain.buffer, r.plain.byteOffset, r.plain.byteLength) : damage(fetches[i], r.message)));
+      const results = await this.#pool.decode(fetches.map((f, i) => {
+        const base = baseOf(f);
+        return {
+          type: f.loc.type, id: f.id, stored: base instanceof Error ? new Uint8Array(0) : stored[i], rawLength: f.loc.rawLength, label: `chunk ${f.hex} in ${pack}`,
+          ...(base !== undefined && !(base instanceof Error) ? { base } : {}),
+        };
+      }));
+      return results.map((r, i) => {
+        const base = baseOf(fetches[i]);
+        if (base instanceof Error) return damage(fetches[i], `delta chunk ${fetches[i].hex} in ${pack} cannot be decoded: ${base.message}`);
+        return r.ok ? Buffer.from(r.plain.buffer, r.plain.byteOffset, r.plain.byteLength) : damage(fetches[i], r.message);
+      });
     }
     return fetches.map((f, i) => {
       try {
-        return decodeBlob(this.#repo.keys, BlobType.chunk, f.id, stored[i], { id: f.id, maxLength: f.loc.rawLength, exactLength: true },
-          () => ({ what: `chunk ${f.hex} in ${pack}`, context: {} }));
+        const base = baseOf(f);
+        if (base instanceof Error) throw new Error(`delta chunk ${f.hex} in ${pack} cannot be decoded: ${base.message}`);
+        return decodeBlob(this.#repo.keys, f.loc.type, f.id, stored[i], { id: f.id, maxLength: f.loc.rawLength, exactLength: true },
+          () => ({ what: `chunk ${f.hex} in ${pack}`, context: {} }), base);
       } catch (err) {
         return damage(f, err instanceof Error ? err.message : String(err));
       }

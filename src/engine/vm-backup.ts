@@ -426,7 +426,7 @@ async function readDisks(c: Common, plan: IncrementalPlan, job: BackupJob): Prom
   const total = plan.disks.reduce((n, d) => n + d.size, 0);
   let before = 0;
   const records: DiskRecord[] = [];
-  const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0 };
+  const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0, deltaChunks: 0 };
   for (const d of plan.disks) {
     const exported = job.disks.find((x) => x.target === d.disk.target)!;
     const incremental = d.parent !== undefined && exported.mode === 'incremental' && exported.dirtyBitmapContext !== undefined;
@@ -438,7 +438,7 @@ async function readDisks(c: Common, plan: IncrementalPlan, job: BackupJob): Prom
       const r = await backupOneDisk(c, d, source, bucket, (done) => c.opts.progress?.(before + done, total));
       records.push(r.record);
       addStats(stats, r.stats);
-      c.say(`disk ${d.disk.target}: ${incremental ? 'incremental' : 'full'} read of ${r.stats.bytesRead} bytes; ${r.stats.newChunks} new chunks, ${r.stats.reusedChunks} reused, ${r.stats.unchangedChunks} unchanged, ${r.stats.holeChunks} holes`);
+      c.say(`disk ${d.disk.target}: ${incremental ? 'incremental' : 'full'} read of ${r.stats.bytesRead} bytes; ${r.stats.newChunks} new chunks (${r.stats.deltaChunks} as deltas), ${r.stats.reusedChunks} reused, ${r.stats.unchangedChunks} unchanged, ${r.stats.holeChunks} holes`);
     } finally {
       await source.close();
     }
@@ -468,6 +468,7 @@ function addStats(into: DiskBackupStats, s: DiskBackupStats): void {
   into.reusedChunks += s.reusedChunks;
   into.holeChunks += s.holeChunks;
   into.unchangedChunks += s.unchangedChunks;
+  into.deltaChunks += s.deltaChunks;
 }
 
 /** After a commit only the new checkpoint is needed; older Tresor checkpoints only cost I/O. */
@@ -573,7 +574,7 @@ async function backupStoppedVm(c: Common): Promise<VmBackupResult> {
   const pointInTime = new Date();
   const bucket = c.opts.bwlimit ? new TokenBucket(c.opts.bwlimit) : undefined;
   const records: DiskRecord[] = [];
-  const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0 };
+  const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0, deltaChunks: 0 };
   const total = plans.reduce((n, p) => n + p.size, 0);
   let before = 0;
   for (const p of plans) {
@@ -585,7 +586,7 @@ async function backupStoppedVm(c: Common): Promise<VmBackupResult> {
       const r = await backupOneDisk(c, p, source, bucket, (done) => c.opts.progress?.(before + done, total));
       records.push(r.record);
       addStats(stats, r.stats);
-      say(`disk ${p.disk.target}: read ${r.stats.bytesRead} bytes; ${r.stats.newChunks} new chunks, ${r.stats.unchangedChunks} unchanged`);
+      say(`disk ${p.disk.target}: read ${r.stats.bytesRead} bytes; ${r.stats.newChunks} new chunks (${r.stats.deltaChunks} as deltas), ${r.stats.unchangedChunks} unchanged`);
     } finally {
       await source?.close().catch(() => undefined);
       await exported?.close().catch(() => undefined);

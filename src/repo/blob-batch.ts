@@ -11,7 +11,7 @@
 import { DamageError } from '../util/errors.ts';
 import { mapLimit } from '../util/concurrency.ts';
 import type { BlobLocation } from './blob-index.ts';
-import { BLOB_TYPE_NAMES, type BlobTypeValue, decodeBlob } from './codec.ts';
+import { BLOB_TYPE_NAMES, BlobType, type BlobTypeValue, type DeltaBase, decodeBlob } from './codec.ts';
 import { packName } from './pack.ts';
 import type { Repository } from './repository.ts';
 
@@ -35,6 +35,29 @@ export interface BatchOptions {
   concurrency?: number;
   /** Called with the size of every ranged read (callers that account for what they fetch). */
   onFetch?: (bytes: number) => void;
+  /** Accept the AEAD tag as proof of identity (codec.ts DecodeExpect.trustAead): restores and backups only. */
+  trustAead?: boolean;
+}
+
+/**
+ * The bases of delta chunks: plain chunks, read with the checks of any batch. Each base id maps
+ * to its plaintext or to the error that stops every delta made against it (a missing base, a
+ * base that is itself a delta, damage). `what(id)` names a base for errors.
+ */
+export async function readDeltaBases(repo: Repository, baseIds: Iterable<Buffer>, what: (id: Buffer) => string, opts: BatchOptions = {}): Promise<Map<string, DeltaBase | Error>> {
+  const bases = new Map<string, DeltaBase | Error>();
+  const items: BatchItem[] = [];
+  for (const id of baseIds) {
+    const hex = id.toString('hex');
+    if (bases.has(hex)) continue;
+    bases.set(hex, new Error('not read'));
+    items.push({ id, type: BlobType.chunk, what: () => what(id) });
+  }
+  await readBlobBatch(repo, items, (item, outcome) => {
+    bases.set(item.id.toString('hex'), outcome.plain !== undefined ? { id: item.id, plain: outcome.plain }
+      : outcome.error instanceof Error ? outcome.error : new Error(String(outcome.error)));
+  }, opts);
+  return bases;
 }
 
 /** One blob, with the same checks and errors as a batch of one. */
@@ -90,7 +113,7 @@ export async function readBlobBatch<T extends BatchItem>(repo: Repository, items
       let outcome: BatchOutcome;
       try {
         const stored = data.subarray(loc.offset - from, loc.offset - from + loc.length);
-        const plain = decodeBlob(repo.keys, item.type, item.id, stored, { id: item.id, maxLength: loc.rawLength, exactLength: true },
+        const plain = decodeBlob(repo.keys, item.type, item.id, stored, { id: item.id, maxLength: loc.rawLength, exactLength: true, trustAead: opts.trustAead },
           () => ({ what: `${item.what()} (${BLOB_TYPE_NAMES[item.type]} ${item.id.toString('hex')} in ${pack})`, context: { blob: item.id.toString('hex'), pack } }));
         outcome = { plain };
       } catch (err) {

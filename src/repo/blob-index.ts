@@ -7,6 +7,7 @@
  * Ids are uniformly random (SHA-256/HMAC), so their first 32 bits are a perfect hash.
  */
 import type { BlobTypeValue } from './codec.ts';
+import type { PackEntry } from './pack.ts';
 
 export interface BlobLocation {
   packId: Buffer;
@@ -14,6 +15,13 @@ export interface BlobLocation {
   offset: number;
   length: number;
   rawLength: number;
+  /** Delta chunks only: the plain chunk the delta decodes against. */
+  base?: Buffer;
+}
+
+/** Where a pack's entry is, as the index holds it. */
+export function entryLocation(packId: Buffer, e: PackEntry): BlobLocation {
+  return { packId, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength, ...(e.base !== undefined ? { base: e.base } : {}) };
 }
 
 const MIN_CAPACITY = 1024;
@@ -28,6 +36,11 @@ export class BlobIndex {
   #len = new Uint32Array(0);
   #raw = new Uint32Array(0);
   #type = new Uint8Array(0);
+  // Delta chunks' base ids, few against all blobs: a slot's number + 1 into #bases (8 words
+  // each), 0 for none. Allocated with the first delta.
+  #baseRef: Uint32Array | undefined;
+  #bases = new Uint32Array(0);
+  #baseCount = 0;
   readonly #packIds: Buffer[] = [];
   readonly #packNumbers = new Map<string, number>();
 
@@ -52,6 +65,30 @@ export class BlobIndex {
     this.#len = new Uint32Array(cap);
     this.#raw = new Uint32Array(cap);
     this.#type = new Uint8Array(cap);
+    this.#baseRef = undefined;
+  }
+
+  #baseAt(slot: number): Buffer | undefined {
+    const ref = this.#baseRef?.[slot] ?? 0;
+    if (ref === 0) return undefined;
+    const id = Buffer.allocUnsafe(32);
+    for (let w = 0; w < 8; w++) id.writeUInt32LE(this.#bases[(ref - 1) * 8 + w], w * 4);
+    return id;
+  }
+
+  #setBase(slot: number, base: Buffer | undefined): void {
+    if (base === undefined) {
+      if (this.#baseRef) this.#baseRef[slot] = 0;
+      return;
+    }
+    this.#baseRef ??= new Uint32Array(this.#cap);
+    if ((this.#baseCount + 1) * 8 > this.#bases.length) {
+      const grown = new Uint32Array(Math.max(8 * 64, this.#bases.length * 2));
+      grown.set(this.#bases);
+      this.#bases = grown;
+    }
+    for (let w = 0; w < 8; w++) this.#bases[this.#baseCount * 8 + w] = readU32(base, w * 4);
+    this.#baseRef[slot] = ++this.#baseCount;
   }
 
   #lastPack: Buffer | undefined;
@@ -95,10 +132,12 @@ export class BlobIndex {
   get(id: Uint8Array): BlobLocation | undefined {
     const s = this.#find(id);
     if (s < 0) return undefined;
+    const base = this.#baseAt(s);
     return {
       packId: this.#packIds[this.#pack[s] - 1],
       type: this.#type[s] as BlobTypeValue,
       offset: this.#off[s], length: this.#len[s], rawLength: this.#raw[s],
+      ...(base !== undefined ? { base } : {}),
     };
   }
 
@@ -121,10 +160,11 @@ export class BlobIndex {
     this.#len[slot] = loc.length;
     this.#raw[slot] = loc.rawLength;
     this.#type[slot] = loc.type;
+    this.#setBase(slot, loc.base);
   }
 
   #grow(): void {
-    const old = { cap: this.#cap, ids: this.#ids, pack: this.#pack, off: this.#off, len: this.#len, raw: this.#raw, type: this.#type };
+    const old = { cap: this.#cap, ids: this.#ids, pack: this.#pack, off: this.#off, len: this.#len, raw: this.#raw, type: this.#type, baseRef: this.#baseRef };
     this.#allocate(this.#cap * 2);
     const id = Buffer.allocUnsafe(32);
     for (let s = 0; s < old.cap; s++) {
@@ -137,6 +177,7 @@ export class BlobIndex {
       this.#len[slot] = old.len[s];
       this.#raw[slot] = old.raw[s];
       this.#type[slot] = old.type[s];
+      if (old.baseRef !== undefined && old.baseRef[s] !== 0) (this.#baseRef ??= new Uint32Array(this.#cap))[slot] = old.baseRef[s];
     }
   }
 
@@ -146,10 +187,23 @@ export class BlobIndex {
       if (this.#pack[s] === 0) continue;
       const id = Buffer.allocUnsafe(32);
       for (let w = 0; w < 8; w++) id.writeUInt32LE(this.#ids[s * 8 + w], w * 4);
+      const base = this.#baseAt(s);
       yield [id, {
         packId: this.#packIds[this.#pack[s] - 1], type: this.#type[s] as BlobTypeValue,
         offset: this.#off[s], length: this.#len[s], rawLength: this.#raw[s],
+        ...(base !== undefined ? { base } : {}),
       }];
+    }
+  }
+
+  /** Every delta chunk's (id, base id): few, so garbage collection can keep bases alive. */
+  *deltaBases(): Iterable<[Buffer, Buffer]> {
+    if (this.#baseRef === undefined) return;
+    for (let s = 0; s < this.#cap; s++) {
+      if (this.#pack[s] === 0 || this.#baseRef[s] === 0) continue;
+      const id = Buffer.allocUnsafe(32);
+      for (let w = 0; w < 8; w++) id.writeUInt32LE(this.#ids[s * 8 + w], w * 4);
+      yield [id, this.#baseAt(s)!];
     }
   }
 

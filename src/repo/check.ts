@@ -106,7 +106,7 @@ async function indexedPacks(repo: Repository): Promise<Map<string, PackEntry[]>>
 }
 
 function sameEntries(a: PackEntry[], b: PackEntry[]): string | undefined {
-  const key = (e: PackEntry) => `${e.type}:${e.id.toString('hex')}:${e.offset}:${e.length}:${e.rawLength}`;
+  const key = (e: PackEntry) => `${e.type}:${e.id.toString('hex')}:${e.offset}:${e.length}:${e.rawLength}:${e.base?.toString('hex') ?? ''}`;
   const inHeader = new Set(a.map(key));
   const inIndex = new Set(b.map(key));
   const onlyIndex = [...inIndex].filter((k) => !inHeader.has(k));

@@ -4,12 +4,14 @@
  * it runs in a worker thread (codec-worker.ts). Protocol:
  *  - hash {batch, data, chunkSize}: split `data` into chunks; reply ids (32 bytes each, all-zero
  *    id for an all-zero chunk). The executor keeps the data until `encode` or `drop`.
- *  - encode {batch, which[], into?, recycle?}: encode the chosen chunks; reply their lengths, the
+ *  - encode {batch, which[], bases?, into?, recycle?}: encode the chosen chunks (chunk `which[n]`
+ *    as a delta chunk against `bases[n]` where given and worth it); reply their lengths and types, the
  *    blobs one after another in `into` (a SharedArrayBuffer the caller reuses) when they fit,
  *    else in one buffer of the reply; forget the batch. With `recycle` the batch's data buffer
  *    goes back to the caller in the reply (`data`, transferred) instead of being freed.
  *  - drop {batch, recycle?}: forget the batch (its buffer back as with encode).
- *  - decode {items[], into?}: decode stored blobs (verifying ids); reply plaintexts or error
+ *  - decode {items[], into?}: decode stored blobs (verifying ids; a delta chunk against its item's
+ *    `base`); reply plaintexts or error
  *    messages. With `into` (a SharedArrayBuffer the caller reuses) each plaintext is copied to
  *    its item's `at` and only verdicts travel back: no buffer is allocated per chunk that
  *    outlives the request, which keeps malloc's per-thread arenas from fragmenting.
@@ -17,12 +19,12 @@
  * transferred) and frees large ones when done. Replies own their ArrayBuffers whole, so they
  * are transferred rather than copied.
  */
-import { type BlobTypeValue, type CodecKeys, ZERO_ID, computeId, decodeBlob, encodeBlob } from './codec.ts';
+import { BlobType, type BlobTypeValue, type CodecKeys, type DeltaBase, ZERO_ID, computeId, decodeBlob, encodeBlob, encodeChunk } from './codec.ts';
 import { isAllZero, releaseBuffer } from '../util/bytes.ts';
 
 export type CodecRequest =
   | { op: 'hash'; req: number; batch: number; data: ArrayBuffer; byteLength: number; chunkSize: number }
-  | { op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue; into?: SharedArrayBuffer; recycle?: boolean }
+  | { op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue; bases?: Array<DeltaBase | null>; into?: SharedArrayBuffer; recycle?: boolean }
   | { op: 'drop'; req: number; batch: number; recycle?: boolean }
   | { op: 'decode'; req: number; items: DecodeItem[]; checkOnly?: boolean; trustAead?: boolean; into?: SharedArrayBuffer };
 
@@ -34,6 +36,8 @@ export interface DecodeItem {
   label: string;
   /** With a decode `into` a shared buffer: where this item's plaintext goes in it. */
   at?: number;
+  /** A delta chunk's base (its plaintext, fetched and checked by the caller). */
+  base?: DeltaBase;
 }
 
 export type DecodeResult = { ok: true; plain: Uint8Array } | { ok: false; message: string; code: string };
@@ -99,12 +103,18 @@ export class CodecExecutor {
         // outlives the request. Into the caller's shared buffer when given and big enough
         // (codec-pool.ts), else into one buffer transferred back.
         const encoded: Buffer[] = [];
+        const types: BlobTypeValue[] = [];
         let total = 0;
-        for (const i of msg.which) {
-          const blob = encodeBlob(this.#keys, msg.type, b.ids.subarray(i * 32, i * 32 + 32), chunkAt(b.data, b.chunkSize, i));
+        msg.which.forEach((i, n) => {
+          const id = b.ids.subarray(i * 32, i * 32 + 32);
+          const chunk = chunkAt(b.data, b.chunkSize, i);
+          const { type, blob } = msg.type === BlobType.chunk
+            ? encodeChunk(this.#keys, id, chunk, msg.bases?.[n] ?? undefined)
+            : { type: msg.type, blob: encodeBlob(this.#keys, msg.type, id, chunk) };
           encoded.push(blob);
+          types.push(type);
           total += blob.length;
-        }
+        });
         const shared = msg.into !== undefined && total <= msg.into.byteLength;
         const out = shared ? new Uint8Array(msg.into!, 0, total) : Buffer.from(new ArrayBuffer(total));
         const lengths: number[] = [];
@@ -116,7 +126,7 @@ export class CodecExecutor {
           releaseBuffer(blob);
         }
         // What is left for the collector: cipher outputs small enough to live in Node's pool.
-        const message: Record<string, unknown> = shared ? { req: msg.req, lengths, shared: true } : { req: msg.req, out, lengths };
+        const message: Record<string, unknown> = shared ? { req: msg.req, lengths, types, shared: true } : { req: msg.req, out, lengths, types };
         const transfer: ArrayBuffer[] = shared ? [] : [out.buffer as ArrayBuffer];
         this.#finish(b, msg.recycle, message, transfer);
         return { message, transfer, garbage: total };
@@ -134,7 +144,7 @@ export class CodecExecutor {
         const results: DecodeResult[] = msg.items.map((it) => {
           try {
             const decoded = decodeBlob(this.#keys, it.type, it.id, it.stored, { id: it.id, maxLength: it.rawLength, exactLength: true, trustAead: msg.trustAead === true && !msg.checkOnly },
-              () => ({ what: it.label, context: {} }));
+              () => ({ what: it.label, context: {} }), it.base);
             // Verification only needs the verdict: do not ship plaintext back.
             if (msg.checkOnly) {
               if (decoded.buffer !== it.stored.buffer) releaseBuffer(decoded, 'arraybuffer');

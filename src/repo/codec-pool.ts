@@ -17,7 +17,7 @@ import { exposeGc } from '../util/gc.ts';
 import { TresorError } from '../util/errors.ts';
 import { releaseBuffer } from '../util/bytes.ts';
 import { SharedBufferPool } from '../util/concurrency.ts';
-import type { CodecKeys, BlobTypeValue } from './codec.ts';
+import type { CodecKeys, BlobTypeValue, DeltaBase } from './codec.ts';
 import type { CodecRequest, DecodeItem, DecodeResult } from './codec-ops.ts';
 
 export type { DecodeItem, DecodeResult } from './codec-ops.ts';
@@ -89,6 +89,8 @@ const MAX_BATCH_CLASS = 2 << 20;
 
 export interface EncodedBlobs {
   blobs: Buffer[];
+  /** What each blob is: chunks may have become delta chunks (encode's `bases`). */
+  types: BlobTypeValue[];
   /** Frees the buffer under `blobs` (after they were copied into a pack). */
   release(): void;
 }
@@ -188,21 +190,23 @@ export class CodecPool {
 
   /**
    * Encodes chunks `which` of a hashed batch and releases the batch. The blobs are views into
-   * one buffer: hand them to a PackWriter (which copies them), then call `release`.
+   * one buffer: hand them to a PackWriter (which copies them), then call `release`. `bases`
+   * (chunks only): per entry of `which`, a base to encode that chunk as a delta against, or null;
+   * `types` says what each blob became.
    */
-  async encode(b: HashedBatch, which: number[], type: BlobTypeValue): Promise<EncodedBlobs> {
+  async encode(b: HashedBatch, which: number[], type: BlobTypeValue, bases?: Array<DeltaBase | null>): Promise<EncodedBlobs> {
     if (which.length === 0) {
       const dropped = await this.#executors[b.executor].call<{ data?: ArrayBuffer }>({ op: 'drop', req: this.#nextReq++, batch: b.batch, recycle: true });
       this.#keepSpare(dropped.data);
-      return { blobs: [], release: () => undefined };
+      return { blobs: [], types: [], release: () => undefined };
     }
     // Output into a reused shared buffer when the batch surely fits (blobs are at most the
     // chunk plus a small overhead): the common case allocates nothing per batch.
     const bound = b.byteLength + which.length * 64;
     const slab = bound <= ENCODE_SLAB_BYTES ? await this.#encodeSlabs.acquire() : undefined;
-    let r: { out?: Uint8Array; lengths: number[]; shared?: boolean; data?: ArrayBuffer };
+    let r: { out?: Uint8Array; lengths: number[]; types: BlobTypeValue[]; shared?: boolean; data?: ArrayBuffer };
     try {
-      r = await this.#executors[b.executor].call({ op: 'encode', req: this.#nextReq++, batch: b.batch, which, type, into: slab, recycle: true });
+      r = await this.#executors[b.executor].call({ op: 'encode', req: this.#nextReq++, batch: b.batch, which, type, into: slab, recycle: true, ...(bases?.some((x) => x !== null) ? { bases } : {}) });
     } catch (err) {
       if (slab) this.#encodeSlabs.release(slab);
       throw err;
@@ -219,6 +223,7 @@ export class CodecPool {
     let released = false;
     return {
       blobs,
+      types: r.types,
       release: () => {
         if (released) return;
         released = true;

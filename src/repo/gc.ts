@@ -34,7 +34,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { DamageError, TresorError } from '../util/errors.ts';
 import { mapLimit } from '../util/concurrency.ts';
 import { requireFullAccess } from './access.ts';
-import { BlobIndex } from './blob-index.ts';
+import { BlobIndex, entryLocation } from './blob-index.ts';
 import { BlobType, ZERO_ID, type BlobTypeValue } from './codec.ts';
 import type { CodecPool } from './codec-pool.ts';
 import { releaseBuffer } from '../util/bytes.ts';
@@ -42,7 +42,7 @@ import { type DamagedCopy, readDamageRecords, writeDamageRecord } from './damage
 import {
   type GcPlan, type LockIdentity, type PlanHeader, blockersName, decodeBlockers, encodeBlockers, encodePlan, planName, readPlans,
 } from './gc-plan.ts';
-import { type BatchItem, readBlobBatch } from './blob-batch.ts';
+import { type BatchItem, readBlobBatch, readDeltaBases } from './blob-batch.ts';
 import type { BlobLocation } from './blob-index.ts';
 import { pieceIds } from './disk-map.ts';
 import { IdSet } from './id-set.ts';
@@ -239,9 +239,12 @@ class GarbageCollection {
 
   /**
    * Adds to `refs` the disk-map nodes, pieces and chunks of `manifests`, reading the blobs that
-   * `locate` finds. Returns the number of referenced blobs `has` does not know.
+   * `locate` finds, and the bases of referenced delta chunks (`index` lists them). Returns the
+   * number of referenced blobs `has` does not know.
    */
-  async #mark(manifests: SnapshotManifest[], refs: IdSet, locate: (id: Buffer) => BlobLocation | undefined, has: (id: Buffer) => boolean): Promise<number> {
+  async #mark(manifests: SnapshotManifest[], refs: IdSet, index: BlobIndex): Promise<number> {
+    const locate = (id: Buffer) => index.get(id);
+    const has = (id: Buffer) => index.has(id);
     const repo = this.#repo;
     const pieces: BatchItem[] = [];
     let missing = 0;
@@ -291,6 +294,10 @@ class GarbageCollection {
         });
       }
     }
+    // A live delta chunk keeps its base alive (bases are plain chunks: one step, no chains).
+    for (const [id, base] of index.deltaBases()) {
+      if (refs.has(id) && refs.add(base) && !has(base)) missing++;
+    }
     return missing;
   }
 
@@ -338,14 +345,14 @@ class GarbageCollection {
     for (const [hex, p] of view) {
       for (const e of p.entries) {
         if (isDamagedCopy(e, hex)) deferred.push({ pack: p, e });
-        else canon.add(e.id, { packId: p.packId, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
+        else canon.add(e.id, entryLocation(p.packId, e));
       }
     }
-    for (const { pack, e } of deferred) canon.add(e.id, { packId: pack.packId, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
+    for (const { pack, e } of deferred) canon.add(e.id, entryLocation(pack.packId, e));
 
     // Mark.
     const live = new IdSet(total * 1.2);
-    report.missingBlobs = await this.#mark(manifests, live, (id) => canon.get(id), (id) => canon.has(id));
+    report.missingBlobs = await this.#mark(manifests, live, canon);
     report.liveBlobs = live.size;
     this.#checkAbort();
 
@@ -387,7 +394,7 @@ class GarbageCollection {
     if (deletePacks.length === 0 && repack.length === 0 && unindexedPacks.length === 0 && damagedFiles.length === 0) return undefined;
 
     // Repack, checking every blob copied.
-    const { newPacks, repacked } = await this.#repack(repack, packSizes, damagedAt);
+    const { newPacks, repacked } = await this.#repack(repack, packSizes, damagedAt, (id) => canon.get(id));
     const repackedHex = new Set(repacked.map((r) => r.hex));
 
     // Condemned: unreferenced blobs that will be gone, i.e. with no copy outside doomed packs.
@@ -426,6 +433,7 @@ class GarbageCollection {
 
   async #repack(
     candidates: Array<{ hex: string; pack: IndexedPack; live: PackEntry[] }>, packSizes: Map<string, number>, recorded: Map<string, Set<string>>,
+    locate: (id: Buffer) => BlobLocation | undefined,
   ): Promise<{ newPacks: IndexedPack[]; repacked: Array<{ hex: string }> }> {
     const repo = this.#repo;
     const target = Math.min(repo.config.packSize, MAX_PACK_SIZE);
@@ -452,22 +460,35 @@ class GarbageCollection {
       const to = sorted.at(-1)!.offset + sorted.at(-1)!.length;
       if ((packSizes.get(c.hex) ?? 0) < to) continue; // truncated: left alone for `tresor check` to report
       const data = await repo.store.read(name, { offset: from, length: to - from });
+      // A delta chunk is checked against its base (read from wherever the plan's index has it).
+      const baseIds = sorted.flatMap((e) => (e.base !== undefined ? [e.base] : []));
+      const bases = baseIds.length === 0 ? undefined : await readDeltaBases(repo, baseIds, (id) => `chunk ${id.toString('hex')}`, { locate });
+      const baseOf = (e: PackEntry) => (e.base !== undefined ? bases!.get(e.base.toString('hex')) : undefined);
       // Verdicts only: the stored bytes are copied as they are, the plaintext is not needed.
-      const results = await this.#opts.pool.check(sorted.map((e) => ({
-        type: e.type, id: e.id, rawLength: e.rawLength, stored: data.subarray(e.offset - from, e.offset - from + e.length),
-        label: `${blobTypeName(e.type)} ${e.id.toString('hex')} in ${name}`,
-      })));
-      const bad = results.map((r, i) => ({ r, e: sorted[i] })).filter(({ r }) => !r.ok);
+      const results = await this.#opts.pool.check(sorted.map((e) => {
+        const base = baseOf(e);
+        return {
+          type: e.type, id: e.id, rawLength: e.rawLength, stored: data.subarray(e.offset - from, e.offset - from + e.length),
+          label: `${blobTypeName(e.type)} ${e.id.toString('hex')} in ${name}`, ...(base !== undefined && !(base instanceof Error) ? { base } : {}),
+        };
+      }));
+      const verdict = (e: PackEntry, i: number): string | undefined => {
+        const base = baseOf(e);
+        if (base instanceof Error) return `its base cannot be read: ${base.message}`;
+        const r = results[i];
+        return r.ok ? undefined : r.message;
+      };
+      const bad = sorted.map((e, i) => ({ e, error: verdict(e, i) })).filter(({ error }) => error !== undefined);
       if (bad.length > 0) {
         // Never copy damage: the pack stays as it is, and the damage is recorded for healing.
-        for (const { r, e } of bad) {
+        for (const { e, error } of bad) {
           const id = e.id.toString('hex');
-          if (!recorded.get(id)?.has(c.hex)) damaged.push({ type: e.type, id, pack: c.hex, error: r.ok ? '' : r.message });
+          if (!recorded.get(id)?.has(c.hex)) damaged.push({ type: e.type, id, pack: c.hex, error: error ?? '' });
         }
         continue;
       }
       for (const e of sorted) {
-        builder.add(e.type, e.id, data.subarray(e.offset - from, e.offset - from + e.length), e.rawLength);
+        builder.add(e.type, e.id, data.subarray(e.offset - from, e.offset - from + e.length), e.rawLength, e.base);
         if (builder.size >= target) await seal();
       }
       releaseBuffer(data); // its blobs were copied into the new pack
@@ -584,7 +605,7 @@ class GarbageCollection {
       repo.invalidateIndex();
       const index = await repo.index();
       const refs = new IdSet();
-      await this.#mark(manifests, refs, (id) => index.get(id), (id) => index.has(id));
+      await this.#mark(manifests, refs, index);
       const elsewhere = new IdSet();
       for (const f of files) {
         if (planFiles.has(f.name) || supersededNow.has(f.name)) continue;
@@ -712,5 +733,5 @@ function sameHolder(a: LockIdentity, b: LockIdentity): boolean {
 }
 
 function blobTypeName(type: BlobTypeValue): string {
-  return type === BlobType.chunk ? 'chunk' : type === BlobType.indexPiece ? 'index piece' : type === BlobType.mapNode ? 'disk-map node' : `blob of type ${type}`;
+  return type === BlobType.chunk ? 'chunk' : type === BlobType.deltaChunk ? 'delta chunk' : type === BlobType.indexPiece ? 'index piece' : type === BlobType.mapNode ? 'disk-map node' : `blob of type ${type}`;
 }

@@ -5,7 +5,7 @@
  *
  *   "TIX1" | u32le packCount | u32le supersededCount | superseded index ids [32 each]
  *   then per pack: pack id [32] | u32le blobCount | blobCount × entry(type u8, id[32],
- *   offset u32le, length u32le, rawLength u32le)
+ *   offset u32le, length u32le, rawLength u32le, and for a delta chunk its base id [32])
  *
  * An index file written by GC may list index files it supersedes; readers ignore superseded
  * files that still exist (GC deletes them after writing the new one).
@@ -13,10 +13,10 @@
 import { createHash } from 'node:crypto';
 import { DamageError } from '../util/errors.ts';
 import { BlobType, type CodecKeys, ZERO_ID, decodeBlob, encodeBlob } from './codec.ts';
-import type { PackEntry } from './pack.ts';
+import { type PackEntry, entrySize, readEntry, writeEntry } from './pack.ts';
 
 const MAGIC = Buffer.from('TIX1');
-const ENTRY = 1 + 32 + 4 + 4 + 4;
+const MIN_ENTRY = 1 + 32 + 4 + 4 + 4;
 /** Bounds decompression of an index file; far above what any writer produces (~8M blobs). */
 export const MAX_INDEX_PLAINTEXT = 512 << 20;
 
@@ -32,7 +32,7 @@ export interface IndexFileContent {
 
 export function encodeIndexFile(keys: CodecKeys, content: IndexFileContent): { name: string; data: Buffer } {
   let size = 12 + content.supersedes.length * 32;
-  for (const p of content.packs) size += 36 + p.entries.length * ENTRY;
+  for (const p of content.packs) size += 36 + p.entries.reduce((n, e) => n + entrySize(e), 0);
   const buf = Buffer.allocUnsafe(size);
   MAGIC.copy(buf, 0);
   buf.writeUInt32LE(content.packs.length, 4);
@@ -43,14 +43,7 @@ export function encodeIndexFile(keys: CodecKeys, content: IndexFileContent): { n
     o += p.packId.copy(buf, o);
     buf.writeUInt32LE(p.entries.length, o);
     o += 4;
-    for (const e of p.entries) {
-      buf[o] = e.type;
-      e.id.copy(buf, o + 1);
-      buf.writeUInt32LE(e.offset, o + 33);
-      buf.writeUInt32LE(e.length, o + 37);
-      buf.writeUInt32LE(e.rawLength, o + 41);
-      o += ENTRY;
-    }
+    for (const e of p.entries) o = writeEntry(buf, o, e);
   }
   const data = encodeBlob(keys, BlobType.indexFile, ZERO_ID, buf);
   return { name: `index/${createHash('sha256').update(data).digest('hex')}`, data };
@@ -84,15 +77,14 @@ export function decodeIndexFile(keys: CodecKeys, name: string, stored: Buffer): 
     const packId = Buffer.from(plain.subarray(o, o + 32));
     const n = plain.readUInt32LE(o + 32);
     o += 36;
-    need(n * ENTRY);
+    need(n * MIN_ENTRY);
     const entries: PackEntry[] = [];
-    for (let j = 0; j < n; j++, o += ENTRY) {
+    for (let j = 0; j < n; j++) {
       const type = plain[o];
-      if (type < BlobType.chunk || type > BlobType.mapNode) bad(`unknown blob type ${type}`);
-      entries.push({
-        type: type as PackEntry['type'], id: Buffer.from(plain.subarray(o + 1, o + 33)),
-        offset: plain.readUInt32LE(o + 33), length: plain.readUInt32LE(o + 37), rawLength: plain.readUInt32LE(o + 41),
-      });
+      if (type < BlobType.chunk || type > BlobType.deltaChunk) bad(`unknown blob type ${type}`);
+      const { entry, next } = readEntry(plain, o, bad);
+      entries.push(entry);
+      o = next;
     }
     packs.push({ packId, entries });
   }

@@ -11,8 +11,9 @@
  * scattered between megabytes of chunks.
  */
 import type { Repository } from './repository.ts';
-import { BlobType, type BlobTypeValue } from './codec.ts';
+import { type BlobTypeValue, isChunkType } from './codec.ts';
 import type { IndexedPack } from './index-file.ts';
+import { entryLocation } from './blob-index.ts';
 import { MAX_PACK_SIZE, PackBuilder } from './pack.ts';
 import { releaseBuffer } from '../util/bytes.ts';
 
@@ -60,14 +61,17 @@ export class PackWriter {
     return true;
   }
 
-  /** Adds an encoded blob (copied: the caller may free or reuse `encoded` once this returns). */
-  async add(type: BlobTypeValue, id: Buffer, encoded: Buffer, rawLength: number): Promise<void> {
+  /**
+   * Adds an encoded blob (copied: the caller may free or reuse `encoded` once this returns).
+   * `base`: for a delta chunk, the id of its base, which must be a plain chunk in the index.
+   */
+  async add(type: BlobTypeValue, id: Buffer, encoded: Buffer, rawLength: number, base?: Buffer): Promise<void> {
     if (this.#failure) throw this.#failure;
     this.#pendingIds.add(id.toString('hex'));
     const target = Math.min(this.#repo.config.packSize, MAX_PACK_SIZE);
     this.stats.blobs++;
-    if (type === BlobType.chunk) {
-      this.#current.add(type, id, encoded, rawLength);
+    if (isChunkType(type)) {
+      this.#current.add(type, id, encoded, rawLength, base);
       if (this.#current.size >= target) await this.#sealCurrent();
     } else {
       this.#currentMap ??= new PackBuilder(64 << 10);
@@ -98,7 +102,7 @@ export class PackWriter {
       const index = await this.#repo.index();
       for (const e of sealed.entries) {
         // Replace: a fresh copy of a blob recorded as damaged must win over the damaged one.
-        index.add(e.id, { packId: sealed.id, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength }, true);
+        index.add(e.id, entryLocation(sealed.id, e), true);
       }
       this.#uncommitted.push({ packId: sealed.id, entries: sealed.entries });
       this.stats.packs++;

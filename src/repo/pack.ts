@@ -6,7 +6,7 @@
  *
  * The header is itself an encoded blob (type packHeader, context id zero) whose plaintext lists
  * every blob: "TPH1" | u32le count | count × entry(type u8, id[32], offset u32le, length u32le,
- * rawLength u32le). It makes a pack self-describing: indexes can be rebuilt from packs alone.
+ * rawLength u32le, and for a delta chunk its base id[32]). It makes a pack self-describing: indexes can be rebuilt from packs alone.
  * A pack is named by a random 32-byte id: data/<first 2 hex>/<64 hex>.
  */
 import { randomBytes } from 'node:crypto';
@@ -16,9 +16,11 @@ import { BlobType, type BlobTypeValue, type CodecKeys, ZERO_ID, decodeBlob, enco
 
 export const PACK_MAGIC = Buffer.from('TRPACK01');
 /** The blob types a pack holds (docs/repository-format.md §5): chunks and disk-map blobs. */
-const PACKED_TYPES: ReadonlySet<number> = new Set([BlobType.chunk, BlobType.indexPiece, BlobType.mapNode]);
+const PACKED_TYPES: ReadonlySet<number> = new Set([BlobType.chunk, BlobType.indexPiece, BlobType.mapNode, BlobType.deltaChunk]);
 const HEADER_MAGIC = Buffer.from('TPH1');
 const ENTRY = 1 + 32 + 4 + 4 + 4;
+/** A delta chunk's entry also names its base. */
+const DELTA_ENTRY = ENTRY + 32;
 export const PACK_TRAILER = 4 + PACK_MAGIC.length;
 /** No pack may exceed this, so u32 offsets always suffice. */
 export const MAX_PACK_SIZE = 1 << 30;
@@ -29,6 +31,8 @@ export interface PackEntry {
   offset: number;
   length: number;
   rawLength: number;
+  /** Delta chunks only: the id of the plain chunk the delta was made against. */
+  base?: Buffer;
 }
 
 export interface SealedPack {
@@ -63,10 +67,11 @@ export class PackBuilder {
     this.#capacity = capacity;
   }
 
-  add(type: BlobTypeValue, id: Buffer, encoded: Uint8Array, rawLength: number): void {
+  add(type: BlobTypeValue, id: Buffer, encoded: Uint8Array, rawLength: number, base?: Buffer): void {
+    if ((type === BlobType.deltaChunk) !== (base !== undefined)) throw new Error(`a ${type === BlobType.deltaChunk ? 'delta chunk needs' : 'blob of another type has no'} base`);
     this.#reserve(encoded.length);
     this.#buf!.set(encoded, this.size);
-    this.entries.push({ type, id, offset: this.size, length: encoded.length, rawLength });
+    this.entries.push({ type, id, offset: this.size, length: encoded.length, rawLength, ...(base !== undefined ? { base } : {}) });
     this.size += encoded.length;
   }
 
@@ -107,19 +112,48 @@ export class PackBuilder {
   }
 }
 
+/** Bytes of one entry in a pack header or index file (§5): 45, or 77 for a delta chunk. */
+export function entrySize(e: PackEntry): number {
+  return e.type === BlobType.deltaChunk ? DELTA_ENTRY : ENTRY;
+}
+
+/** Writes one entry at `p`; returns the position after it. */
+export function writeEntry(buf: Buffer, p: number, e: PackEntry): number {
+  buf[p] = e.type;
+  e.id.copy(buf, p + 1);
+  buf.writeUInt32LE(e.offset, p + 33);
+  buf.writeUInt32LE(e.length, p + 37);
+  buf.writeUInt32LE(e.rawLength, p + 41);
+  if (e.type !== BlobType.deltaChunk) return p + ENTRY;
+  if (e.base === undefined || e.base.length !== 32) throw new Error(`delta chunk ${e.id.toString('hex')} has no base id`);
+  e.base.copy(buf, p + ENTRY);
+  return p + DELTA_ENTRY;
+}
+
+/**
+ * Reads one entry at `p` of `plain` (its type already checked by the caller); `bad` reports
+ * damage. Returns the entry and the position after it.
+ */
+export function readEntry(plain: Buffer, p: number, bad: (why: string) => never): { entry: PackEntry; next: number } {
+  if (p + ENTRY > plain.length) bad(`truncated entry at byte ${p}`);
+  const type = plain[p] as BlobTypeValue;
+  const entry: PackEntry = {
+    type, id: Buffer.from(plain.subarray(p + 1, p + 33)),
+    offset: plain.readUInt32LE(p + 33), length: plain.readUInt32LE(p + 37), rawLength: plain.readUInt32LE(p + 41),
+  };
+  if (type !== BlobType.deltaChunk) return { entry, next: p + ENTRY };
+  if (p + DELTA_ENTRY > plain.length) bad(`truncated entry at byte ${p}`);
+  entry.base = Buffer.from(plain.subarray(p + ENTRY, p + DELTA_ENTRY));
+  if (entry.base.equals(entry.id)) bad(`delta chunk ${entry.id.toString('hex')} names itself as its base`);
+  return { entry, next: p + DELTA_ENTRY };
+}
+
 export function encodePackHeader(entries: PackEntry[]): Buffer {
-  const buf = Buffer.allocUnsafe(8 + entries.length * ENTRY);
+  const buf = Buffer.allocUnsafe(8 + entries.reduce((n, e) => n + entrySize(e), 0));
   HEADER_MAGIC.copy(buf, 0);
   buf.writeUInt32LE(entries.length, 4);
   let p = 8;
-  for (const e of entries) {
-    buf[p] = e.type;
-    e.id.copy(buf, p + 1);
-    buf.writeUInt32LE(e.offset, p + 33);
-    buf.writeUInt32LE(e.length, p + 37);
-    buf.writeUInt32LE(e.rawLength, p + 41);
-    p += ENTRY;
-  }
+  for (const e of entries) p = writeEntry(buf, p, e);
   return buf;
 }
 
@@ -130,18 +164,20 @@ export function decodePackHeader(plain: Buffer, headerOffset: number, packLabel:
   };
   if (plain.length < 8 || !plain.subarray(0, 4).equals(HEADER_MAGIC)) bad('bad header magic');
   const count = plain.readUInt32LE(4);
-  if (plain.length !== 8 + count * ENTRY) bad(`header length ${plain.length} does not match ${count} entries`);
+  if (plain.length < 8 + count * ENTRY) bad(`header length ${plain.length} is too short for ${count} entries`);
   const entries: PackEntry[] = [];
   let expectOffset = 0;
-  for (let i = 0, p = 8; i < count; i++, p += ENTRY) {
+  let p = 8;
+  for (let i = 0; i < count; i++) {
     const type = plain[p] as BlobTypeValue;
     if (!PACKED_TYPES.has(type)) bad(`entry ${i} has blob type ${type}, which packs never hold (only ${[...PACKED_TYPES].join(', ')})`);
-    const offset = plain.readUInt32LE(p + 33);
-    const length = plain.readUInt32LE(p + 37);
-    if (offset !== expectOffset || offset + length > headerOffset) bad(`entry ${i} at ${offset}+${length} is out of place`);
-    entries.push({ type, id: Buffer.from(plain.subarray(p + 1, p + 33)), offset, length, rawLength: plain.readUInt32LE(p + 41) });
-    expectOffset = offset + length;
+    const { entry, next } = readEntry(plain, p, bad);
+    if (entry.offset !== expectOffset || entry.offset + entry.length > headerOffset) bad(`entry ${i} at ${entry.offset}+${entry.length} is out of place`);
+    entries.push(entry);
+    expectOffset = entry.offset + entry.length;
+    p = next;
   }
+  if (p !== plain.length) bad(`header length ${plain.length} does not match ${count} entries`);
   if (expectOffset !== headerOffset) bad(`entries end at ${expectOffset} but the header starts at ${headerOffset}`);
   return entries;
 }

@@ -14,7 +14,7 @@ import { hostname } from 'node:os';
 import { TresorError, ExitCode, NotFoundError, DamageError, UsageError } from '../util/errors.ts';
 import type { BlobStore } from '../store/store.ts';
 import { readOneBlob } from './blob-batch.ts';
-import { BlobIndex, type BlobLocation } from './blob-index.ts';
+import { BlobIndex, type BlobLocation, entryLocation } from './blob-index.ts';
 import { BlobType, type BlobTypeValue, type CodecKeys, decodeBlob, encodeBlob, nameId } from './codec.ts';
 import { decodeIndexFile, encodeIndexFile, indexFileId, type IndexedPack } from './index-file.ts';
 import {
@@ -33,7 +33,8 @@ export const TOOL_VERSION = '0.1.0';
 
 export interface RepoConfig {
   format: 'tresor-repository';
-  version: 1;
+  /** 1, or 2: packs may hold delta chunks (docs/repository-format.md §2). */
+  version: 1 | 2;
   id: string;
   created: string;
   /** Fixed chunk size for disk images, bytes (power of two). */
@@ -142,7 +143,7 @@ export class Repository {
       throw new TresorError('repo-exists', `a repository already exists at ${store.location}`, { hint: 'use it as it is, or choose another location', exitCode: ExitCode.usage });
     }
     const config: RepoConfig = {
-      format: 'tresor-repository', version: 1, id: randomBytes(16).toString('hex'), created: new Date().toISOString(),
+      format: 'tresor-repository', version: 2, id: randomBytes(16).toString('hex'), created: new Date().toISOString(),
       chunkSize, pieceSlots: opts.pieceSlots ?? DEFAULTS.pieceSlots, nodeIds: opts.nodeIds ?? DEFAULTS.nodeIds, packSize: opts.packSize ?? DEFAULTS.packSize,
       compression: {
         algorithm: 'zstd', level: opts.compressionLevel ?? DEFAULTS.compressionLevel,
@@ -193,7 +194,7 @@ export class Repository {
       throw new DamageError('damaged-config', `the repository config at ${store.location} is not valid JSON`, { cause: err });
     }
     if (c?.format !== 'tresor-repository') throw new DamageError('damaged-config', `${store.location}/config is not a Tresor repository config`);
-    if (c.version !== 1) throw new TresorError('repo-version', `the repository at ${store.location} has format version ${c.version}; this Tresor reads version 1`, { hint: 'upgrade Tresor' });
+    if (c.version !== 1 && c.version !== 2) throw new TresorError('repo-version', `the repository at ${store.location} has format version ${c.version}; this Tresor reads versions 1 and 2`, { hint: 'upgrade Tresor' });
     if (!Number.isInteger(Math.log2(c.chunkSize)) || c.chunkSize < 4096 || c.chunkSize > 16 << 20 || !(Number.isSafeInteger(c.pieceSlots) && c.pieceSlots > 0) || !(c.packSize > 0)
       || (c.nodeIds !== undefined && !(Number.isSafeInteger(c.nodeIds) && c.nodeIds > 0 && c.nodeIds <= 1 << 20))
       || (c.encryption !== 'none' && c.encryption !== 'aes-256-gcm')
@@ -276,6 +277,14 @@ export class Repository {
    */
   avoids(id: Uint8Array): boolean {
     return this.#avoid.has(id);
+  }
+
+  /**
+   * Whether writers may store delta chunks: version-2 repositories with compression (a reader
+   * that knows only version 1 refuses the repository instead of misreading its packs).
+   */
+  get deltaChunks(): boolean {
+    return this.config.version >= 2 && this.config.compression.level > 0;
   }
 
   /**
@@ -504,6 +513,6 @@ function addPack(index: BlobIndex, p: IndexedPack, damaged?: Map<string, Set<str
         continue;
       }
     }
-    index.add(e.id, { packId: p.packId, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
+    index.add(e.id, entryLocation(p.packId, e));
   }
 }

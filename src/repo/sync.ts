@@ -21,8 +21,9 @@ import { randomBytes } from 'node:crypto';
 import { TresorError, UsageError } from '../util/errors.ts';
 import { mapLimit } from '../util/concurrency.ts';
 import { credentialAccess } from './access.ts';
-import type { BlobLocation } from './blob-index.ts';
-import { BlobType, ZERO_ID } from './codec.ts';
+import { type BlobLocation, entryLocation } from './blob-index.ts';
+import { BLOB_TYPE_NAMES, BlobType, ZERO_ID } from './codec.ts';
+import { readDeltaBases } from './blob-batch.ts';
 import { type CodecPool, transferable } from './codec-pool.ts';
 import { releaseBuffer } from '../util/bytes.ts';
 import { DiskMapReader, diskMapDigest, storeMapBlob, storeMapNodes, unitPieces } from './disk-map.ts';
@@ -154,7 +155,7 @@ async function adoptUnindexedPacks(target: Repository): Promise<number> {
   })).filter((p) => p !== undefined);
   if (packs.length === 0) return 0;
   await target.writeIndexFile(packs);
-  for (const p of packs) for (const e of p.entries) index.add(e.id, { packId: p.packId, type: e.type, offset: e.offset, length: e.length, rawLength: e.rawLength });
+  for (const p of packs) for (const e of p.entries) index.add(e.id, entryLocation(p.packId, e));
   return packs.length;
 }
 
@@ -324,17 +325,33 @@ function groupByPack<T extends { loc: BlobLocation }>(wanted: T[]): T[][] {
   return groups;
 }
 
-/** Reads and decodes chunks of one pack; returns their plaintexts in order. */
+/**
+ * Reads and decodes chunks of one pack; returns their plaintexts in order. Delta chunks are
+ * decoded against their bases and travel as plaintext like the others: the target stores them
+ * as plain chunks (its own writer decides nothing about deltas without a parent).
+ */
 async function readChunks(source: Repository, pool: CodecPool, group: Array<{ id: Buffer; loc: BlobLocation }>, snapshot: string): Promise<Buffer[]> {
   const pack = packName(group[0].loc.packId);
   const from = group[0].loc.offset;
   const to = Math.max(...group.map((w) => w.loc.offset + w.loc.length));
+  const baseIds = group.flatMap((w) => (w.loc.base !== undefined ? [w.loc.base] : []));
+  const bases = baseIds.length === 0 ? undefined
+    : await readDeltaBases(source, baseIds, (id) => `chunk ${id.toString('hex')} (the base of a delta chunk of snapshot ${snapshot})`);
   const data = await source.store.read(pack, { offset: from, length: to - from });
-  const results = await pool.decode(group.map((w) => ({
-    type: BlobType.chunk, id: w.id, rawLength: w.loc.rawLength,
-    stored: data.subarray(w.loc.offset - from, w.loc.offset - from + w.loc.length),
-    label: `chunk ${w.id.toString('hex')} in ${pack} (snapshot ${snapshot})`,
-  })), transferable(data));
+  const results = await pool.decode(group.map((w) => {
+    const base = w.loc.base !== undefined ? bases!.get(w.loc.base.toString('hex')) : undefined;
+    if (base instanceof Error) {
+      throw new TresorError('sync-source-damaged', `cannot copy snapshot ${snapshot}: delta chunk ${w.id.toString('hex')} cannot be decoded: ${base.message}`, {
+        hint: 'run `tresor verify` on the source; a new backup of the same data heals it, then sync again', context: { snapshot, pack },
+      });
+    }
+    return {
+      type: w.loc.type, id: w.id, rawLength: w.loc.rawLength,
+      stored: data.subarray(w.loc.offset - from, w.loc.offset - from + w.loc.length),
+      label: `${BLOB_TYPE_NAMES[w.loc.type]} ${w.id.toString('hex')} in ${pack} (snapshot ${snapshot})`,
+      ...(base !== undefined ? { base } : {}),
+    };
+  }), transferable(data));
   return results.map((r) => {
     if (!r.ok) {
       throw new TresorError('sync-source-damaged', `cannot copy snapshot ${snapshot}: ${r.message}`, {

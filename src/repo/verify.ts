@@ -15,7 +15,7 @@
 import { ZERO_ID, BlobType, BLOB_TYPE_NAMES, type BlobTypeValue } from './codec.ts';
 import { type CodecPool, transferable } from './codec-pool.ts';
 import type { DecodeItem } from './codec-ops.ts';
-import { type BatchItem, readBlobBatch } from './blob-batch.ts';
+import { type BatchItem, readBlobBatch, readDeltaBases } from './blob-batch.ts';
 import { DiskMapReader } from './disk-map.ts';
 import type { SnapshotManifest } from './manifest.ts';
 import { packIdFromName, packName } from './pack.ts';
@@ -111,8 +111,15 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
         bad.set(hex, { kind: 'missing-pack', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `its pack ${packName(loc.packId)} does not exist`, affects: [], copy });
       } else if (loc.offset + loc.length > size) {
         bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `its pack ${packName(loc.packId)} is truncated (${size} bytes, blob ends at ${loc.offset + loc.length})`, affects: [], copy });
-      } else if (loc.type !== type) {
+      } else if (loc.type !== type && !(type === BlobType.chunk && loc.type === BlobType.deltaChunk)) {
         bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `the index says it is a ${BLOB_TYPE_NAMES[loc.type]}`, affects: [], copy });
+      } else if (loc.base !== undefined) {
+        // A delta chunk needs its base: a plain chunk (never another delta), checked like any chunk.
+        noteBlob(loc.base, BlobType.chunk);
+        const base = refs.get(loc.base.toString('hex'))!;
+        if (base.loc?.type === BlobType.deltaChunk) {
+          bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[loc.type]} ${hex}`, error: `its base ${loc.base.toString('hex')} is itself a delta chunk (bases must be plain chunks)`, affects: [], copy: { ...copy, type: loc.type } });
+        }
       }
     }
   };
@@ -180,7 +187,7 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
   if (opts.readData !== false) {
     const byPack = new Map<string, Array<{ hex: string; loc: BlobLocation }>>();
     for (const [hex, r] of refs) {
-      if (r.type !== BlobType.chunk || !r.loc || bad.has(hex)) continue;
+      if (r.type !== BlobType.chunk || !r.loc || bad.has(hex)) continue; // (delta chunks are noted as chunks)
       const k = r.loc.packId.toString('hex');
       let list = byPack.get(k);
       if (!list) byPack.set(k, (list = []));
@@ -205,14 +212,27 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
           continue;
         }
         bytesRead += data.length;
-        const items: DecodeItem[] = list.slice(i, j).map((b) => ({
-          type: BlobType.chunk, id: Buffer.from(b.hex, 'hex'), rawLength: b.loc.rawLength,
-          stored: data.subarray(b.loc.offset - from, b.loc.offset - from + b.loc.length), label: `chunk ${b.hex} in ${pack}`,
-        }));
+        const slice = list.slice(i, j);
+        // Delta chunks are checked against their bases, read (and identity-checked) again here.
+        const baseIds = slice.flatMap((b) => (b.loc.base !== undefined ? [b.loc.base] : []));
+        const bases = baseIds.length === 0 ? undefined
+          : await readDeltaBases(repo, baseIds, (id) => `chunk ${id.toString('hex')}`, { onFetch: (n) => { bytesRead += n; } });
+        const baseOf = (b: { loc: BlobLocation }) => (b.loc.base !== undefined ? bases!.get(b.loc.base.toString('hex')) : undefined);
+        const items: DecodeItem[] = slice.map((b) => {
+          const base = baseOf(b);
+          return {
+            type: b.loc.type, id: Buffer.from(b.hex, 'hex'), rawLength: b.loc.rawLength,
+            stored: data.subarray(b.loc.offset - from, b.loc.offset - from + b.loc.length), label: `${BLOB_TYPE_NAMES[b.loc.type]} ${b.hex} in ${pack}`,
+            ...(base !== undefined && !(base instanceof Error) ? { base } : {}),
+          };
+        });
         // The range moves to the worker (detached here): no copy, and freed there once checked.
         const results = await pool.check(items, transferable(data));
         results.forEach((r, n) => {
-          if (!r.ok) bad.set(list[i + n].hex, { kind: 'chunk', object: `chunk ${list[i + n].hex} in ${pack}`, error: r.message, affects: [], copy: { id: list[i + n].hex, type: BlobType.chunk, pack: list[i + n].loc.packId.toString('hex') } });
+          const b = slice[n];
+          const base = baseOf(b);
+          const error = base instanceof Error ? `its base cannot be read: ${base.message}` : r.ok ? undefined : r.message;
+          if (error !== undefined) bad.set(b.hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[b.loc.type]} ${b.hex} in ${pack}`, error, affects: [], copy: { id: b.hex, type: b.loc.type, pack: b.loc.packId.toString('hex') } });
         });
         blobsChecked += items.length;
         opts.progress?.(blobsChecked, total);

@@ -1,0 +1,254 @@
+/**
+ * Delta chunks (repository format §4, §5): an incremental backup stores a chunk that its source
+ * marks changed only in part as a zstd frame against the parent's chunk in that slot. Through
+ * the library on a local repository, with a disk source that reports changed and unchanged
+ * extents like a dirty bitmap: the deltas are made and small; every reader decodes them (restore,
+ * the snapshot device behind file restore and instant recovery, verify, check, sync); garbage
+ * collection keeps a base alive after the snapshot that brought it is forgotten; bases are never
+ * deltas themselves; a damaged base is named, and so is every delta and snapshot it breaks.
+ */
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { LocalStore } from '../src/store/local.ts';
+import { Repository } from '../src/repo/repository.ts';
+import { BlobType } from '../src/repo/codec.ts';
+import { CodecPool } from '../src/repo/codec-pool.ts';
+import { DiskMapReader } from '../src/repo/disk-map.ts';
+import type { SnapshotManifest } from '../src/repo/manifest.ts';
+import { packName } from '../src/repo/pack.ts';
+import { verifyRepository } from '../src/repo/verify.ts';
+import { checkRepository } from '../src/repo/check.ts';
+import { forgetSnapshots } from '../src/repo/prune.ts';
+import { collectGarbage } from '../src/repo/gc.ts';
+import { syncRepositories } from '../src/repo/sync.ts';
+import { backupDisk, type DiskBackupStats } from '../src/engine/disk-backup.ts';
+import { restoreImage } from '../src/engine/image-restore.ts';
+import { openSnapshotDisk } from '../src/engine/snapshot-device.ts';
+import { SnapshotSession } from '../src/engine/snapshot-writer.ts';
+import type { DiskSource, Extent } from '../src/image/disk.ts';
+import { tempDir } from './helpers/tmp.ts';
+
+const PASS = 'delta chunk test passphrase';
+const CHUNK = 128 << 10;
+const BLOCK = 64 << 10; // a dirty bitmap's granularity
+const SLOTS = 48;
+const SIZE = SLOTS * CHUNK;
+
+/** A disk in memory whose extents say which 64 KiB blocks changed since the parent (a dirty bitmap). */
+class BitmapSource implements DiskSource {
+  readonly size = SIZE;
+  readonly format = 'raw';
+  readonly description = 'test disk';
+  readonly data: Buffer;
+  readonly #dirty: Set<number> | undefined;
+
+  constructor(data: Buffer, dirtyBlocks?: Set<number>) {
+    this.data = Buffer.from(data);
+    this.#dirty = dirtyBlocks;
+  }
+
+  async *extents(offset: number, length: number): AsyncIterable<Extent> {
+    for (let at = offset; at < offset + length; at += BLOCK) {
+      const kind = this.#dirty === undefined || this.#dirty.has(at / BLOCK) ? 'data' : 'unchanged';
+      yield { offset: at, length: Math.min(BLOCK, offset + length - at), kind };
+    }
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    return Buffer.from(this.data.subarray(offset, offset + length));
+  }
+
+  async close(): Promise<void> {}
+}
+
+/** A small seeded generator (mulberry32): the text is the same on every run. */
+class Prng {
+  #s: number;
+  constructor(seed: number) {
+    this.#s = seed >>> 0;
+  }
+  next(): number {
+    let t = (this.#s = (this.#s + 0x6d2b79f5) >>> 0);
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  }
+}
+
+/** Log-like text: compresses, like most of a real disk. */
+function text(prng: Prng, n: number): Buffer {
+  const words = ['backup', 'restore', 'chunk', 'snapshot', 'guest', 'kernel', 'disk', 'bitmap', 'repository', 'delta'];
+  let s = '';
+  while (s.length < n) s += `${new Date(1_700_000_000_000 + prng.next() * 1e9).toISOString()} ${words[Math.floor(prng.next() * words.length)]} ${Math.floor(prng.next() * 1e6)}\n`;
+  return Buffer.from(s.slice(0, n));
+}
+
+describe('delta chunks', { timeout: 180_000 }, () => {
+  let tmp: { path: string; cleanup(): Promise<void> };
+  let store: LocalStore;
+  let repo: Repository;
+  let pool: CodecPool;
+  const disks: Buffer[] = [];
+  const snaps: SnapshotManifest[] = [];
+  const stats: DiskBackupStats[] = [];
+
+  const backup = async (source: BitmapSource, parent: SnapshotManifest | undefined): Promise<void> => {
+    const session = await SnapshotSession.start(repo, 'delta test');
+    try {
+      const parentMap = parent ? await DiskMapReader.open(repo, parent.name, parent.disks[0]) : undefined;
+      const r = await backupDisk(repo, session.pool, session.writer, source, { parent: parentMap });
+      const disk = { name: 'disk0', sourceFormat: 'raw', ...(await r.map.finish()) };
+      snaps.push(await session.commit({ type: 'image', id: 'delta', source: { kind: 'image-file', path: 'memory', format: 'raw' } },
+        new Date(Date.now() + snaps.length * 1000), [disk], parent?.name ?? null, r.stats));
+      stats.push(r.stats);
+      disks.push(source.data);
+    } finally {
+      await session.close();
+    }
+  };
+
+  /** Rewrites `bytes` at `offset` in each of `slots`; returns the new disk and its dirty 64 KiB blocks. */
+  const rewrite = (from: Buffer, slots: number[], offset: number, bytes: number, prng: Prng): { data: Buffer; dirty: Set<number> } => {
+    const data = Buffer.from(from);
+    const dirty = new Set<number>();
+    for (const s of slots) {
+      const at = s * CHUNK + offset;
+      (s % 2 === 0 ? text(prng, bytes) : randomBytes(bytes)).copy(data, at);
+      for (let b = Math.floor(at / BLOCK); b * BLOCK < at + bytes; b++) dirty.add(b);
+    }
+    return { data, dirty };
+  };
+
+  const restoresAs = async (r: Repository, snapshot: string, expected: Buffer): Promise<void> => {
+    const out = join(tmp.path, `restored-${Math.random().toString(36).slice(2)}.raw`);
+    await restoreImage(r, snapshot, out, { format: 'raw' });
+    assert.ok(readFileSync(out).equals(expected), `${snapshot} restores byte-identical`);
+  };
+
+  const deltaEntries = async (r: Repository) => {
+    r.invalidateIndex();
+    const index = await r.index();
+    return [...index.deltaBases()].map(([id, base]) => ({ id, base, loc: index.get(id)!, baseLoc: index.get(base) }));
+  };
+
+  before(async () => {
+    tmp = await tempDir('tresor-delta-');
+    store = await LocalStore.open(join(tmp.path, 'repo'), { create: true });
+    ({ repo } = await Repository.init(store, { encryption: 'aes-256-gcm', passphrase: PASS, scrypt: { N: 1024, r: 8, p: 1 }, packSize: 1 << 20 }));
+    pool = new CodecPool(repo.keys);
+    // Even slots text, odd slots random; slot 7 left as a hole.
+    const prng = new Prng(7);
+    const disk = Buffer.alloc(SIZE);
+    for (let s = 0; s < SLOTS; s++) if (s !== 7) (s % 2 === 0 ? text(prng, CHUNK) : randomBytes(CHUNK)).copy(disk, s * CHUNK);
+    await backup(new BitmapSource(disk), undefined);
+  });
+  after(async () => {
+    await pool?.close();
+    await store?.close();
+    await tmp?.cleanup();
+  });
+
+  it('stores chunks changed in part as small deltas against the parent, and each snapshot restores exactly', async () => {
+    assert.equal(repo.config.version, 2, 'new repositories are version 2 (may hold delta chunks)');
+    const prng = new Prng(11);
+    // 4 KiB into slots 2..21 (one 64 KiB block of two each): partial; slots 30, 31 rewritten whole.
+    const partialSlots = Array.from({ length: 20 }, (_, i) => i + 2).filter((s) => s !== 7);
+    const partial = rewrite(disks[0], partialSlots, 70_000, 4096, prng);
+    const whole = rewrite(partial.data, [30, 31], 0, CHUNK, prng);
+    // Slot 7 was a hole: a partial write there has no base and is stored plain.
+    const hole = rewrite(whole.data, [7], 4096, 4096, prng);
+    const dirty = new Set([...partial.dirty, ...whole.dirty, ...hole.dirty]);
+    await backup(new BitmapSource(hole.data, dirty), snaps[0]);
+
+    const s = stats[1];
+    assert.equal(s.newChunks, partialSlots.length + 3, 'every rewritten slot is a new chunk');
+    assert.equal(s.deltaChunks, partialSlots.length, 'exactly the partly rewritten chunks with a parent chunk became deltas');
+    const deltas = await deltaEntries(repo);
+    assert.equal(deltas.length, partialSlots.length);
+    for (const d of deltas) {
+      assert.equal(d.loc.type, BlobType.deltaChunk);
+      assert.equal(d.baseLoc?.type, BlobType.chunk, 'a base is a plain chunk');
+      // 4 KiB of new data (random in half of them): a delta is far below a compressed 128 KiB chunk.
+      assert.ok(d.loc.length < 6000, `delta chunk ${d.id.toString('hex')} is ${d.loc.length} bytes`);
+    }
+    await restoresAs(repo, snaps[0].name, disks[0]);
+    await restoresAs(repo, snaps[1].name, disks[1]);
+  });
+
+  it('reads deltas through the snapshot device (file restore, instant recovery)', async () => {
+    const device = await openSnapshotDisk(repo, snaps[1].name);
+    try {
+      for (const slot of [2, 3, 7, 21, 30]) {
+        const got = await device.device.read(slot * CHUNK + 60_000, 20_000);
+        assert.ok(got.equals(disks[1].subarray(slot * CHUNK + 60_000, slot * CHUNK + 80_000)), `slot ${slot} reads back`);
+      }
+    } finally {
+      await device.close();
+    }
+  });
+
+  it('never uses a delta as a base: a chunk whose parent is a delta is stored plain', async () => {
+    const prng = new Prng(13);
+    const again = rewrite(disks[1], [2, 3, 4], 10_000, 4096, prng);
+    await backup(new BitmapSource(again.data, again.dirty), snaps[1]);
+    assert.equal(stats[2].newChunks, 3);
+    assert.equal(stats[2].deltaChunks, 0, 'the parent chunks in slots 2-4 are deltas: no chains');
+    for (const d of await deltaEntries(repo)) assert.equal(d.baseLoc?.type, BlobType.chunk);
+    await restoresAs(repo, snaps[2].name, disks[2]);
+  });
+
+  it('verify and check pass; garbage collection keeps bases after the snapshot that brought them is forgotten', async () => {
+    assert.equal((await verifyRepository(repo, pool)).ok, true);
+    assert.equal((await checkRepository(repo, pool)).ok, true);
+    await forgetSnapshots(repo, [snaps[0].name]);
+    const report = await collectGarbage(repo, { pool, maxWaitMs: 0, pollMs: 10, repackThreshold: 0.01 });
+    assert.equal(report.missingBlobs, 0);
+    const deltas = await deltaEntries(repo);
+    assert.ok(deltas.length > 0);
+    for (const d of deltas) assert.equal(d.baseLoc?.type, BlobType.chunk, `base ${d.base.toString('hex')} survived garbage collection`);
+    await restoresAs(repo, snaps[1].name, disks[1]);
+    await restoresAs(repo, snaps[2].name, disks[2]);
+    const verified = await verifyRepository(repo, pool);
+    assert.deepEqual(verified.damage, []);
+  });
+
+  it('sync copies deltas as plain chunks into a repository with another key', async () => {
+    const targetStore = await LocalStore.open(join(tmp.path, 'target'), { create: true });
+    try {
+      const { repo: target } = await Repository.init(targetStore, { encryption: 'aes-256-gcm', passphrase: 'other', scrypt: { N: 1024, r: 8, p: 1 } });
+      const targetPool = new CodecPool(target.keys);
+      try {
+        await syncRepositories(repo, target, { sourcePool: pool, targetPool });
+        assert.equal((await deltaEntries(target)).length, 0);
+        await restoresAs(target, snaps[1].name, disks[1]);
+        await restoresAs(target, snaps[2].name, disks[2]);
+      } finally {
+        await targetPool.close();
+      }
+    } finally {
+      await targetStore.close();
+    }
+  });
+
+  it('a damaged base is named, with every delta it breaks and the snapshots they hold', async () => {
+    const [victim] = await deltaEntries(repo);
+    const baseLoc = victim.baseLoc!;
+    const path = join(tmp.path, 'repo', packName(baseLoc.packId));
+    const bytes = readFileSync(path);
+    bytes[baseLoc.offset + Math.floor(baseLoc.length / 2)] ^= 0x40;
+    writeFileSync(path, bytes);
+    const report = await verifyRepository(repo, pool);
+    assert.equal(report.ok, false);
+    const base = report.damage.find((d) => d.object.includes(victim.base.toString('hex')) && d.object.startsWith('chunk'));
+    assert.ok(base, `the base is named: ${JSON.stringify(report.damage.map((d) => d.object))}`);
+    const delta = report.damage.find((d) => d.object.startsWith(`delta chunk ${victim.id.toString('hex')}`));
+    assert.ok(delta, 'the delta made against it is named');
+    assert.match(delta.error, /its base cannot be read/);
+    assert.ok(delta.affects.some((a) => a.snapshot === snaps[1].name), 'with the snapshot that holds the delta');
+    await assert.rejects(restoreImage(repo, snaps[1].name, join(tmp.path, 'broken.raw'), { format: 'raw' }),
+      (err: Error) => /delta chunk .* cannot be decoded/.test(err.message) && err.message.includes(victim.base.toString('hex')));
+  });
+});
