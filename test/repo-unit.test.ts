@@ -211,6 +211,12 @@ describe('delta chunks (codec)', () => {
       const noise = randomBytes(128 << 10);
       assert.equal(encodeChunk(keys, computeId(keys, noise), noise, { id: baseId, plain: base }).type, BlobType.chunk);
       assert.throws(() => encodeBlob(keys, BlobType.deltaChunk, id, chunk), /made by encodeChunk/);
+      // A base that starts like a zstd dictionary would be parsed as one: never a base.
+      const magic = Buffer.from(base);
+      magic.set([0x37, 0xa4, 0x30, 0xec], 0);
+      const like = Buffer.from(magic);
+      like[100_000] ^= 1;
+      assert.equal(encodeChunk(keys, computeId(keys, like), like, { id: computeId(keys, magic), plain: magic }).type, BlobType.chunk);
     });
   }
 });

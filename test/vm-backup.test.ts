@@ -77,6 +77,8 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
   });
 
   it('full then incremental backups of a running guest are application-consistent, capture all disks at one instant, and read only what changed', async () => {
+    // Data under the later 128 KiB write at 20 MiB+64 KiB, which then changes half of each of two chunks.
+    await qemuIoWrite(lab.virsh, main.name, 'sdc', { offset: 20 * MiB, length: 256 * 1024, pattern: 0x11 });
     const full = await backup(main.name, ['--consistency', 'require']);
     assert.equal(full.snapshot.source.consistency.level, 'application');
     assert.deepEqual(full.snapshot.disks.map((d: any) => d.name).sort(), ['sda', 'sdb', 'sdc']);
@@ -91,6 +93,9 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
     assert.equal(sdc.base.snapshot, full.snapshot.name, inc.log.join('\n'));
     // 1 MiB at 5 MiB (8 chunks of 128 KiB) + 128 KiB at 20 MiB+64 KiB (straddles 2 chunks).
     assert.equal(sdc.bytesRead, 10 * 128 * 1024, `sdc: read ${sdc.bytesRead} bytes`);
+    // The two half-rewritten chunks are stored as deltas against the full backup's chunks.
+    // (The eight 0x5a chunks are one: 3 new chunks, 7 reused.)
+    assert.match(inc.log.join('\n'), /disk sdc: incremental read of 1310720 bytes; 3 new chunks \(2 as deltas\), 7 reused/);
     for (const d of inc.snapshot.disks) assert.ok(d.bytesRead < d.size / 4, `${d.name}: incremental read ${d.bytesRead} of ${d.size}`);
     for (const snap of [full.snapshot.name, inc.snapshot.name]) {
       const a = lab.path(`${snap.replace(/\//g, '_')}-sda.raw`);
@@ -132,6 +137,9 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
     const data = await readFile(out);
     assert.ok(data.subarray(5 * MiB, 6 * MiB).every((b) => b === 0x5a));
     assert.ok(data.subarray(20 * MiB + 64 * 1024, 20 * MiB + 192 * 1024).every((b) => b === 0x33));
+    // ... and decode against them: the unchanged halves come from the bases.
+    assert.ok(data.subarray(20 * MiB, 20 * MiB + 64 * 1024).every((b) => b === 0x11));
+    assert.ok(data.subarray(20 * MiB + 192 * 1024, 20 * MiB + 256 * 1024).every((b) => b === 0x11));
   });
 
   it('an incremental snapshot restores byte-identical to the disk at that point in time', async () => {

@@ -210,7 +210,7 @@ export function encodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint
  * there are no deltas.
  */
 export function encodeChunk(keys: CodecKeys, id: Uint8Array, plaintext: Uint8Array, base: DeltaBase | undefined): { type: BlobTypeValue; blob: Buffer } {
-  if (base !== undefined && keys.compressionLevel > 0 && plaintext.length >= 64) {
+  if (base !== undefined && keys.compressionLevel > 0 && plaintext.length >= 64 && usableAsBase(base.plain)) {
     // No sampling: half a random chunk that matches its base compresses well against it. Level
     // 1 (zstd's fast strategy): what matches the base costs next to nothing at any level, and the
     // stronger settings pay to index the whole base on every call (DELTA_LEVEL below).
@@ -229,6 +229,14 @@ export function encodeChunk(keys: CodecKeys, id: Uint8Array, plaintext: Uint8Arr
  * setting at a third of its CPU (docs/performance.md, eighth session).
  */
 const DELTA_LEVEL = 1;
+
+/**
+ * zstd takes a dictionary that starts with its dictionary magic (37 A4 30 EC) as a formatted
+ * dictionary, not as raw content: a guest could write such a chunk, so it never serves as a base.
+ */
+function usableAsBase(plain: Uint8Array): boolean {
+  return !(plain.length >= 4 && plain[0] === 0x37 && plain[1] === 0xa4 && plain[2] === 0x30 && plain[3] === 0xec);
+}
 
 /** The context a delta chunk's AAD binds: its id and its base's id. */
 function deltaContext(id: Uint8Array, baseId: Uint8Array): Uint8Array {
@@ -346,6 +354,7 @@ export function decodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint
   }
   let plain: Buffer = payload;
   if (delta && !(flags & FLAG_COMPRESSED)) fail('a delta chunk that is not a zstd frame');
+  if (delta && !usableAsBase(base!.plain)) fail('its base starts with the zstd dictionary magic (no writer makes such a delta)');
   if (flags & FLAG_COMPRESSED) {
     try {
       // One output buffer of the frame's own size (its header says, bounded by what the caller
