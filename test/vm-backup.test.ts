@@ -96,6 +96,7 @@ describe('backup of running libvirt VMs', { concurrency: false, timeout: 900_000
     // The two half-rewritten chunks are stored as deltas against the full backup's chunks.
     // (The eight 0x5a chunks are one: 3 new chunks, 7 reused.)
     assert.match(inc.log.join('\n'), /disk sdc: incremental read of 1310720 bytes; 3 new chunks \(2 as deltas\), 7 reused/);
+    assert.ok((await cli(['repo', 'info'])).json.deltaChunks >= 2, 'repo info counts the delta chunks');
     for (const d of inc.snapshot.disks) assert.ok(d.bytesRead < d.size / 4, `${d.name}: incremental read ${d.bytesRead} of ${d.size}`);
     for (const snap of [full.snapshot.name, inc.snapshot.name]) {
       const a = lab.path(`${snap.replace(/\//g, '_')}-sda.raw`);
