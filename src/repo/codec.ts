@@ -190,17 +190,17 @@ function nextNonce(): Buffer {
 /** The samples of looksIncompressible (one per thread: the codec runs synchronously). */
 const sampleScratch = Buffer.alloc(3 * SAMPLE);
 
-function compress(plaintext: Uint8Array, keys: CodecKeys, sample: boolean, dictionary?: Uint8Array): Buffer | undefined {
+function compress(plaintext: Uint8Array, keys: CodecKeys, sample: boolean): Buffer | undefined {
   const level = keys.compressionLevel;
   if (level <= 0 || plaintext.length < 64 || (sample && looksIncompressible(plaintext))) return undefined;
-  const out = zstd(plaintext, level, keys.compressionStrategy, keys.compressionTuning, dictionary);
+  const out = zstd(plaintext, level, keys.compressionStrategy, keys.compressionTuning);
   // Keep it only when it saves at least 1/32: otherwise restore pays decompression for nothing.
   return out.length < plaintext.length - (plaintext.length >> 5) ? out : undefined;
 }
 
 export function encodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint8Array, plaintext: Uint8Array): Buffer {
   if (type === BlobType.deltaChunk) throw new Error('a delta chunk is made by encodeChunk with a base');
-  return encodeWith(keys, type, contextId, plaintext, undefined);
+  return encodeWith(keys, type, contextId, plaintext);
 }
 
 /**
@@ -220,13 +220,13 @@ export function encodeChunk(keys: CodecKeys, id: Uint8Array, plaintext: Uint8Arr
     }
     releaseBuffer(out, 'arraybuffer');
   }
-  return { type: BlobType.chunk, blob: encodeWith(keys, BlobType.chunk, id, plaintext, undefined) };
+  return { type: BlobType.chunk, blob: encodeWith(keys, BlobType.chunk, id, plaintext) };
 }
 
 /**
  * zstd level of delta chunks. Measured on the reference corpus's 2 % rewrite (the partly
- * rewritten chunks against their parents): level 1 stores 2.7 % more than the repository's lazy
- * setting at a third of its CPU (docs/performance.md, eighth session).
+ * rewritten chunks against their parents): level 1 adds 2.7 % more than the repository's lazy
+ * setting, at a third of its CPU (docs/performance.md, seventh and eighth sessions).
  */
 const DELTA_LEVEL = 1;
 
@@ -246,10 +246,10 @@ function deltaContext(id: Uint8Array, baseId: Uint8Array): Uint8Array {
   return both;
 }
 
-function encodeWith(keys: CodecKeys, type: BlobTypeValue, contextId: Uint8Array, plaintext: Uint8Array, dictionary: Uint8Array | undefined): Buffer {
+function encodeWith(keys: CodecKeys, type: BlobTypeValue, contextId: Uint8Array, plaintext: Uint8Array): Buffer {
   // Only disk data is sampled first: metadata is small, and a disk-map piece is random ids
   // with runs of zero ids (holes) that samples can miss.
-  const compressed = compress(plaintext, keys, type === BlobType.chunk, dictionary);
+  const compressed = compress(plaintext, keys, type === BlobType.chunk);
   return seal(keys, type, contextId, compressed ?? plaintext, compressed !== undefined);
 }
 
