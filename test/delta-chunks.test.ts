@@ -44,15 +44,19 @@ class BitmapSource implements DiskSource {
   readonly description = 'test disk';
   readonly data: Buffer;
   readonly #dirty: Set<number> | undefined;
+  readonly #zeroed: Set<number>;
 
-  constructor(data: Buffer, dirtyBlocks?: Set<number>) {
+  /** `zeroedBlocks`: changed blocks that now read as zeros (discarded by the guest). */
+  constructor(data: Buffer, dirtyBlocks?: Set<number>, zeroedBlocks = new Set<number>()) {
     this.data = Buffer.from(data);
     this.#dirty = dirtyBlocks;
+    this.#zeroed = zeroedBlocks;
+    for (const b of zeroedBlocks) this.data.fill(0, b * BLOCK, (b + 1) * BLOCK);
   }
 
   async *extents(offset: number, length: number): AsyncIterable<Extent> {
     for (let at = offset; at < offset + length; at += BLOCK) {
-      const kind = this.#dirty === undefined || this.#dirty.has(at / BLOCK) ? 'data' : 'unchanged';
+      const kind = this.#zeroed.has(at / BLOCK) ? 'zero' : this.#dirty === undefined || this.#dirty.has(at / BLOCK) ? 'data' : 'unchanged';
       yield { offset: at, length: Math.min(BLOCK, offset + length - at), kind };
     }
   }
@@ -161,13 +165,14 @@ describe('delta chunks', { timeout: 180_000 }, () => {
     // Slot 7 was a hole: a partial write there has no base and is stored plain.
     const hole = rewrite(whole.data, [7], 4096, 4096, prng);
     const dirty = new Set([...partial.dirty, ...whole.dirty, ...hole.dirty]);
-    await backup(new BitmapSource(hole.data, dirty), snaps[0]);
+    // The second half of slot 40 discarded (reads as zeros): changed in part as well.
+    await backup(new BitmapSource(hole.data, dirty, new Set([40 * 2 + 1])), snaps[0]);
 
     const s = stats[1];
-    assert.equal(s.newChunks, partialSlots.length + 3, 'every rewritten slot is a new chunk');
-    assert.equal(s.deltaChunks, partialSlots.length, 'exactly the partly rewritten chunks with a parent chunk became deltas');
+    assert.equal(s.newChunks, partialSlots.length + 4, 'every rewritten slot is a new chunk');
+    assert.equal(s.deltaChunks, partialSlots.length + 1, 'exactly the partly rewritten chunks with a parent chunk became deltas');
     const deltas = await deltaEntries(repo);
-    assert.equal(deltas.length, partialSlots.length);
+    assert.equal(deltas.length, partialSlots.length + 1);
     for (const d of deltas) {
       assert.equal(d.loc.type, BlobType.deltaChunk);
       assert.equal(d.baseLoc?.type, BlobType.chunk, 'a base is a plain chunk');

@@ -226,7 +226,7 @@ export async function backupDisk(
 
 /**
  * Decides per slot of [first, first+count) whether it is a hole, a parent copy, or a read; and
- * which reads are partial (with a parent: changed data next to unchanged data in one slot).
+ * which reads are partial (with a parent: changed data or zeros next to unchanged data in one slot).
  */
 async function planSlots(source: DiskSource, hasParent: boolean, chunkSize: number, first: number, count: number): Promise<{ plans: SlotPlan[]; partial: Uint8Array }> {
   const start = first * chunkSize;
@@ -238,7 +238,8 @@ async function planSlots(source: DiskSource, hasParent: boolean, chunkSize: numb
   const partial = new Uint8Array(count);
   for (let i = 0; i < count; i++) {
     const k = kinds[i];
-    if (hasParent && (k & 4) !== 0 && (k & 1) !== 0) partial[i] = 1;
+    // Changed (data, or zeros where the guest discarded) next to unchanged: a delta candidate.
+    if (hasParent && (k & 4) !== 0 && (k & 3) !== 0) partial[i] = 1;
     if (k === 2) plans[i] = 'hole';
     else if (k === 4 && hasParent) plans[i] = 'parent';
     else if (k === 0) throw new TresorError('extent-gap', `${source.description}: extents do not cover bytes at ${start + i * chunkSize}`, { hint: 'this is a bug in the disk reader' });
