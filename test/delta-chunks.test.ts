@@ -3,7 +3,8 @@
  * marks changed only in part as a zstd frame against the parent's chunk in that slot. Through
  * the library on a local repository, with a disk source that reports changed and unchanged
  * extents like a dirty bitmap: the deltas are made and small; every reader decodes them (restore,
- * the snapshot device behind file restore and instant recovery, verify, check, sync); garbage
+ * the snapshot device behind file restore and instant recovery, verify, check, sync, which sends
+ * them as deltas where the target has their base); garbage
  * collection keeps a base alive after the snapshot that brought it is forgotten; bases are never
  * deltas themselves; a damaged base is named, and so is every delta and snapshot it breaks.
  */
@@ -205,6 +206,28 @@ describe('delta chunks', { timeout: 180_000 }, () => {
     await restoresAs(repo, snaps[2].name, disks[2]);
   });
 
+  it('sync sends deltas as deltas against the target\'s copy of their base, into a repository with another key', async () => {
+    const targetStore = await LocalStore.open(join(tmp.path, 'target'), { create: true });
+    try {
+      const { repo: target } = await Repository.init(targetStore, { encryption: 'aes-256-gcm', passphrase: 'other', scrypt: { N: 1024, r: 8, p: 1 } });
+      const targetPool = new CodecPool(target.keys);
+      try {
+        await syncRepositories(repo, target, { sourcePool: pool, targetPool });
+        const sourceDeltas = await deltaEntries(repo);
+        const targetDeltas = await deltaEntries(target);
+        // Oldest first: the full snapshot's chunks (the bases) are there before the deltas.
+        assert.equal(targetDeltas.length, sourceDeltas.length);
+        for (const d of targetDeltas) assert.equal(d.baseLoc?.type, BlobType.chunk);
+        for (const s of snaps) await restoresAs(target, s.name, disks[snaps.indexOf(s)]);
+        assert.deepEqual((await verifyRepository(target, targetPool)).damage, []);
+      } finally {
+        await targetPool.close();
+      }
+    } finally {
+      await targetStore.close();
+    }
+  });
+
   it('verify and check pass; garbage collection keeps bases after the snapshot that brought them is forgotten', async () => {
     assert.equal((await verifyRepository(repo, pool)).ok, true);
     assert.equal((await checkRepository(repo, pool)).ok, true);
@@ -220,8 +243,8 @@ describe('delta chunks', { timeout: 180_000 }, () => {
     assert.deepEqual(verified.damage, []);
   });
 
-  it('sync copies deltas as plain chunks into a repository with another key', async () => {
-    const targetStore = await LocalStore.open(join(tmp.path, 'target'), { create: true });
+  it('sync stores a delta plain when its base never reaches the target (its snapshot was forgotten first)', async () => {
+    const targetStore = await LocalStore.open(join(tmp.path, 'target2'), { create: true });
     try {
       const { repo: target } = await Repository.init(targetStore, { encryption: 'aes-256-gcm', passphrase: 'other', scrypt: { N: 1024, r: 8, p: 1 } });
       const targetPool = new CodecPool(target.keys);

@@ -22,7 +22,7 @@ import { TresorError, UsageError } from '../util/errors.ts';
 import { mapLimit } from '../util/concurrency.ts';
 import { credentialAccess } from './access.ts';
 import { type BlobLocation, entryLocation } from './blob-index.ts';
-import { BLOB_TYPE_NAMES, BlobType, ZERO_ID } from './codec.ts';
+import { BLOB_TYPE_NAMES, BlobType, type DeltaBase, ZERO_ID } from './codec.ts';
 import { readDeltaBases } from './blob-batch.ts';
 import { type CodecPool, transferable } from './codec-pool.ts';
 import { releaseBuffer } from '../util/bytes.ts';
@@ -276,8 +276,13 @@ async function copyPieces(
     const missing = wanted.find((w) => !w.loc);
     if (missing) await source.locate(missing.id, () => `chunk ${missing.id.toString('hex')} of snapshot ${reader.snapshot}`); // throws
     for (const group of groupByPack(wanted as Array<{ id: Buffer; slots: number[]; loc: BlobLocation }>)) {
-      const plains = await readChunks(source, opts.sourcePool, group, reader.snapshot);
-      const targetIds = await sendChunks(target, opts.targetPool, writer, plains, usable, report);
+      const { plains, bases } = await readChunks(source, opts.sourcePool, group, reader.snapshot);
+      // A delta travels as a delta when its base is already in the target as a plain chunk.
+      const targetBases = bases.map((b) => {
+        const tid = b === undefined || !target.deltaChunks ? undefined : map.get(b.id);
+        return tid !== undefined && targetIndex.get(tid)?.type === BlobType.chunk && !target.avoids(tid) ? { id: tid, plain: b!.plain } : null;
+      });
+      const targetIds = await sendChunks(target, opts.targetPool, writer, plains, targetBases, usable, report);
       group.forEach((w, i) => {
         const tid = targetIds[i];
         for (const k of w.slots) tid.copy(out, k);
@@ -326,11 +331,10 @@ function groupByPack<T extends { loc: BlobLocation }>(wanted: T[]): T[][] {
 }
 
 /**
- * Reads and decodes chunks of one pack; returns their plaintexts in order. Delta chunks are
- * decoded against their bases and travel as plaintext like the others: the target stores them
- * as plain chunks (its own writer decides nothing about deltas without a parent).
+ * Reads and decodes chunks of one pack; returns their plaintexts in order, and for delta chunks
+ * the base they were decoded against (source id and plaintext).
  */
-async function readChunks(source: Repository, pool: CodecPool, group: Array<{ id: Buffer; loc: BlobLocation }>, snapshot: string): Promise<Buffer[]> {
+async function readChunks(source: Repository, pool: CodecPool, group: Array<{ id: Buffer; loc: BlobLocation }>, snapshot: string): Promise<{ plains: Buffer[]; bases: Array<DeltaBase | undefined> }> {
   const pack = packName(group[0].loc.packId);
   const from = group[0].loc.offset;
   const to = Math.max(...group.map((w) => w.loc.offset + w.loc.length));
@@ -352,7 +356,7 @@ async function readChunks(source: Repository, pool: CodecPool, group: Array<{ id
       ...(base !== undefined ? { base } : {}),
     };
   }), transferable(data));
-  return results.map((r) => {
+  const plains = results.map((r) => {
     if (!r.ok) {
       throw new TresorError('sync-source-damaged', `cannot copy snapshot ${snapshot}: ${r.message}`, {
         hint: 'run `tresor verify` on the source; a new backup of the same data heals it, then sync again', context: { snapshot, pack },
@@ -360,11 +364,16 @@ async function readChunks(source: Repository, pool: CodecPool, group: Array<{ id
     }
     return Buffer.from(r.plain.buffer, r.plain.byteOffset, r.plain.byteLength);
   });
+  return { plains, bases: group.map((w) => (w.loc.base !== undefined ? bases!.get(w.loc.base.toString('hex')) as DeltaBase : undefined)) };
 }
 
-/** Hashes plaintexts with the target's key and stores those the target lacks; returns target ids. */
+/**
+ * Hashes plaintexts with the target's key and stores those the target lacks, each as a delta
+ * against `bases[i]` (a plain chunk of the target, by its target id) where given and worth it;
+ * returns target ids.
+ */
 async function sendChunks(
-  target: Repository, pool: CodecPool, writer: PackWriter, plains: Buffer[], usable: (id: Uint8Array) => boolean, report: SyncReport,
+  target: Repository, pool: CodecPool, writer: PackWriter, plains: Buffer[], bases: Array<DeltaBase | null>, usable: (id: Uint8Array) => boolean, report: SyncReport,
 ): Promise<Buffer[]> {
   const chunkSize = target.config.chunkSize;
   const ids = new Array<Buffer>(plains.length);
@@ -388,11 +397,12 @@ async function sendChunks(
       if (ZERO_ID.equals(id) || usable(id) || !writer.claim(id)) report.chunksAlreadyThere++;
       else encodeWhich.push(k);
     });
-    const { blobs, release } = await pool.encode(hashed, encodeWhich, BlobType.chunk);
+    const which = encodeWhich.map((k) => bases[members[k]]);
+    const { blobs, types, release } = await pool.encode(hashed, encodeWhich, BlobType.chunk, which);
     try {
       for (let n = 0; n < blobs.length; n++) {
         const i = members[encodeWhich[n]];
-        await writer.add(BlobType.chunk, ids[i], blobs[n], lengths[i]);
+        await writer.add(types[n], ids[i], blobs[n], lengths[i], types[n] === BlobType.deltaChunk ? Buffer.from(which[n]!.id) : undefined);
         report.chunksSent++;
       }
     } finally {
