@@ -54,6 +54,8 @@ interface Options {
   chunkSizes: string[] | undefined;
   /** the live-VM benchmark (issue 3) instead of the image one */
   vm: boolean;
+  /** live VM: incrementals per tool, each after a fresh 2 % rewrite (the first is the reference one) */
+  vmIncrementals: number;
   stepTimeoutMs: number;
   tresorCli: string;
   /** re-render an earlier results file instead of running */
@@ -70,6 +72,8 @@ const USAGE = `usage: node bench/run.ts [options]
   --chunk-sizes LIST   chunk-size study instead, e.g. 64K,128K,256K,1M (Tresor only)
   --vm                 live-VM benchmark instead (issue 3): the corpus as the disk of a running
                        libvirt domain; Tresor vs virtnbdbackup (and -z); needs root and libvirt
+  --vm-incrementals N  with --vm: incrementals per tool, each after its own rewrite (default 3;
+                       the wall-time target compares medians, the added bytes the first)
   --files              file-level restore benchmark instead (issue 4, bench/files.ts;
                        its options: --files --help)
   --step-timeout MIN   kill a step after MIN minutes (default 60)
@@ -102,6 +106,7 @@ function readOptions(argv: string[]): Options {
       tools: { type: 'string' },
       'chunk-sizes': { type: 'string' },
       vm: { type: 'boolean', default: false },
+      'vm-incrementals': { type: 'string', default: '3' },
       'step-timeout': { type: 'string', default: '60' },
       'tresor-cli': { type: 'string', default: tresorCliPath(REPO_ROOT) },
       keep: { type: 'boolean', default: false },
@@ -130,6 +135,8 @@ function readOptions(argv: string[]): Options {
   if (!Number.isInteger(seed)) throw new UsageError(`--seed ${values.seed} is not an integer`, USAGE);
   if (!(fraction >= 0 && fraction <= 0.5)) throw new UsageError(`--fraction ${values.fraction} is outside [0, 0.5]`, USAGE);
   if (!(stepTimeout > 0)) throw new UsageError(`--step-timeout ${values['step-timeout']} is not a positive number`, USAGE);
+  const vmIncrementals = Number(values['vm-incrementals']);
+  if (!(Number.isInteger(vmIncrementals) && vmIncrementals >= 1 && vmIncrementals <= 9)) throw new UsageError(`--vm-incrementals ${values['vm-incrementals']} is not an integer from 1 to 9`, USAGE);
   return {
     dir: values.dir,
     size,
@@ -140,6 +147,7 @@ function readOptions(argv: string[]): Options {
     tools,
     chunkSizes: chunkSizes !== undefined && chunkSizes.length > 0 ? chunkSizes : undefined,
     vm: values.vm,
+    vmIncrementals,
     stepTimeoutMs: stepTimeout * 60_000,
     tresorCli: resolve(values['tresor-cli']),
     report: values.report,
@@ -546,7 +554,7 @@ async function runVmPhases(state: RunState, options: Options, peers: Peer[], res
     runner, scratch, rewrittenCorpus: corpusPath, image, imageFacts, size: state.size,
     allocatedBefore, allocatedAfter: results.corpus.rewrite.allocatedBytesAfter,
     fraction: options.fraction, seed: options.seed, repoRoot: REPO_ROOT, tresorCli: options.tresorCli,
-    keep: options.keep, tools: options.tools,
+    keep: options.keep, tools: options.tools, incrementals: options.vmIncrementals,
   });
   describeRepositories(state, peers, results);
 }

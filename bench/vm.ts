@@ -66,6 +66,21 @@ export interface LiveVmSetting {
   keep: boolean;
   /** which tool runs (names of VM_TOOLS) */
   tools: Set<string>;
+  /**
+   * Incrementals per tool, each after a rewrite of its own (the first: the reference rewrite, `seed`;
+   * the others: seeds never used for the corpus). One incremental is too noisy on a shared machine.
+   */
+  incrementals: number;
+}
+
+/** The step name of incremental `n` (1-based): the first keeps the plain name the targets use. */
+export function incrementalStep(n: number): string {
+  return n === 1 ? 'incremental backup' : `incremental backup ${n}`;
+}
+
+/** Seed of the rewrite before incremental `n` (> 1): far from any corpus or reference seed. */
+function extraRewriteSeed(seed: number, n: number): number {
+  return seed + 1000 * n;
 }
 
 type Level = 'full' | 'incremental';
@@ -321,10 +336,12 @@ class TresorVmTool implements VmTool {
         hint: 'see the step log', context: { stdout: measurement.stdout.slice(0, 500) },
       });
     }
+    // Each incremental must build on the backup just before it (the full one, or the last incremental).
+    const previous = this.snapshots.get('incremental') ?? this.snapshots.get('full');
     this.snapshots.set(level, name);
     const base = disk.base?.snapshot;
-    if (level === 'incremental' && (base === undefined || base === '' || base !== this.snapshots.get('full'))) {
-      throw new BenchVmError('bench-not-incremental', `the second backup ${name} is not incremental from ${this.snapshots.get('full') ?? 'the full backup'}`
+    if (level === 'incremental' && (base === undefined || base === '' || base !== previous)) {
+      throw new BenchVmError('bench-not-incremental', `the backup ${name} is not incremental from ${previous ?? 'the full backup'}`
         + (disk.base?.reason ? `: ${disk.base.reason}` : ''), { hint: 'see the job log in the step output' });
     }
     return { snapshot: name, baseSnapshot: base, bytesRead: disk.bytesRead ?? snapshot?.stats?.bytesRead };
@@ -444,13 +461,18 @@ export async function runLiveVm(setting: LiveVmSetting): Promise<VmFacts> {
 
   const rendered = renderRewrite(join(vmDir, 'rewrite'), setting.size, setting.fraction, setting.seed);
   runner.progress(`rewrite rendered: ${rendered.facts.count} extent files, ${formatSize(rendered.facts.bytes)}, in ${rendered.facts.renderSeconds.toFixed(1)} s`);
+  // Further rewrites for the further incrementals (the same for every tool).
+  const extra: RewriteWrite[][] = [];
+  for (let n = 2; n <= setting.incrementals; n++) {
+    extra.push(renderRewrite(join(vmDir, `rewrite-${n}`), setting.size, setting.fraction, extraRewriteSeed(setting.seed, n)).writes);
+  }
   const facts: VmFacts = { image: setting.imageFacts, domainSetup: DOMAIN_SETUP, rewriteFiles: rendered.facts, runs: [] };
   const toolSetting: ToolSetting = { scratch: setting.scratch, repoRoot: setting.repoRoot, tresorCli: setting.tresorCli };
   for (const tool of createTools(toolSetting, setting.tools)) {
     const run: VmRunFacts = { tool: tool.name, label: tool.label, domain: domainName(tool.name) };
     facts.runs.push(run);
     try {
-      await runTool(setting, virsh, tool, run, rendered.writes);
+      await runTool(setting, virsh, tool, run, rendered.writes, extra);
     } catch (err) {
       run.error = describeError(err);
       runner.progress(`${tool.label}: run aborted: ${run.error}`);
@@ -461,12 +483,13 @@ export async function runLiveVm(setting: LiveVmSetting): Promise<VmFacts> {
     }
   }
   rmSync(join(vmDir, 'rewrite'), { recursive: true, force: true });
+  for (let n = 2; n <= setting.incrementals; n++) rmSync(join(vmDir, `rewrite-${n}`), { recursive: true, force: true });
   return facts;
 }
 
 const STEPS = ['full backup', 'incremental backup', 'restore'] as const;
 
-async function runTool(setting: LiveVmSetting, virsh: Virsh, tool: VmTool, run: VmRunFacts, writes: RewriteWrite[]): Promise<void> {
+async function runTool(setting: LiveVmSetting, virsh: Virsh, tool: VmTool, run: VmRunFacts, writes: RewriteWrite[], extra: RewriteWrite[][]): Promise<void> {
   const { runner } = setting;
   const skipRest = (from: (typeof STEPS)[number], reason: string) => {
     for (const step of STEPS.slice(STEPS.indexOf(from))) runner.skip(tool.name, tool.label, step, reason);
@@ -523,6 +546,17 @@ async function runTool(setting: LiveVmSetting, virsh: Virsh, tool: VmTool, run: 
       after: (m) => tool.afterBackup('incremental', m),
     });
     if (incremental.status !== 'ok') return skipRest('restore', 'the incremental backup failed');
+    for (const [k, more] of extra.entries()) {
+      const n = k + 2;
+      for (const write of more) await qemuIoWrite(virsh, run.domain, DISK_TARGET, write);
+      const next = await runner.run({
+        tool: tool.name, label: tool.label, step: incrementalStep(n), repoDir: tool.repoDir, qemuPid,
+        disk: { size: setting.size, allocated: setting.allocatedAfter },
+        command: () => tool.backup('incremental', run.domain),
+        after: (m) => tool.afterBackup('incremental', m),
+      });
+      if (next.status !== 'ok') return skipRest('restore', `incremental ${n} failed`);
+    }
     await virsh.run(['suspend', run.domain], { operation: 'suspend', domain: run.domain });
 
     const target = join(setting.scratch, 'restore', tool.name);
