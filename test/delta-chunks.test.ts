@@ -15,7 +15,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { LocalStore } from '../src/store/local.ts';
 import { Repository } from '../src/repo/repository.ts';
-import { BlobType } from '../src/repo/codec.ts';
+import { BlobType, computeId, encodeBlob } from '../src/repo/codec.ts';
 import { CodecPool } from '../src/repo/codec-pool.ts';
 import { DiskMapReader } from '../src/repo/disk-map.ts';
 import type { SnapshotManifest } from '../src/repo/manifest.ts';
@@ -182,6 +182,23 @@ describe('delta chunks', { timeout: 180_000 }, () => {
     }
     await restoresAs(repo, snaps[0].name, disks[0]);
     await restoresAs(repo, snaps[1].name, disks[1]);
+  });
+
+  it('an incremental stores its plain new chunks at the repository\'s incremental level (1 by default), a full backup at the main setting', async () => {
+    assert.equal(repo.config.compression.incrementalLevel, 1);
+    const index = await repo.index();
+    const level1 = { ...repo.keys, compressionLevel: 1, compressionStrategy: undefined, compressionTuning: undefined };
+    const stored = (disk: Buffer, slot: number) => {
+      const plain = disk.subarray(slot * CHUNK, (slot + 1) * CHUNK);
+      const id = computeId(repo.keys, plain);
+      return { id, length: index.get(id)!.length, main: encodeBlob(repo.keys, BlobType.chunk, id, plain).length, fast: encodeBlob(level1, BlobType.chunk, id, plain).length };
+    };
+    // Slot 30 holds text, rewritten whole by the incremental (zstd is deterministic: equal settings, equal sizes).
+    const full = stored(disks[0], 30);
+    const incremental = stored(disks[1], 30);
+    assert.ok(full.main < full.fast, `the main setting compresses text better (${full.main} < ${full.fast})`);
+    assert.equal(full.length, full.main, 'the full backup used the main setting');
+    assert.equal(incremental.length, incremental.fast, 'the incremental used level 1');
   });
 
   it('reads deltas through the snapshot device (file restore, instant recovery)', async () => {

@@ -178,6 +178,29 @@ describe('blob index', () => {
   });
 });
 
+describe('repository config', () => {
+  it('sets the incremental compression level with the default setting, or as asked; a repository without it uses the main level', async () => {
+    const tmp = await tempDir('tresor-config-');
+    try {
+      const levels: Array<[Parameters<typeof Repository.init>[1], number | undefined]> = [
+        [{ encryption: 'none' }, 1],
+        [{ encryption: 'none', compressionLevel: 5 }, undefined],
+        [{ encryption: 'none', compressionLevel: 5, incrementalCompressionLevel: 2 }, 2],
+      ];
+      for (const [i, [opts, expected]] of levels.entries()) {
+        const store = await LocalStore.open(join(tmp.path, `r${i}`), { create: true });
+        const { repo } = await Repository.init(store, opts);
+        assert.equal(repo.config.compression.incrementalLevel, expected);
+        const reopened = await Repository.open(store, async () => '');
+        assert.equal(reopened.incrementalCompressionLevel, expected);
+        await store.close();
+      }
+    } finally {
+      await tmp.cleanup();
+    }
+  });
+});
+
 describe('delta chunks (codec)', () => {
   // Random: every byte of the chunk outside the change can only come from the base.
   const base = randomBytes(128 << 10);

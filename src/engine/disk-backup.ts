@@ -61,6 +61,8 @@ export async function backupDisk(
   const map = new DiskMapWriter(repo, writer, source.size, chunkSize, repo.config.pieceSlots);
   const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0, deltaChunks: 0 };
   const deltas = parent !== undefined && repo.deltaChunks;
+  // An incremental stores its new chunks at the repository's incremental level, if it sets one.
+  const incrementalLevel = parent !== undefined ? repo.incrementalCompressionLevel : undefined;
   const slots = slotCount(source.size, chunkSize);
   const batchBytes = Math.max(chunkSize, opts.batchBytes ?? 2 << 20);
   const slotsPerBatch = Math.floor(batchBytes / chunkSize);
@@ -194,7 +196,7 @@ export async function backupDisk(
       map.set(firstSlot + k, id);
     }
     const bases = partial !== undefined && encodeWhich.length > 0 ? await deltaBases(firstSlot, encodeWhich, partial) : undefined;
-    const { blobs, types, release } = await pool.encode(hashed, encodeWhich, BlobType.chunk, bases);
+    const { blobs, types, release } = await pool.encode(hashed, encodeWhich, BlobType.chunk, bases, incrementalLevel);
     try {
       for (let n = 0; n < blobs.length; n++) {
         const k = encodeWhich[n];

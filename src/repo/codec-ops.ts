@@ -4,8 +4,9 @@
  * it runs in a worker thread (codec-worker.ts). Protocol:
  *  - hash {batch, data, chunkSize}: split `data` into chunks; reply ids (32 bytes each, all-zero
  *    id for an all-zero chunk). The executor keeps the data until `encode` or `drop`.
- *  - encode {batch, which[], bases?, into?, recycle?}: encode the chosen chunks (chunk `which[n]`
- *    as a delta chunk against `bases[n]` where given and worth it); reply their lengths and types, the
+ *  - encode {batch, which[], bases?, level?, into?, recycle?}: encode the chosen chunks (chunk
+ *    `which[n]` as a delta chunk against `bases[n]` where given and worth it; at zstd `level` when
+ *    given, else the repository's setting); reply their lengths and types, the
  *    blobs one after another in `into` (a SharedArrayBuffer the caller reuses) when they fit,
  *    else in one buffer of the reply; forget the batch. With `recycle` the batch's data buffer
  *    goes back to the caller in the reply (`data`, transferred) instead of being freed.
@@ -24,7 +25,7 @@ import { isAllZero, releaseBuffer } from '../util/bytes.ts';
 
 export type CodecRequest =
   | { op: 'hash'; req: number; batch: number; data: ArrayBuffer; byteLength: number; chunkSize: number }
-  | { op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue; bases?: Array<DeltaBase | null>; into?: SharedArrayBuffer; recycle?: boolean }
+  | { op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue; bases?: Array<DeltaBase | null>; level?: number; into?: SharedArrayBuffer; recycle?: boolean }
   | { op: 'drop'; req: number; batch: number; recycle?: boolean }
   | { op: 'decode'; req: number; items: DecodeItem[]; checkOnly?: boolean; trustAead?: boolean; into?: SharedArrayBuffer };
 
@@ -109,7 +110,7 @@ export class CodecExecutor {
           const id = b.ids.subarray(i * 32, i * 32 + 32);
           const chunk = chunkAt(b.data, b.chunkSize, i);
           const { type, blob } = msg.type === BlobType.chunk
-            ? encodeChunk(this.#keys, id, chunk, msg.bases?.[n] ?? undefined)
+            ? encodeChunk(this.#keys, id, chunk, msg.bases?.[n] ?? undefined, msg.level)
             : { type: msg.type, blob: encodeBlob(this.#keys, msg.type, id, chunk) };
           encoded.push(blob);
           types.push(type);

@@ -192,9 +192,10 @@ export class CodecPool {
    * Encodes chunks `which` of a hashed batch and releases the batch. The blobs are views into
    * one buffer: hand them to a PackWriter (which copies them), then call `release`. `bases`
    * (chunks only): per entry of `which`, a base to encode that chunk as a delta against, or null;
-   * `types` says what each blob became.
+   * `types` says what each blob became. `level` (chunks only): a zstd level other than the
+   * repository's setting.
    */
-  async encode(b: HashedBatch, which: number[], type: BlobTypeValue, bases?: Array<DeltaBase | null>): Promise<EncodedBlobs> {
+  async encode(b: HashedBatch, which: number[], type: BlobTypeValue, bases?: Array<DeltaBase | null>, level?: number): Promise<EncodedBlobs> {
     if (which.length === 0) {
       const dropped = await this.#executors[b.executor].call<{ data?: ArrayBuffer }>({ op: 'drop', req: this.#nextReq++, batch: b.batch, recycle: true });
       this.#keepSpare(dropped.data);
@@ -206,7 +207,7 @@ export class CodecPool {
     const slab = bound <= ENCODE_SLAB_BYTES ? await this.#encodeSlabs.acquire() : undefined;
     let r: { out?: Uint8Array; lengths: number[]; types: BlobTypeValue[]; shared?: boolean; data?: ArrayBuffer };
     try {
-      r = await this.#executors[b.executor].call({ op: 'encode', req: this.#nextReq++, batch: b.batch, which, type, into: slab, recycle: true, ...(bases?.some((x) => x !== null) ? { bases } : {}) });
+      r = await this.#executors[b.executor].call({ op: 'encode', req: this.#nextReq++, batch: b.batch, which, type, into: slab, recycle: true, ...(bases?.some((x) => x !== null) ? { bases } : {}), ...(level !== undefined ? { level } : {}) });
     } catch (err) {
       if (slab) this.#encodeSlabs.release(slab);
       throw err;

@@ -207,9 +207,12 @@ export function encodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint
  * Encodes a chunk: as a delta chunk against `base` when that compresses (by 1/32 at least, like
  * any compressed blob), else as a plain chunk. A base is worth it when the chunk was rewritten
  * in part (the rest matches the base); the caller decides that. Without compression configured
- * there are no deltas.
+ * there are no deltas. `level`: a zstd level other than the repository's, for this chunk.
  */
-export function encodeChunk(keys: CodecKeys, id: Uint8Array, plaintext: Uint8Array, base: DeltaBase | undefined): { type: BlobTypeValue; blob: Buffer } {
+export function encodeChunk(keys: CodecKeys, id: Uint8Array, plaintext: Uint8Array, base: DeltaBase | undefined, level?: number): { type: BlobTypeValue; blob: Buffer } {
+  // Another level than the repository's (incremental backups, repository-format.md §2): that
+  // level alone, without the repository's strategy and search tuning.
+  if (level !== undefined && level !== keys.compressionLevel) keys = { ...keys, compressionLevel: level, compressionStrategy: undefined, compressionTuning: undefined };
   if (base !== undefined && keys.compressionLevel > 0 && plaintext.length >= 64 && usableAsBase(base.plain)) {
     // No sampling: half a random chunk that matches its base compresses well against it. Level
     // 1 (zstd's fast strategy): what matches the base costs next to nothing at any level, and the

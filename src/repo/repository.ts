@@ -46,7 +46,7 @@ export interface RepoConfig {
   /** Target size of a pack file, bytes. */
   packSize: number;
   /** zstd level and optional strategy (ZSTD_c_strategy), searchLog, minMatch; decoders need none. */
-  compression: { algorithm: 'zstd'; level: number; strategy?: number; searchLog?: number; minMatch?: number };
+  compression: { algorithm: 'zstd'; level: number; strategy?: number; searchLog?: number; minMatch?: number; incrementalLevel?: number };
   encryption: 'aes-256-gcm' | 'none';
 }
 
@@ -68,6 +68,12 @@ export const DEFAULTS = {
    * the same speed (211.8 vs 217.2 per mille of 400 MiB of the reference corpus's text).
    */
   compressionTuning: { searchLog: 3, minMatch: 6 },
+  /**
+   * The chunks an incremental backup stores (the changed part of a disk, small and on the path of
+   * frequent backups) at zstd level 1: a third of the lazy setting's CPU for ~2-3 % more bytes
+   * added (docs/performance.md, eighth session).
+   */
+  incrementalCompressionLevel: 1,
 };
 
 export interface InitOptions {
@@ -77,6 +83,8 @@ export interface InitOptions {
   packSize?: number;
   compressionLevel?: number;
   compressionStrategy?: number;
+  /** zstd level of chunks stored by incremental backups (default: 1 with the default setting, else the level). */
+  incrementalCompressionLevel?: number;
   /** Disk-map shape (slots per piece, piece ids per node); defaults chosen by measurement. */
   pieceSlots?: number;
   nodeIds?: number;
@@ -150,7 +158,11 @@ export class Repository {
         ...(() => {
           const defaults = opts.compressionLevel === undefined && opts.compressionStrategy === undefined;
           const strategy = opts.compressionStrategy ?? (defaults ? DEFAULTS.compressionStrategy : undefined);
-          return { ...(strategy === undefined ? {} : { strategy }), ...(defaults ? DEFAULTS.compressionTuning : {}) };
+          const incrementalLevel = opts.incrementalCompressionLevel ?? (defaults ? DEFAULTS.incrementalCompressionLevel : undefined);
+          return {
+            ...(strategy === undefined ? {} : { strategy }), ...(defaults ? DEFAULTS.compressionTuning : {}),
+            ...(incrementalLevel === undefined ? {} : { incrementalLevel }),
+          };
         })(),
       },
       encryption: opts.encryption,
@@ -201,7 +213,8 @@ export class Repository {
       || c.compression?.algorithm !== 'zstd' || !Number.isInteger(c.compression.level) || c.compression.level < 0 || c.compression.level > 22
       || (c.compression.strategy !== undefined && !(Number.isInteger(c.compression.strategy) && c.compression.strategy >= 1 && c.compression.strategy <= 9))
       || (c.compression.searchLog !== undefined && !(Number.isInteger(c.compression.searchLog) && c.compression.searchLog >= 1 && c.compression.searchLog <= 26))
-      || (c.compression.minMatch !== undefined && !(Number.isInteger(c.compression.minMatch) && c.compression.minMatch >= 3 && c.compression.minMatch <= 7))) {
+      || (c.compression.minMatch !== undefined && !(Number.isInteger(c.compression.minMatch) && c.compression.minMatch >= 3 && c.compression.minMatch <= 7))
+      || (c.compression.incrementalLevel !== undefined && !(Number.isInteger(c.compression.incrementalLevel) && c.compression.incrementalLevel >= 0 && c.compression.incrementalLevel <= 22))) {
       throw new DamageError('damaged-config', `the repository config at ${store.location} has invalid values`);
     }
     return c;
@@ -285,6 +298,11 @@ export class Repository {
    */
   get deltaChunks(): boolean {
     return this.config.version >= 2 && this.config.compression.level > 0;
+  }
+
+  /** zstd level of the chunks incremental backups store, when the repository sets one (§2). */
+  get incrementalCompressionLevel(): number | undefined {
+    return this.config.compression.incrementalLevel;
   }
 
   /**

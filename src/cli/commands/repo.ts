@@ -17,7 +17,8 @@ export function registerRepoCommands(program: Command, env: CommandEnv): void {
     .option('--chunk-size <size>', 'fixed chunk size for disk images', String(DEFAULTS.chunkSize))
     .option('--compression-level <n>', `zstd level, 0 = off (default ${DEFAULTS.compressionLevel} with the lazy strategy)`)
     .option('--compression-strategy <n>', 'zstd strategy 1-9 (ZSTD_c_strategy); default: the level\'s own')
-    .action(async (o: { encryption: string; chunkSize: string; compressionLevel?: string; compressionStrategy?: string }) => {
+    .option('--incremental-compression-level <n>', `zstd level of what incremental backups store (default ${DEFAULTS.incrementalCompressionLevel} with the default setting, else --compression-level)`)
+    .action(async (o: { encryption: string; chunkSize: string; compressionLevel?: string; compressionStrategy?: string; incrementalCompressionLevel?: string }) => {
       const g = env.globals();
       if (o.encryption !== 'aes-256-gcm' && o.encryption !== 'none') {
         throw new UsageError(`unknown encryption ${JSON.stringify(o.encryption)}`, 'use --encryption aes-256-gcm (default) or --encryption none');
@@ -26,14 +27,18 @@ export function registerRepoCommands(program: Command, env: CommandEnv): void {
       if (level !== undefined && (!Number.isInteger(level) || level < 0 || level > 19)) throw new UsageError('--compression-level must be 0..19');
       const strategy = o.compressionStrategy === undefined ? undefined : Number(o.compressionStrategy);
       if (strategy !== undefined && (!Number.isInteger(strategy) || strategy < 1 || strategy > 9)) throw new UsageError('--compression-strategy must be 1..9');
+      const incremental = o.incrementalCompressionLevel === undefined ? undefined : Number(o.incrementalCompressionLevel);
+      if (incremental !== undefined && (!Number.isInteger(incremental) || incremental < 0 || incremental > 19)) throw new UsageError('--incremental-compression-level must be 0..19');
       const store = await openStore(g, true);
       const passphrase = o.encryption === 'none' ? undefined : await readPassphrase(g, `protect the new repository at ${store.location}`, true);
       const { repo: r, recoveryKey } = await Repository.init(store, {
         encryption: o.encryption, passphrase, chunkSize: parseSize(o.chunkSize), compressionLevel: level, compressionStrategy: strategy,
+        incrementalCompressionLevel: incremental,
       });
       printResult(g, { ok: true, location: store.location, id: r.config.id, encryption: r.config.encryption, chunkSize: r.config.chunkSize, recoveryKey }, () => [
         `created repository ${r.config.id} at ${store.location}`,
-        `encryption: ${r.config.encryption}, chunk size ${formatBytes(r.config.chunkSize)}, zstd level ${r.config.compression.level}`,
+        `encryption: ${r.config.encryption}, chunk size ${formatBytes(r.config.chunkSize)}, zstd level ${r.config.compression.level}`
+          + (r.config.compression.incrementalLevel !== undefined ? ` (incremental backups: level ${r.config.compression.incrementalLevel})` : ''),
         ...(recoveryKey ? [
           '',
           'RECOVERY KEY — print it and keep it somewhere safe. It opens the repository if the passphrase is lost:',
