@@ -468,116 +468,179 @@ export async function runLiveVm(setting: LiveVmSetting): Promise<VmFacts> {
   }
   const facts: VmFacts = { image: setting.imageFacts, domainSetup: DOMAIN_SETUP, rewriteFiles: rendered.facts, runs: [] };
   const toolSetting: ToolSetting = { scratch: setting.scratch, repoRoot: setting.repoRoot, tresorCli: setting.tresorCli };
-  for (const tool of createTools(toolSetting, setting.tools)) {
-    const run: VmRunFacts = { tool: tool.name, label: tool.label, domain: domainName(tool.name) };
-    facts.runs.push(run);
-    try {
-      await runTool(setting, virsh, tool, run, rendered.writes, extra);
-    } catch (err) {
-      run.error = describeError(err);
-      runner.progress(`${tool.label}: run aborted: ${run.error}`);
-      // Steps the aborted run never reached count as failures of the run (and its exit status).
-      for (const step of STEPS) {
-        if (!runner.steps.some((s) => s.tool === tool.name && s.step === step)) runner.skip(tool.name, tool.label, step, `run aborted: ${run.error}`);
+  const runs = createTools(toolSetting, setting.tools).map((tool) => new ToolRun(setting, virsh, tool));
+  facts.runs.push(...runs.map((r) => r.facts));
+  // The tools take turns step by step (each round starting with the next tool), all domains
+  // running: a shared machine's speed drifts by tens of percent within minutes, and a tool that
+  // ran all its steps in a slow phase would be compared unfairly with one that ran in a fast one.
+  const rounds: Array<{ what: string; step: (r: ToolRun) => Promise<void> }> = [
+    { what: 'start', step: (r) => r.start() },
+    { what: 'full backup', step: (r) => r.fullBackup() },
+    { what: 'rewrite', step: (r) => r.rewrite(rendered.writes, true) },
+    { what: 'incremental backup', step: (r) => r.incremental(1) },
+    ...extra.flatMap((writes, k) => [
+      { what: `rewrite ${k + 2}`, step: (r: ToolRun) => r.rewrite(writes, false) },
+      { what: incrementalStep(k + 2), step: (r: ToolRun) => r.incremental(k + 2) },
+    ]),
+    { what: 'restore', step: (r) => r.restore() },
+  ];
+  try {
+    for (const [n, round] of rounds.entries()) {
+      for (let k = 0; k < runs.length; k++) {
+        const r = runs[(n + k) % runs.length];
+        if (r.stopped) continue;
+        try {
+          await round.step(r);
+        } catch (err) {
+          r.abort(describeError(err));
+        }
       }
     }
+  } finally {
+    for (const r of runs) await r.finish();
+    rmSync(join(vmDir, 'rewrite'), { recursive: true, force: true });
+    for (let n = 2; n <= setting.incrementals; n++) rmSync(join(vmDir, `rewrite-${n}`), { recursive: true, force: true });
   }
-  rmSync(join(vmDir, 'rewrite'), { recursive: true, force: true });
-  for (let n = 2; n <= setting.incrementals; n++) rmSync(join(vmDir, `rewrite-${n}`), { recursive: true, force: true });
   return facts;
 }
 
 const STEPS = ['full backup', 'incremental backup', 'restore'] as const;
 
-async function runTool(setting: LiveVmSetting, virsh: Virsh, tool: VmTool, run: VmRunFacts, writes: RewriteWrite[], extra: RewriteWrite[][]): Promise<void> {
-  const { runner } = setting;
-  const skipRest = (from: (typeof STEPS)[number], reason: string) => {
-    for (const step of STEPS.slice(STEPS.indexOf(from))) runner.skip(tool.name, tool.label, step, reason);
-  };
-  try {
-    tool.preflight();
-  } catch (err) {
-    skipRest('full backup', describeError(err));
-    return;
-  }
-  const vmDir = join(setting.scratch, 'vm');
-  const image = join(vmDir, `${tool.name}.qcow2`);
-  const copy = spawnSync('cp', ['--sparse=always', setting.image, image], { encoding: 'utf8' });
-  if (copy.status !== 0) throw new BenchVmError('bench-copy-failed', `cp ${setting.image} ${image}: ${copy.stderr.trim()}`);
-  const live = { path: image, format: 'qcow2' };
-  const consoleDir = sharedDir(join(vmDir, 'console'));
-  try {
-    await defineDomain(virsh, run.domain, image, join(consoleDir, `${tool.name}.log`));
-    await virsh.run(['start', run.domain], { operation: 'start', domain: run.domain });
-    const qemuPid = await qemuPidOf(run.domain);
-    run.qemuIdleCpuShare = await idleCpuShare(qemuPid);
-    runner.progress(`${tool.label}: domain ${run.domain} running (qemu pid ${qemuPid}, idle at ${(run.qemuIdleCpuShare ?? 0) * 100 | 0} % of a core)`);
+/** One tool's run on its own domain, driven phase by phase (runLiveVm interleaves the tools). */
+class ToolRun {
+  readonly facts: VmRunFacts;
+  /** No further step runs (a step failed, or the run was aborted). */
+  stopped = false;
+  readonly #setting: LiveVmSetting;
+  readonly #virsh: Virsh;
+  readonly #tool: VmTool;
+  readonly #image: string;
+  #qemuPid = 0;
+  #defined = false;
 
+  constructor(setting: LiveVmSetting, virsh: Virsh, tool: VmTool) {
+    this.#setting = setting;
+    this.#virsh = virsh;
+    this.#tool = tool;
+    this.#image = join(setting.scratch, 'vm', `${tool.name}.qcow2`);
+    this.facts = { tool: tool.name, label: tool.label, domain: domainName(tool.name) };
+  }
+
+  get #live(): { path: string; format: string } {
+    return { path: this.#image, format: 'qcow2' };
+  }
+
+  /** Records the steps from `from` on as skipped, and runs no more. */
+  #skipRest(from: (typeof STEPS)[number], reason: string): void {
+    for (const step of STEPS.slice(STEPS.indexOf(from))) this.#setting.runner.skip(this.#tool.name, this.#tool.label, step, reason);
+    this.stopped = true;
+  }
+
+  /** A step threw: the steps it never reached count as failures of the run (and its exit status). */
+  abort(error: string): void {
+    const { runner } = this.#setting;
+    this.facts.error = error;
+    runner.progress(`${this.#tool.label}: run aborted: ${error}`);
+    for (const step of STEPS) {
+      if (!runner.steps.some((s) => s.tool === this.#tool.name && s.step === step)) runner.skip(this.#tool.name, this.#tool.label, step, `run aborted: ${error}`);
+    }
+    this.stopped = true;
+  }
+
+  async start(): Promise<void> {
+    const { runner } = this.#setting;
+    const tool = this.#tool;
+    try {
+      tool.preflight();
+    } catch (err) {
+      return this.#skipRest('full backup', describeError(err));
+    }
+    const vmDir = join(this.#setting.scratch, 'vm');
+    const copy = spawnSync('cp', ['--sparse=always', this.#setting.image, this.#image], { encoding: 'utf8' });
+    if (copy.status !== 0) throw new BenchVmError('bench-copy-failed', `cp ${this.#setting.image} ${this.#image}: ${copy.stderr.trim()}`);
+    const consoleDir = sharedDir(join(vmDir, 'console'));
+    this.#defined = true;
+    await defineDomain(this.#virsh, this.facts.domain, this.#image, join(consoleDir, `${tool.name}.log`));
+    await this.#virsh.run(['start', this.facts.domain], { operation: 'start', domain: this.facts.domain });
+    this.#qemuPid = await qemuPidOf(this.facts.domain);
+    this.facts.qemuIdleCpuShare = await idleCpuShare(this.#qemuPid);
+    runner.progress(`${tool.label}: domain ${this.facts.domain} running (qemu pid ${this.#qemuPid}, idle at ${(this.facts.qemuIdleCpuShare ?? 0) * 100 | 0} % of a core)`);
     const init = tool.init();
     if (init !== undefined) {
-      mkdirSync(join(setting.scratch, 'repos'), { recursive: true });
+      mkdirSync(join(this.#setting.scratch, 'repos'), { recursive: true });
       const record = await runner.run({ tool: tool.name, label: tool.label, step: 'init', repoDir: tool.repoDir, command: () => init });
-      if (record.status !== 'ok') return skipRest('full backup', `init failed: ${record.error ?? ''}`);
+      if (record.status !== 'ok') this.#skipRest('full backup', `init failed: ${record.error ?? ''}`);
     }
-    const full = await runner.run({
-      tool: tool.name, label: tool.label, step: 'full backup', repoDir: tool.repoDir, qemuPid,
-      disk: { size: setting.size, allocated: setting.allocatedBefore },
-      command: () => tool.backup('full', run.domain),
+  }
+
+  async fullBackup(): Promise<void> {
+    const tool = this.#tool;
+    const full = await this.#setting.runner.run({
+      tool: tool.name, label: tool.label, step: 'full backup', repoDir: tool.repoDir, qemuPid: this.#qemuPid,
+      disk: { size: this.#setting.size, allocated: this.#setting.allocatedBefore },
+      command: () => tool.backup('full', this.facts.domain),
       after: (m) => tool.afterBackup('full', m),
     });
-    if (full.status !== 'ok') return skipRest('incremental backup', 'the full backup failed');
+    if (full.status !== 'ok') this.#skipRest('incremental backup', 'the full backup failed');
+  }
 
-    const rewriteStart = performance.now();
-    for (const write of writes) await qemuIoWrite(virsh, run.domain, DISK_TARGET, write);
-    run.rewriteSeconds = (performance.now() - rewriteStart) / 1000;
+  /** Writes a rewrite through the VM; the reference one (`check`) is compared with the rewritten corpus. */
+  async rewrite(writes: RewriteWrite[], check: boolean): Promise<void> {
+    const { runner } = this.#setting;
+    const domain = this.facts.domain;
+    const started = performance.now();
+    for (const write of writes) await qemuIoWrite(this.#virsh, domain, DISK_TARGET, write);
+    if (!check) return;
+    this.facts.rewriteSeconds = (performance.now() - started) / 1000;
     // Pausing flushes QEMU's qcow2 caches into the image, so qemu-img reads what the guest sees.
-    await virsh.run(['suspend', run.domain], { operation: 'suspend', domain: run.domain });
-    const check = imagesIdentical(live, { path: setting.rewrittenCorpus, format: 'raw' });
-    run.rewriteIdentical = check.identical;
-    await virsh.run(['resume', run.domain], { operation: 'resume', domain: run.domain });
-    runner.progress(`${tool.label}: ${writes.length} extents rewritten through the VM in ${run.rewriteSeconds.toFixed(1)} s; `
-      + `live disk ${check.identical ? 'equals' : 'DIFFERS FROM'} the rewritten corpus`);
-    if (!check.identical) return skipRest('incremental backup', `the rewrite through the VM differs from the corpus rewrite: ${lastLines(check.output, 2)}`);
+    await this.#virsh.run(['suspend', domain], { operation: 'suspend', domain });
+    const same = imagesIdentical(this.#live, { path: this.#setting.rewrittenCorpus, format: 'raw' });
+    this.facts.rewriteIdentical = same.identical;
+    await this.#virsh.run(['resume', domain], { operation: 'resume', domain });
+    runner.progress(`${this.#tool.label}: ${writes.length} extents rewritten through the VM in ${this.facts.rewriteSeconds.toFixed(1)} s; `
+      + `live disk ${same.identical ? 'equals' : 'DIFFERS FROM'} the rewritten corpus`);
+    if (!same.identical) this.#skipRest('incremental backup', `the rewrite through the VM differs from the corpus rewrite: ${lastLines(same.output, 2)}`);
+  }
 
-    const incremental = await runner.run({
-      tool: tool.name, label: tool.label, step: 'incremental backup', repoDir: tool.repoDir, qemuPid,
-      disk: { size: setting.size, allocated: setting.allocatedAfter },
-      command: () => tool.backup('incremental', run.domain),
+  async incremental(n: number): Promise<void> {
+    const tool = this.#tool;
+    const record = await this.#setting.runner.run({
+      tool: tool.name, label: tool.label, step: incrementalStep(n), repoDir: tool.repoDir, qemuPid: this.#qemuPid,
+      disk: { size: this.#setting.size, allocated: this.#setting.allocatedAfter },
+      command: () => tool.backup('incremental', this.facts.domain),
       after: (m) => tool.afterBackup('incremental', m),
     });
-    if (incremental.status !== 'ok') return skipRest('restore', 'the incremental backup failed');
-    for (const [k, more] of extra.entries()) {
-      const n = k + 2;
-      for (const write of more) await qemuIoWrite(virsh, run.domain, DISK_TARGET, write);
-      const next = await runner.run({
-        tool: tool.name, label: tool.label, step: incrementalStep(n), repoDir: tool.repoDir, qemuPid,
-        disk: { size: setting.size, allocated: setting.allocatedAfter },
-        command: () => tool.backup('incremental', run.domain),
-        after: (m) => tool.afterBackup('incremental', m),
-      });
-      if (next.status !== 'ok') return skipRest('restore', `incremental ${n} failed`);
-    }
-    await virsh.run(['suspend', run.domain], { operation: 'suspend', domain: run.domain });
+    if (record.status !== 'ok') this.#skipRest('restore', n === 1 ? 'the incremental backup failed' : `incremental ${n} failed`);
+  }
 
-    const target = join(setting.scratch, 'restore', tool.name);
+  /** Restores the last incremental and compares it with the paused live disk. */
+  async restore(): Promise<void> {
+    const tool = this.#tool;
+    const domain = this.facts.domain;
+    await this.#virsh.run(['suspend', domain], { operation: 'suspend', domain });
+    const target = join(this.#setting.scratch, 'restore', tool.name);
     rmSync(target, { recursive: true, force: true });
     mkdirSync(target, { recursive: true });
-    await runner.run({
-      tool: tool.name, label: tool.label, step: 'restore', disk: { size: setting.size, allocated: setting.allocatedAfter },
+    await this.#setting.runner.run({
+      tool: tool.name, label: tool.label, step: 'restore', disk: { size: this.#setting.size, allocated: this.#setting.allocatedAfter },
       helpers: tool.restoreHelpers(),
       command: () => tool.restore(target),
       after: () => {
         const restored = tool.restoredImage(target);
         if (restored === undefined) throw new BenchVmError('bench-no-restored-image', `the restore produced no disk image in ${target}`);
-        const compared = imagesIdentical(restored, live);
+        const compared = imagesIdentical(restored, this.#live);
         if (!compared.identical) throw new BenchVmError('bench-restore-differs', `the restored image differs from the live disk: ${lastLines(compared.output, 2)}`);
         return { verified: true, restoredAllocatedBytes: allocatedBytes(restored.path) };
       },
     });
     rmSync(target, { recursive: true, force: true });
-  } finally {
-    await finishDomain(virsh, run.domain, setting.keep).catch((err: unknown) => runner.progress(`cleanup of ${run.domain}: ${describeError(err)}`));
-    if (!setting.keep) rmSync(image, { force: true });
+  }
+
+  /** Removes the domain (with --keep: stops it) and its image. */
+  async finish(): Promise<void> {
+    if (!this.#defined) return;
+    await finishDomain(this.#virsh, this.facts.domain, this.#setting.keep).catch((err: unknown) => this.#setting.runner.progress(`cleanup of ${this.facts.domain}: ${describeError(err)}`));
+    if (!this.#setting.keep) rmSync(this.#image, { force: true });
   }
 }
 
