@@ -100,12 +100,15 @@ export async function restoreDisk(
 
   const restoreRun = async (run: ReadRun, slab: SharedArrayBuffer): Promise<void> => {
     const pack = packName(run.packId);
-    const data = await repo.store.read(pack, { offset: run.offset, length: run.length });
-    stats.bytesFetched += data.length;
-    // Delta chunks decode against their bases (plain chunks, mostly in other packs).
+    // Delta chunks decode against their bases (plain chunks, mostly in other packs), read at the
+    // same time as the run itself.
     const baseIds = run.blobs.flatMap((w) => (w.loc.base !== undefined ? [w.loc.base] : []));
-    const bases = baseIds.length === 0 ? undefined
-      : await readDeltaBases(repo, baseIds, (id) => `chunk ${id.toString('hex')} (the base of a delta chunk of snapshot ${snapshot})`, { trustAead: true, onFetch: (n) => { stats.bytesFetched += n; } });
+    const [data, bases] = await Promise.all([
+      repo.store.read(pack, { offset: run.offset, length: run.length }),
+      baseIds.length === 0 ? undefined
+        : readDeltaBases(repo, baseIds, (id) => `chunk ${id.toString('hex')} (the base of a delta chunk of snapshot ${snapshot})`, { trustAead: true, onFetch: (n) => { stats.bytesFetched += n; } }),
+    ]);
+    stats.bytesFetched += data.length;
     let at = 0;
     const items: DecodeItem[] = run.blobs.map((w) => {
       const base = w.loc.base !== undefined ? bases!.get(w.loc.base.toString('hex')) : undefined;
