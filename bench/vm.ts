@@ -473,24 +473,21 @@ export async function runLiveVm(setting: LiveVmSetting): Promise<VmFacts> {
   // The tools take turns step by step (each round starting with the next tool), all domains
   // running: a shared machine's speed drifts by tens of percent within minutes, and a tool that
   // ran all its steps in a slow phase would be compared unfairly with one that ran in a fast one.
-  const rounds: Array<{ what: string; step: (r: ToolRun) => Promise<void> }> = [
-    { what: 'start', step: (r) => r.start() },
-    { what: 'full backup', step: (r) => r.fullBackup() },
-    { what: 'rewrite', step: (r) => r.rewrite(rendered.writes, true) },
-    { what: 'incremental backup', step: (r) => r.incremental(1) },
-    ...extra.flatMap((writes, k) => [
-      { what: `rewrite ${k + 2}`, step: (r: ToolRun) => r.rewrite(writes, false) },
-      { what: incrementalStep(k + 2), step: (r: ToolRun) => r.incremental(k + 2) },
-    ]),
-    { what: 'restore', step: (r) => r.restore() },
+  const rounds: Array<(r: ToolRun) => Promise<void>> = [
+    (r) => r.start(),
+    (r) => r.fullBackup(),
+    (r) => r.rewrite(rendered.writes, true),
+    (r) => r.incremental(1),
+    ...extra.flatMap((writes, k) => [(r: ToolRun) => r.rewrite(writes, false), (r: ToolRun) => r.incremental(k + 2)]),
+    (r) => r.restore(),
   ];
   try {
-    for (const [n, round] of rounds.entries()) {
+    for (const [n, step] of rounds.entries()) {
       for (let k = 0; k < runs.length; k++) {
         const r = runs[(n + k) % runs.length];
         if (r.stopped) continue;
         try {
-          await round.step(r);
+          await step(r);
         } catch (err) {
           r.abort(describeError(err));
         }

@@ -139,6 +139,23 @@ describe('delta chunks', { timeout: 180_000 }, () => {
     return [...index.deltaBases()].map(([id, base]) => ({ id, base, loc: index.get(id)!, baseLoc: index.get(base) }));
   };
 
+  /** Syncs everything into a new repository with another key, then hands it to `check`. */
+  const syncToNewRepository = async (name: string, check: (target: Repository, targetPool: CodecPool) => Promise<void>): Promise<void> => {
+    const targetStore = await LocalStore.open(join(tmp.path, name), { create: true });
+    try {
+      const { repo: target } = await Repository.init(targetStore, { encryption: 'aes-256-gcm', passphrase: 'other', scrypt: { N: 1024, r: 8, p: 1 } });
+      const targetPool = new CodecPool(target.keys);
+      try {
+        await syncRepositories(repo, target, { sourcePool: pool, targetPool });
+        await check(target, targetPool);
+      } finally {
+        await targetPool.close();
+      }
+    } finally {
+      await targetStore.close();
+    }
+  };
+
   before(async () => {
     tmp = await tempDir('tresor-delta-');
     store = await LocalStore.open(join(tmp.path, 'repo'), { create: true });
@@ -224,25 +241,15 @@ describe('delta chunks', { timeout: 180_000 }, () => {
   });
 
   it('sync sends deltas as deltas against the target\'s copy of their base, into a repository with another key', async () => {
-    const targetStore = await LocalStore.open(join(tmp.path, 'target'), { create: true });
-    try {
-      const { repo: target } = await Repository.init(targetStore, { encryption: 'aes-256-gcm', passphrase: 'other', scrypt: { N: 1024, r: 8, p: 1 } });
-      const targetPool = new CodecPool(target.keys);
-      try {
-        await syncRepositories(repo, target, { sourcePool: pool, targetPool });
-        const sourceDeltas = await deltaEntries(repo);
-        const targetDeltas = await deltaEntries(target);
-        // Oldest first: the full snapshot's chunks (the bases) are there before the deltas.
-        assert.equal(targetDeltas.length, sourceDeltas.length);
-        for (const d of targetDeltas) assert.equal(d.baseLoc?.type, BlobType.chunk);
-        for (const s of snaps) await restoresAs(target, s.name, disks[snaps.indexOf(s)]);
-        assert.deepEqual((await verifyRepository(target, targetPool)).damage, []);
-      } finally {
-        await targetPool.close();
-      }
-    } finally {
-      await targetStore.close();
-    }
+    await syncToNewRepository('target', async (target, targetPool) => {
+      const sourceDeltas = await deltaEntries(repo);
+      const targetDeltas = await deltaEntries(target);
+      // Oldest first: the full snapshot's chunks (the bases) are there before the deltas.
+      assert.equal(targetDeltas.length, sourceDeltas.length);
+      for (const d of targetDeltas) assert.equal(d.baseLoc?.type, BlobType.chunk);
+      for (const s of snaps) await restoresAs(target, s.name, disks[snaps.indexOf(s)]);
+      assert.deepEqual((await verifyRepository(target, targetPool)).damage, []);
+    });
   });
 
   it('verify and check pass; garbage collection keeps bases after the snapshot that brought them is forgotten', async () => {
@@ -261,21 +268,11 @@ describe('delta chunks', { timeout: 180_000 }, () => {
   });
 
   it('sync stores a delta plain when its base never reaches the target (its snapshot was forgotten first)', async () => {
-    const targetStore = await LocalStore.open(join(tmp.path, 'target2'), { create: true });
-    try {
-      const { repo: target } = await Repository.init(targetStore, { encryption: 'aes-256-gcm', passphrase: 'other', scrypt: { N: 1024, r: 8, p: 1 } });
-      const targetPool = new CodecPool(target.keys);
-      try {
-        await syncRepositories(repo, target, { sourcePool: pool, targetPool });
-        assert.equal((await deltaEntries(target)).length, 0);
-        await restoresAs(target, snaps[1].name, disks[1]);
-        await restoresAs(target, snaps[2].name, disks[2]);
-      } finally {
-        await targetPool.close();
-      }
-    } finally {
-      await targetStore.close();
-    }
+    await syncToNewRepository('target2', async (target) => {
+      assert.equal((await deltaEntries(target)).length, 0);
+      await restoresAs(target, snaps[1].name, disks[1]);
+      await restoresAs(target, snaps[2].name, disks[2]);
+    });
   });
 
   it('a damaged base is named, with every delta it breaks and the snapshots they hold', async () => {
