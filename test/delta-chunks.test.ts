@@ -5,7 +5,8 @@
  * extents like a dirty bitmap: the deltas are made and small; every reader decodes them (restore,
  * the snapshot device behind file restore and instant recovery, verify, check, sync, which sends
  * them as deltas where the target has their base); garbage
- * collection keeps a base alive after the snapshot that brought it is forgotten; bases are never
+ * collection keeps a base alive after the snapshot that brought it is forgotten, also when it
+ * plans while the incremental that needs the base runs; bases are never
  * deltas themselves; a damaged base is named, and so is every delta and snapshot it breaks.
  */
 import { after, before, describe, it } from 'node:test';
@@ -275,6 +276,34 @@ describe('delta chunks', { timeout: 180_000 }, () => {
     });
   });
 
+  it('a garbage collection planned while an incremental with deltas runs keeps the bases it needs', async () => {
+    // Slots 2-4 of the newest snapshot are plain chunks: a 4 KiB change in each makes three deltas on them.
+    const parent = snaps[2];
+    const change = rewrite(disks[2], [2, 3, 4], 20_000, 4096, new Prng(17));
+    const session = await SnapshotSession.start(repo, 'delta test (gc race)');
+    let made: SnapshotManifest;
+    try {
+      const parentMap = await DiskMapReader.open(repo, parent.name, parent.disks[0]);
+      const r = await backupDisk(repo, session.pool, session.writer, new BitmapSource(change.data, change.dirty), { parent: parentMap });
+      assert.equal(r.stats.deltaChunks, 3);
+      const disk = { name: 'disk0', sourceFormat: 'raw', ...(await r.map.finish()) };
+      // Meanwhile the parent is forgotten and a gc plans: the bases are referenced by nothing committed.
+      await forgetSnapshots(repo, [parent.name]);
+      const pending = await collectGarbage(repo, { pool, maxWaitMs: 0, pollMs: 10, repackThreshold: 0.01 });
+      assert.equal(pending.complete, false, 'the gc waits for the running backup');
+      made = await session.commit({ type: 'image', id: 'delta', source: { kind: 'image-file', path: 'memory', format: 'raw' } },
+        new Date(Date.now() + 60_000), [disk], parent.name, r.stats);
+    } finally {
+      await session.close();
+    }
+    const done = await collectGarbage(repo, { pool, maxWaitMs: 5000, pollMs: 10 });
+    assert.equal(done.complete, true);
+    assert.ok(done.rescuedBlobs >= 3, `the bases are rescued (${done.rescuedBlobs} rescued)`);
+    for (const d of await deltaEntries(repo)) assert.equal(d.baseLoc?.type, BlobType.chunk, `base ${d.base.toString('hex')} is still there`);
+    await restoresAs(repo, made.name, change.data);
+    snaps.push(made);
+    disks.push(change.data);
+  });
   it('a damaged base is named, with every delta it breaks and the snapshots they hold', async () => {
     const [victim] = await deltaEntries(repo);
     const baseLoc = victim.baseLoc!;
@@ -289,8 +318,10 @@ describe('delta chunks', { timeout: 180_000 }, () => {
     const delta = report.damage.find((d) => d.object.startsWith(`delta chunk ${victim.id.toString('hex')}`));
     assert.ok(delta, 'the delta made against it is named');
     assert.match(delta.error, /its base cannot be read/);
-    assert.ok(delta.affects.some((a) => a.snapshot === snaps[1].name), 'with the snapshot that holds the delta');
-    await assert.rejects(restoreImage(repo, snaps[1].name, join(tmp.path, 'broken.raw'), { format: 'raw' }),
+    // With the snapshots that hold the delta (the one that made it, and later ones that kept the slot).
+    const broken = delta.affects.map((a) => a.snapshot);
+    assert.ok(broken.length > 0 && broken.every((name) => snaps.some((s) => s.name === name)), `affects ${broken.join(', ')}`);
+    await assert.rejects(restoreImage(repo, broken[0], join(tmp.path, 'broken.raw'), { format: 'raw' }),
       (err: Error) => /delta chunk .* cannot be decoded/.test(err.message) && err.message.includes(victim.base.toString('hex')));
   });
 });
