@@ -9,7 +9,7 @@
  * output stays sparse. Two units are in flight to keep storage and both cores busy.
  */
 import { ZERO_ID, isChunkType } from '../repo/codec.ts';
-import { readDeltaBases } from '../repo/blob-batch.ts';
+import { deltaBasesOf } from '../repo/blob-batch.ts';
 import { type CodecPool, transferable } from '../repo/codec-pool.ts';
 import type { DecodeItem } from '../repo/codec-ops.ts';
 import { DiskMapReader, slotLength, unitPieces } from '../repo/disk-map.ts';
@@ -102,23 +102,21 @@ export async function restoreDisk(
     const pack = packName(run.packId);
     // Delta chunks decode against their bases (plain chunks, mostly in other packs), read at the
     // same time as the run itself.
-    const baseIds = run.blobs.flatMap((w) => (w.loc.base !== undefined ? [w.loc.base] : []));
-    const [data, bases] = await Promise.all([
+    const [data, baseOf] = await Promise.all([
       repo.store.read(pack, { offset: run.offset, length: run.length }),
-      baseIds.length === 0 ? undefined
-        : readDeltaBases(repo, baseIds, (id) => `chunk ${id.toString('hex')} (the base of a delta chunk of snapshot ${snapshot})`, { trustAead: true, onFetch: (n) => { stats.bytesFetched += n; } }),
+      deltaBasesOf(repo, run.blobs.map((w) => w.loc), (id) => `chunk ${id.toString('hex')} (the base of a delta chunk of snapshot ${snapshot})`, { trustAead: true, onFetch: (n) => { stats.bytesFetched += n; } }),
     ]);
     stats.bytesFetched += data.length;
     let at = 0;
     const items: DecodeItem[] = run.blobs.map((w) => {
-      const base = w.loc.base !== undefined ? bases!.get(w.loc.base.toString('hex')) : undefined;
+      const base = baseOf(w.loc);
       if (base instanceof Error) {
         throw new DamageError('damaged-chunk', `snapshot ${snapshot} cannot be restored: delta chunk ${w.id.toString('hex')} of disk ${disk.name} cannot be decoded: ${base.message}`, {
           context: { snapshot, disk: disk.name, chunk: w.id.toString('hex'), base: w.loc.base!.toString('hex') },
         });
       }
       const item = {
-        type: w.loc.type, id: w.id, rawLength: w.loc.rawLength, at, ...(base !== undefined ? { base } : {}),
+        type: w.loc.type, id: w.id, rawLength: w.loc.rawLength, at, base,
         stored: data.subarray(w.loc.offset - run.offset, w.loc.offset - run.offset + w.loc.length),
         label: `chunk ${w.id.toString('hex')} in ${pack}`,
       };

@@ -13,10 +13,10 @@
  * Large reads (file data streamed by a restore) use cached chunks but do not fill the cache, so
  * they do not evict the filesystem metadata every lookup needs.
  */
-import { BlobType, type DeltaBase, ZERO_ID, decodeBlob, isChunkType } from '../repo/codec.ts';
+import { BlobType, ZERO_ID, decodeBlob, isChunkType } from '../repo/codec.ts';
 import type { CodecPool } from '../repo/codec-pool.ts';
 import type { BlobLocation } from '../repo/blob-index.ts';
-import { readDeltaBases, readOneBlob } from '../repo/blob-batch.ts';
+import { deltaBasesOf, readOneBlob } from '../repo/blob-batch.ts';
 import { pieceIds, slotCount, slotLength } from '../repo/disk-map.ts';
 import type { DiskRecord, SnapshotManifest } from '../repo/manifest.ts';
 import { packName } from '../repo/pack.ts';
@@ -306,31 +306,29 @@ class SnapshotDevice implements BlockDevice {
       context: { snapshot: this.#snapshot, disk: this.#disk.name, chunk: f.hex, pack, offset: f.diskOffset },
     });
     // Delta chunks decode against their bases (plain chunks, mostly in other packs).
-    const baseIds = fetches.flatMap((f) => (f.loc.base !== undefined ? [f.loc.base] : []));
-    const bases = baseIds.length === 0 ? undefined : await readDeltaBases(this.#repo, baseIds, (id) => `chunk ${id.toString('hex')} (the base of a delta chunk)`, {
+    const baseOf = await deltaBasesOf(this.#repo, fetches.map((f) => f.loc), (id) => `chunk ${id.toString('hex')} (the base of a delta chunk)`, {
       onFetch: (n) => {
         this.stats.bytesFetched += n;
         this.stats.storeReads++;
       },
     });
-    const baseOf = (f: Located): DeltaBase | Error | undefined => (f.loc.base !== undefined ? bases!.get(f.loc.base.toString('hex')) : undefined);
     if (this.#pool) {
       const results = await this.#pool.decode(fetches.map((f, i) => {
-        const base = baseOf(f);
+        const base = baseOf(f.loc);
         return {
           type: f.loc.type, id: f.id, stored: base instanceof Error ? new Uint8Array(0) : stored[i], rawLength: f.loc.rawLength, label: `chunk ${f.hex} in ${pack}`,
-          ...(base !== undefined && !(base instanceof Error) ? { base } : {}),
+          base: base instanceof Error ? undefined : base,
         };
       }));
       return results.map((r, i) => {
-        const base = baseOf(fetches[i]);
+        const base = baseOf(fetches[i].loc);
         if (base instanceof Error) return damage(fetches[i], `delta chunk ${fetches[i].hex} in ${pack} cannot be decoded: ${base.message}`);
         return r.ok ? Buffer.from(r.plain.buffer, r.plain.byteOffset, r.plain.byteLength) : damage(fetches[i], r.message);
       });
     }
     return fetches.map((f, i) => {
       try {
-        const base = baseOf(f);
+        const base = baseOf(f.loc);
         if (base instanceof Error) throw new Error(`delta chunk ${f.hex} in ${pack} cannot be decoded: ${base.message}`);
         return decodeBlob(this.#repo.keys, f.loc.type, f.id, stored[i], { id: f.id, maxLength: f.loc.rawLength, exactLength: true },
           () => ({ what: `chunk ${f.hex} in ${pack}`, context: {} }), base);

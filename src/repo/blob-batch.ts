@@ -60,6 +60,19 @@ export async function readDeltaBases(repo: Repository, baseIds: Iterable<Buffer>
   return bases;
 }
 
+/** For a location (index entry or pack entry): its base's plaintext, the error stopping it, or undefined for a plain blob. */
+export type DeltaBaseLookup = (loc: { base?: Buffer }) => DeltaBase | Error | undefined;
+
+/**
+ * Reads the bases of the delta chunks among `locs` (as readDeltaBases) and returns their lookup.
+ * Reads nothing when none of them is a delta.
+ */
+export async function deltaBasesOf(repo: Repository, locs: Iterable<{ base?: Buffer }>, what: (id: Buffer) => string, opts: BatchOptions = {}): Promise<DeltaBaseLookup> {
+  const ids = [...locs].flatMap((l) => (l.base !== undefined ? [l.base] : []));
+  const bases = ids.length === 0 ? new Map<string, DeltaBase | Error>() : await readDeltaBases(repo, ids, what, opts);
+  return (loc) => (loc.base === undefined ? undefined : bases.get(loc.base.toString('hex')));
+}
+
 /** One blob, with the same checks and errors as a batch of one. */
 export function readOneBlob(repo: Repository, item: BatchItem, opts: BatchOptions = {}): Promise<Buffer> {
   return new Promise((resolve, reject) => {

@@ -42,7 +42,7 @@ import { type DamagedCopy, readDamageRecords, writeDamageRecord } from './damage
 import {
   type GcPlan, type LockIdentity, type PlanHeader, blockersName, decodeBlockers, encodeBlockers, encodePlan, planName, readPlans,
 } from './gc-plan.ts';
-import { type BatchItem, readBlobBatch, readDeltaBases } from './blob-batch.ts';
+import { type BatchItem, deltaBasesOf, readBlobBatch } from './blob-batch.ts';
 import type { BlobLocation } from './blob-index.ts';
 import { pieceIds } from './disk-map.ts';
 import { IdSet } from './id-set.ts';
@@ -461,15 +461,13 @@ class GarbageCollection {
       if ((packSizes.get(c.hex) ?? 0) < to) continue; // truncated: left alone for `tresor check` to report
       const data = await repo.store.read(name, { offset: from, length: to - from });
       // A delta chunk is checked against its base (read from wherever the plan's index has it).
-      const baseIds = sorted.flatMap((e) => (e.base !== undefined ? [e.base] : []));
-      const bases = baseIds.length === 0 ? undefined : await readDeltaBases(repo, baseIds, (id) => `chunk ${id.toString('hex')}`, { locate });
-      const baseOf = (e: PackEntry) => (e.base !== undefined ? bases!.get(e.base.toString('hex')) : undefined);
+      const baseOf = await deltaBasesOf(repo, sorted, (id) => `chunk ${id.toString('hex')}`, { locate });
       // Verdicts only: the stored bytes are copied as they are, the plaintext is not needed.
       const results = await this.#opts.pool.check(sorted.map((e) => {
         const base = baseOf(e);
         return {
           type: e.type, id: e.id, rawLength: e.rawLength, stored: data.subarray(e.offset - from, e.offset - from + e.length),
-          label: `${blobTypeName(e.type)} ${e.id.toString('hex')} in ${name}`, ...(base !== undefined && !(base instanceof Error) ? { base } : {}),
+          label: `${blobTypeName(e.type)} ${e.id.toString('hex')} in ${name}`, base: base instanceof Error ? undefined : base,
         };
       }));
       const verdict = (e: PackEntry, i: number): string | undefined => {

@@ -23,7 +23,7 @@ import { mapLimit } from '../util/concurrency.ts';
 import { credentialAccess } from './access.ts';
 import { type BlobLocation, entryLocation } from './blob-index.ts';
 import { BLOB_TYPE_NAMES, BlobType, type DeltaBase, ZERO_ID } from './codec.ts';
-import { readDeltaBases } from './blob-batch.ts';
+import { deltaBasesOf } from './blob-batch.ts';
 import { type CodecPool, transferable } from './codec-pool.ts';
 import { releaseBuffer } from '../util/bytes.ts';
 import { DiskMapReader, diskMapDigest, storeMapBlob, storeMapNodes, unitPieces } from './disk-map.ts';
@@ -338,24 +338,23 @@ async function readChunks(source: Repository, pool: CodecPool, group: Array<{ id
   const pack = packName(group[0].loc.packId);
   const from = group[0].loc.offset;
   const to = Math.max(...group.map((w) => w.loc.offset + w.loc.length));
-  const baseIds = group.flatMap((w) => (w.loc.base !== undefined ? [w.loc.base] : []));
-  const bases = baseIds.length === 0 ? undefined
-    : await readDeltaBases(source, baseIds, (id) => `chunk ${id.toString('hex')} (the base of a delta chunk of snapshot ${snapshot})`);
+  const baseOf = await deltaBasesOf(source, group.map((w) => w.loc), (id) => `chunk ${id.toString('hex')} (the base of a delta chunk of snapshot ${snapshot})`);
   const data = await source.store.read(pack, { offset: from, length: to - from });
-  const results = await pool.decode(group.map((w) => {
-    const base = w.loc.base !== undefined ? bases!.get(w.loc.base.toString('hex')) : undefined;
+  const bases = group.map((w) => {
+    const base = baseOf(w.loc);
     if (base instanceof Error) {
       throw new TresorError('sync-source-damaged', `cannot copy snapshot ${snapshot}: delta chunk ${w.id.toString('hex')} cannot be decoded: ${base.message}`, {
         hint: 'run `tresor verify` on the source; a new backup of the same data heals it, then sync again', context: { snapshot, pack },
       });
     }
-    return {
-      type: w.loc.type, id: w.id, rawLength: w.loc.rawLength,
-      stored: data.subarray(w.loc.offset - from, w.loc.offset - from + w.loc.length),
-      label: `${BLOB_TYPE_NAMES[w.loc.type]} ${w.id.toString('hex')} in ${pack} (snapshot ${snapshot})`,
-      ...(base !== undefined ? { base } : {}),
-    };
-  }), transferable(data));
+    return base;
+  });
+  const results = await pool.decode(group.map((w, i) => ({
+    type: w.loc.type, id: w.id, rawLength: w.loc.rawLength,
+    stored: data.subarray(w.loc.offset - from, w.loc.offset - from + w.loc.length),
+    label: `${BLOB_TYPE_NAMES[w.loc.type]} ${w.id.toString('hex')} in ${pack} (snapshot ${snapshot})`,
+    base: bases[i],
+  })), transferable(data));
   const plains = results.map((r) => {
     if (!r.ok) {
       throw new TresorError('sync-source-damaged', `cannot copy snapshot ${snapshot}: ${r.message}`, {
@@ -364,7 +363,7 @@ async function readChunks(source: Repository, pool: CodecPool, group: Array<{ id
     }
     return Buffer.from(r.plain.buffer, r.plain.byteOffset, r.plain.byteLength);
   });
-  return { plains, bases: group.map((w) => (w.loc.base !== undefined ? bases!.get(w.loc.base.toString('hex')) as DeltaBase : undefined)) };
+  return { plains, bases };
 }
 
 /**

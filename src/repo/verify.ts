@@ -15,7 +15,7 @@
 import { ZERO_ID, BlobType, BLOB_TYPE_NAMES, type BlobTypeValue } from './codec.ts';
 import { type CodecPool, transferable } from './codec-pool.ts';
 import type { DecodeItem } from './codec-ops.ts';
-import { type BatchItem, readBlobBatch, readDeltaBases } from './blob-batch.ts';
+import { type BatchItem, deltaBasesOf, readBlobBatch } from './blob-batch.ts';
 import { DiskMapReader } from './disk-map.ts';
 import type { SnapshotManifest } from './manifest.ts';
 import { packIdFromName, packName } from './pack.ts';
@@ -214,23 +214,20 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
         bytesRead += data.length;
         const slice = list.slice(i, j);
         // Delta chunks are checked against their bases, read (and identity-checked) again here.
-        const baseIds = slice.flatMap((b) => (b.loc.base !== undefined ? [b.loc.base] : []));
-        const bases = baseIds.length === 0 ? undefined
-          : await readDeltaBases(repo, baseIds, (id) => `chunk ${id.toString('hex')}`, { onFetch: (n) => { bytesRead += n; } });
-        const baseOf = (b: { loc: BlobLocation }) => (b.loc.base !== undefined ? bases!.get(b.loc.base.toString('hex')) : undefined);
+        const baseOf = await deltaBasesOf(repo, slice.map((b) => b.loc), (id) => `chunk ${id.toString('hex')}`, { onFetch: (n) => { bytesRead += n; } });
         const items: DecodeItem[] = slice.map((b) => {
-          const base = baseOf(b);
+          const base = baseOf(b.loc);
           return {
             type: b.loc.type, id: Buffer.from(b.hex, 'hex'), rawLength: b.loc.rawLength,
             stored: data.subarray(b.loc.offset - from, b.loc.offset - from + b.loc.length), label: `${BLOB_TYPE_NAMES[b.loc.type]} ${b.hex} in ${pack}`,
-            ...(base !== undefined && !(base instanceof Error) ? { base } : {}),
+            base: base instanceof Error ? undefined : base,
           };
         });
         // The range moves to the worker (detached here): no copy, and freed there once checked.
         const results = await pool.check(items, transferable(data));
         results.forEach((r, n) => {
           const b = slice[n];
-          const base = baseOf(b);
+          const base = baseOf(b.loc);
           const error = base instanceof Error ? `its base cannot be read: ${base.message}` : r.ok ? undefined : r.message;
           if (error !== undefined) bad.set(b.hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[b.loc.type]} ${b.hex} in ${pack}`, error, affects: [], copy: { id: b.hex, type: b.loc.type, pack: b.loc.packId.toString('hex') } });
         });
