@@ -60,9 +60,10 @@ export async function backupDisk(
   const index = await repo.index();
   const map = new DiskMapWriter(repo, writer, source.size, chunkSize, repo.config.pieceSlots);
   const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0, deltaChunks: 0 };
-  const deltas = parent !== undefined && repo.deltaChunks;
-  // An incremental stores its new chunks at the repository's incremental level, if it sets one.
+  // An incremental stores its new chunks at the repository's incremental level, if it sets one;
+  // at level 0 (no compression) there are no deltas, so no base is read for them.
   const incrementalLevel = parent !== undefined ? repo.incrementalCompressionLevel : undefined;
+  const deltas = parent !== undefined && repo.deltaChunks && incrementalLevel !== 0;
   const slots = slotCount(source.size, chunkSize);
   const batchBytes = Math.max(chunkSize, opts.batchBytes ?? 2 << 20);
   const slotsPerBatch = Math.floor(batchBytes / chunkSize);
