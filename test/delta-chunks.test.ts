@@ -30,67 +30,13 @@ import { backupDisk, type DiskBackupStats } from '../src/engine/disk-backup.ts';
 import { restoreImage } from '../src/engine/image-restore.ts';
 import { openSnapshotDisk } from '../src/engine/snapshot-device.ts';
 import { SnapshotSession } from '../src/engine/snapshot-writer.ts';
-import type { DiskSource, Extent } from '../src/image/disk.ts';
+import { BLOCK, BitmapSource, Prng, text } from './helpers/bitmap-disk.ts';
 import { tempDir } from './helpers/tmp.ts';
 
 const PASS = 'delta chunk test passphrase';
 const CHUNK = 128 << 10;
-const BLOCK = 64 << 10; // a dirty bitmap's granularity
 const SLOTS = 48;
 const SIZE = SLOTS * CHUNK;
-
-/** A disk in memory whose extents say which 64 KiB blocks changed since the parent (a dirty bitmap). */
-class BitmapSource implements DiskSource {
-  readonly size = SIZE;
-  readonly format = 'raw';
-  readonly description = 'test disk';
-  readonly data: Buffer;
-  readonly #dirty: Set<number> | undefined;
-  readonly #zeroed: Set<number>;
-
-  /** `zeroedBlocks`: changed blocks that now read as zeros (discarded by the guest). */
-  constructor(data: Buffer, dirtyBlocks?: Set<number>, zeroedBlocks = new Set<number>()) {
-    this.data = Buffer.from(data);
-    this.#dirty = dirtyBlocks;
-    this.#zeroed = zeroedBlocks;
-    for (const b of zeroedBlocks) this.data.fill(0, b * BLOCK, (b + 1) * BLOCK);
-  }
-
-  async *extents(offset: number, length: number): AsyncIterable<Extent> {
-    for (let at = offset; at < offset + length; at += BLOCK) {
-      const kind = this.#zeroed.has(at / BLOCK) ? 'zero' : this.#dirty === undefined || this.#dirty.has(at / BLOCK) ? 'data' : 'unchanged';
-      yield { offset: at, length: Math.min(BLOCK, offset + length - at), kind };
-    }
-  }
-
-  async read(offset: number, length: number): Promise<Buffer> {
-    return Buffer.from(this.data.subarray(offset, offset + length));
-  }
-
-  async close(): Promise<void> {}
-}
-
-/** A small seeded generator (mulberry32): the text is the same on every run. */
-class Prng {
-  #s: number;
-  constructor(seed: number) {
-    this.#s = seed >>> 0;
-  }
-  next(): number {
-    let t = (this.#s = (this.#s + 0x6d2b79f5) >>> 0);
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  }
-}
-
-/** Log-like text: compresses, like most of a real disk. */
-function text(prng: Prng, n: number): Buffer {
-  const words = ['backup', 'restore', 'chunk', 'snapshot', 'guest', 'kernel', 'disk', 'bitmap', 'repository', 'delta'];
-  let s = '';
-  while (s.length < n) s += `${new Date(1_700_000_000_000 + prng.next() * 1e9).toISOString()} ${words[Math.floor(prng.next() * words.length)]} ${Math.floor(prng.next() * 1e6)}\n`;
-  return Buffer.from(s.slice(0, n));
-}
 
 describe('delta chunks', { timeout: 180_000 }, () => {
   let tmp: { path: string; cleanup(): Promise<void> };
@@ -144,7 +90,7 @@ describe('delta chunks', { timeout: 180_000 }, () => {
   const syncToNewRepository = async (name: string, check: (target: Repository, targetPool: CodecPool) => Promise<void>): Promise<void> => {
     const targetStore = await LocalStore.open(join(tmp.path, name), { create: true });
     try {
-      const { repo: target } = await Repository.init(targetStore, { encryption: 'aes-256-gcm', passphrase: 'other', scrypt: { N: 1024, r: 8, p: 1 } });
+      const { repo: target } = await Repository.init(targetStore, { encryption: 'aes-256-gcm', passphrase: 'other', scrypt: { N: 1024, r: 8, p: 1 }, dictionaryBytes: 0 });
       const targetPool = new CodecPool(target.keys);
       try {
         await syncRepositories(repo, target, { sourcePool: pool, targetPool });
@@ -160,7 +106,7 @@ describe('delta chunks', { timeout: 180_000 }, () => {
   before(async () => {
     tmp = await tempDir('tresor-delta-');
     store = await LocalStore.open(join(tmp.path, 'repo'), { create: true });
-    ({ repo } = await Repository.init(store, { encryption: 'aes-256-gcm', passphrase: PASS, scrypt: { N: 1024, r: 8, p: 1 }, packSize: 1 << 20 }));
+    ({ repo } = await Repository.init(store, { encryption: 'aes-256-gcm', passphrase: PASS, scrypt: { N: 1024, r: 8, p: 1 }, packSize: 1 << 20, dictionaryBytes: 0 }));
     pool = new CodecPool(repo.keys);
     // Even slots text, odd slots random; slot 7 left as a hole.
     const prng = new Prng(7);

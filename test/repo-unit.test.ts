@@ -7,7 +7,7 @@ import zlib from 'node:zlib';
 import { LocalStore } from '../src/store/local.ts';
 import { Repository } from '../src/repo/repository.ts';
 import { BlobIndex } from '../src/repo/blob-index.ts';
-import { BlobType, ZERO_ID, computeId, decodeBlob, encodeBlob, encodeChunk, frameContentSize, type CodecKeys } from '../src/repo/codec.ts';
+import { BlobType, ZERO_ID, computeId, decodeBlob, encodeBlob, dictionaryCandidate, encodeChunk, frameContentSize, type CodecKeys } from '../src/repo/codec.ts';
 import { CodecPool } from '../src/repo/codec-pool.ts';
 import { decodePackHeader, encodePackHeader } from '../src/repo/pack.ts';
 import { formatRecoveryKey, generateMasterKey, parseRecoveryKey } from '../src/repo/keys.ts';
@@ -199,6 +199,83 @@ describe('repository config', () => {
       await tmp.cleanup();
     }
   });
+
+  it('samples 32 KiB dictionaries with the default setting, others as asked or none; refuses sizes it cannot use', async () => {
+    const tmp = await tempDir('tresor-config-');
+    try {
+      const cases: Array<[Parameters<typeof Repository.init>[1], number | undefined]> = [
+        [{ encryption: 'none' }, 32 << 10],
+        [{ encryption: 'none', dictionaryBytes: 0 }, undefined],
+        [{ encryption: 'none', compressionLevel: 5 }, undefined],
+        [{ encryption: 'none', compressionLevel: 5, dictionaryBytes: 16 << 10 }, 16 << 10],
+        [{ encryption: 'none', compressionLevel: 0, dictionaryBytes: 16 << 10 }, undefined], // no compression, no dictionaries
+        [{ encryption: 'none', chunkSize: 16 << 10 }, 8 << 10], // at most half a chunk
+        [{ encryption: 'none', chunkSize: 4 << 10 }, undefined],
+      ];
+      for (const [i, [opts, expected]] of cases.entries()) {
+        const store = await LocalStore.open(join(tmp.path, `d${i}`), { create: true });
+        await Repository.init(store, opts);
+        assert.equal((await Repository.open(store, async () => '')).dictionaryBytes, expected, JSON.stringify(opts));
+        await store.close();
+      }
+      for (const bad of [1000, 5000, 128 << 10, 256 << 10]) {
+        const store = await LocalStore.open(join(tmp.path, `bad${bad}`), { create: true });
+        await assert.rejects(Repository.init(store, { encryption: 'none', dictionaryBytes: bad }), /dictionary size/);
+        await store.close();
+      }
+      // A config with a size no writer may use is damage, not a setting.
+      const store = await LocalStore.open(join(tmp.path, 'd0'));
+      const config = JSON.parse((await store.read('config')).toString());
+      config.compression.dictionaryBytes = 300 << 10;
+      await store.delete('config');
+      await store.create('config', Buffer.from(JSON.stringify(config)));
+      await assert.rejects(Repository.open(store, async () => ''), /invalid values/);
+      await store.close();
+    } finally {
+      await tmp.cleanup();
+    }
+  });
+});
+
+describe('compression dictionaries (codec)', () => {
+  for (const encrypted of [true, false]) {
+    it(`a compressible chunk is a delta against the dictionary; incompressible data and unusable dictionaries are not (${encrypted ? 'encrypted' : 'unencrypted'})`, () => {
+      const keys: CodecKeys = { master: encrypted ? generateMasterKey() : undefined, compressionLevel: 3 };
+      const line = (i: number) => `2026-11-23T05:${String(i % 60).padStart(2, '0')}:00Z web-0${i % 4} GET /api/orders/${(i * 7919) % 100000} 200 ${(i * 31) % 5000}\n`;
+      const textOf = (from: number, n: number) => Buffer.from(Array.from({ length: n }, (_, i) => line(from + i)).join('')).subarray(0, 128 << 10);
+      const chunk = textOf(0, 4000);
+      const dictPlain = textOf(50_000, 1000).subarray(0, 32 << 10);
+      const dictionary = { id: computeId(keys, dictPlain), plain: dictPlain };
+      const id = computeId(keys, chunk);
+      const made = encodeChunk(keys, id, chunk, undefined, undefined, dictionary);
+      assert.equal(made.type, BlobType.deltaChunk);
+      assert.ok(made.base !== undefined && Buffer.from(made.base).equals(dictionary.id), 'the result names the dictionary as its base');
+      assert.ok(made.ratio !== undefined && made.ratio < 0.5);
+      const expect = { id, maxLength: chunk.length, exactLength: true };
+      const label = () => ({ what: 'delta chunk x', context: {} });
+      assert.ok(decodeBlob(keys, made.type, id, made.blob, expect, label, dictionary).equals(chunk));
+      assert.throws(() => decodeBlob(keys, made.type, id, made.blob, expect, label), /cannot be decoded without its base/);
+      // A chunk given a parent base never falls back to the dictionary (its caller records that base).
+      const parent = Buffer.from(chunk);
+      parent.fill(0x41, 0, 64 << 10);
+      const withBase = encodeChunk(keys, id, chunk, { id: computeId(keys, parent), plain: parent }, undefined, dictionary);
+      assert.ok(withBase.type === BlobType.chunk || Buffer.from(withBase.base!).equals(computeId(keys, parent)));
+      // Random data is sampled as incompressible: plain.
+      const noise = randomBytes(128 << 10);
+      assert.equal(encodeChunk(keys, computeId(keys, noise), noise, undefined, undefined, dictionary).type, BlobType.chunk);
+      // A dictionary that starts like a zstd dictionary would be parsed as one: never used, never proposed.
+      const magic = Buffer.from(dictPlain);
+      magic.set([0x37, 0xa4, 0x30, 0xec], 0);
+      assert.equal(encodeChunk(keys, id, chunk, undefined, undefined, { id: computeId(keys, magic), plain: magic }).type, BlobType.chunk);
+      const tailMagic = Buffer.from(chunk);
+      tailMagic.set([0x37, 0xa4, 0x30, 0xec], chunk.length - (32 << 10));
+      assert.equal(dictionaryCandidate(tailMagic, 0.2, 32 << 10), undefined);
+      assert.ok(Buffer.from(dictionaryCandidate(chunk, 0.2, 32 << 10)!).equals(chunk.subarray(chunk.length - (32 << 10))));
+      assert.equal(dictionaryCandidate(chunk, 0.9, 32 << 10), undefined, 'data that compresses poorly is no dictionary');
+      // A chunk identical to the dictionary is never a delta against itself.
+      assert.equal(encodeChunk(keys, dictionary.id, dictPlain, undefined, undefined, dictionary).type, BlobType.chunk);
+    });
+  }
 });
 
 describe('delta chunks (codec)', () => {

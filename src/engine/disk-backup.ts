@@ -11,10 +11,15 @@
  * With a parent, a chunk the source marks changed only in part (a dirty bitmap is 64 KiB, a chunk
  * larger) is encoded as a delta against the parent's chunk in that slot: the unchanged part costs
  * almost nothing to store (docs/repository-format.md §4). Only plain chunks serve as bases.
+ *
+ * With compression dictionaries configured (§4), every other compressible new chunk is a delta
+ * against the disk's current dictionary: a piece of a chunk of this disk that compressed well,
+ * stored as a plain chunk of its own. A worker proposes one with its reply to an encode; a new
+ * one is taken after every DICTIONARY_SPAN bytes read, as data near each other on a disk is alike.
  */
 import { ZERO_ID, BlobType, type DeltaBase } from '../repo/codec.ts';
 import { readDeltaBases } from '../repo/blob-batch.ts';
-import type { CodecPool, HashedBatch } from '../repo/codec-pool.ts';
+import type { CodecPool, DictionaryProposal, HashedBatch } from '../repo/codec-pool.ts';
 import { DiskMapReader, DiskMapWriter, slotCount } from '../repo/disk-map.ts';
 import type { PackWriter } from '../repo/pack-writer.ts';
 import type { Repository } from '../repo/repository.ts';
@@ -31,7 +36,29 @@ export interface DiskBackupStats {
   unchangedChunks: number;
   /** New chunks stored as deltas against the parent's chunk in their slot. */
   deltaChunks: number;
+  /** New chunks stored as deltas against a compression dictionary. */
+  dictionaryChunks: number;
+  /** Compression dictionaries taken (stored, or already in the repository). */
+  dictionaries: number;
 }
+
+export function emptyDiskBackupStats(): DiskBackupStats {
+  return { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0, deltaChunks: 0, dictionaryChunks: 0, dictionaries: 0 };
+}
+
+export function addDiskBackupStats(into: DiskBackupStats, s: DiskBackupStats): void {
+  for (const k of Object.keys(into) as Array<keyof DiskBackupStats>) into[k] += s[k];
+}
+
+/** "12 new chunks (2 as deltas, 7 against 1 dictionary)": for job logs. */
+export function newChunksText(s: DiskBackupStats): string {
+  const parts = [`${s.deltaChunks} as deltas`];
+  if (s.dictionaryChunks > 0) parts.push(`${s.dictionaryChunks} against ${s.dictionaries} ${s.dictionaries === 1 ? 'dictionary' : 'dictionaries'}`);
+  return `${s.newChunks} new chunks (${parts.join(', ')})`;
+}
+
+/** Bytes read between two compression dictionaries of one disk. */
+const DICTIONARY_SPAN = 64 << 20;
 
 export interface DiskBackupOptions {
   /** Parent disk map for `unchanged` extents (incremental). Must have the same size and chunk size. */
@@ -43,6 +70,8 @@ export interface DiskBackupOptions {
   inFlight?: number;
   /** Bytes per batch (default 2 MiB, at least one chunk; codec-pool.ts sizes its output buffers for it). */
   batchBytes?: number;
+  /** Bytes read between two compression dictionaries (default DICTIONARY_SPAN). */
+  dictionarySpan?: number;
 }
 
 type SlotPlan = 'hole' | 'parent' | 'read';
@@ -59,11 +88,16 @@ export async function backupDisk(
   }
   const index = await repo.index();
   const map = new DiskMapWriter(repo, writer, source.size, chunkSize, repo.config.pieceSlots);
-  const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0, deltaChunks: 0 };
+  const stats = emptyDiskBackupStats();
   // An incremental stores its new chunks at the repository's incremental level, if it sets one;
   // at level 0 (no compression) there are no deltas, so no base is read for them.
   const incrementalLevel = parent !== undefined ? repo.incrementalCompressionLevel : undefined;
   const deltas = parent !== undefined && repo.deltaChunks && incrementalLevel !== 0;
+  const dictionaryBytes = incrementalLevel !== 0 ? repo.dictionaryBytes : undefined;
+  // The disk's current dictionary; `blob` until the first delta against it stores it.
+  let dictionary: (DeltaBase & { blob?: Buffer; used?: boolean }) | undefined;
+  let readSinceDictionary = 0;
+  const dictionarySpan = opts.dictionarySpan ?? DICTIONARY_SPAN;
   const slots = slotCount(source.size, chunkSize);
   const batchBytes = Math.max(chunkSize, opts.batchBytes ?? 2 << 20);
   const slotsPerBatch = Math.floor(batchBytes / chunkSize);
@@ -167,7 +201,8 @@ export async function backupDisk(
         const p = Math.floor(slot / parent!.disk.pieceSlots);
         const at = (slot - p * parent!.disk.pieceSlots) * 32;
         const id = (await parent!.piece(p)).subarray(at, at + 32);
-        if (!ZERO_ID.equals(id) && index.get(id)?.type === BlobType.chunk && !repo.avoids(id)) base = Buffer.from(id);
+        // (A chunk as long as a dictionary is never a delta: dictionaries are plain chunks.)
+        if (!ZERO_ID.equals(id) && index.get(id)?.type === BlobType.chunk && !repo.avoids(id) && slotLength(firstSlot + k) !== dictionaryBytes) base = Buffer.from(id);
       }
       wanted.push(base);
     }
@@ -197,19 +232,54 @@ export async function backupDisk(
       map.set(firstSlot + k, id);
     }
     const bases = partial !== undefined && encodeWhich.length > 0 ? await deltaBases(firstSlot, encodeWhich, partial) : undefined;
-    const { blobs, types, release } = await pool.encode(hashed, encodeWhich, BlobType.chunk, bases, incrementalLevel);
+    const dict = dictionary;
+    readSinceDictionary += length;
+    const propose = dictionaryBytes !== undefined && encodeWhich.length > 0 && (dict === undefined || readSinceDictionary >= dictionarySpan) ? dictionaryBytes : undefined;
+    const { blobs, types, proposal, release } = await pool.encode(hashed, encodeWhich, BlobType.chunk, { bases, level: incrementalLevel, dictionary: dict, propose });
     try {
+      if (proposal !== undefined && (dictionary === undefined || readSinceDictionary >= dictionarySpan)) takeDictionary(proposal);
       for (let n = 0; n < blobs.length; n++) {
         const k = encodeWhich[n];
         const id = Buffer.from(hashed.ids.subarray(k * 32, k * 32 + 32));
-        const delta = types[n] === BlobType.deltaChunk;
-        await writer.add(types[n], id, blobs[n], Math.min(chunkSize, source.size - (firstSlot + k) * chunkSize), delta ? Buffer.from(bases![n]!.id) : undefined);
+        // A chunk given a base is a delta against it or plain; any other delta is the dictionary's.
+        const base = types[n] !== BlobType.deltaChunk ? undefined : bases?.[n] ?? dict;
+        if (types[n] === BlobType.deltaChunk && base === undefined) throw new Error(`bug: delta chunk ${id.toString('hex')} without a base`);
+        if (base !== undefined && base === dict) await storeDictionary(dict);
+        await writer.add(types[n], id, blobs[n], slotLength(firstSlot + k), base !== undefined ? Buffer.from(base.id) : undefined);
         stats.newChunks++;
-        if (delta) stats.deltaChunks++;
+        if (base === undefined) continue;
+        if (base === dict) stats.dictionaryChunks++;
+        else stats.deltaChunks++;
       }
     } finally {
       release();
     }
+  };
+
+  const slotLength = (slot: number): number => Math.min(chunkSize, source.size - slot * chunkSize);
+
+  /**
+   * Makes a worker's proposal the disk's dictionary: a plain chunk that is already in the
+   * repository (and may be used, like any reused chunk), or is stored with the first delta made
+   * against it (so an incremental whose last new chunk brought it stores none that is unused).
+   */
+  const takeDictionary = (p: DictionaryProposal): void => {
+    const known = index.get(p.id);
+    if (known !== undefined && (known.type !== BlobType.chunk || repo.avoids(p.id))) return;
+    dictionary = { id: p.id, plain: p.plain, ...(known === undefined ? { blob: p.blob } : {}) };
+    readSinceDictionary = 0;
+  };
+
+  /**
+   * Before the first delta against `dict` is written. When another path of this session claimed
+   * the same id, it stores these bytes as a plain chunk too: only a chunk as long as a dictionary
+   * could have them, and such a chunk is never a delta (codec.ts encodeChunk, deltaBases).
+   */
+  const storeDictionary = async (dict: DeltaBase & { blob?: Buffer; used?: boolean }): Promise<void> => {
+    if (dict.used) return;
+    dict.used = true;
+    stats.dictionaries++;
+    if (dict.blob !== undefined && writer.claim(Buffer.from(dict.id))) await writer.add(BlobType.chunk, Buffer.from(dict.id), dict.blob, dict.plain.length);
   };
 
   const running = new Set<Promise<void>>();

@@ -9,7 +9,7 @@
  * output stays sparse. Two units are in flight to keep storage and both cores busy.
  */
 import { ZERO_ID, isChunkType } from '../repo/codec.ts';
-import { deltaBasesOf } from '../repo/blob-batch.ts';
+import { deltaBasesOf, newBaseCache } from '../repo/blob-batch.ts';
 import { type CodecPool, transferable } from '../repo/codec-pool.ts';
 import type { DecodeItem } from '../repo/codec-ops.ts';
 import { DiskMapReader, slotLength, unitPieces } from '../repo/disk-map.ts';
@@ -58,6 +58,8 @@ export async function restoreDisk(
   // up front, and the number of buffers bounds the runs in flight (each also holds ≤ maxRead).
   const slabBytes = Math.max(4 << 20, disk.chunkSize);
   const slabs = new SharedBufferPool(Math.max(1, Math.floor((opts.inFlightBytes ?? 24 << 20) / (slabBytes + maxRead))), slabBytes);
+  // Compression dictionaries are the bases of thousands of chunks: read once.
+  const baseCache = newBaseCache();
   let done = 0;
 
   const restoreUnit = async (u: number): Promise<void> => {
@@ -104,7 +106,7 @@ export async function restoreDisk(
     // same time as the run itself.
     const [data, baseOf] = await Promise.all([
       repo.store.read(pack, { offset: run.offset, length: run.length }),
-      deltaBasesOf(repo, run.blobs.map((w) => w.loc), (id) => `chunk ${id.toString('hex')} (the base of a delta chunk of snapshot ${snapshot})`, { trustAead: true, onFetch: (n) => { stats.bytesFetched += n; } }),
+      deltaBasesOf(repo, run.blobs.map((w) => w.loc), (id) => `chunk ${id.toString('hex')} (the base of a delta chunk of snapshot ${snapshot})`, { trustAead: true, cache: baseCache, onFetch: (n) => { stats.bytesFetched += n; } }),
     ]);
     stats.bytesFetched += data.length;
     let at = 0;

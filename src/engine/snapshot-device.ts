@@ -16,7 +16,7 @@
 import { BlobType, ZERO_ID, decodeBlob, isChunkType } from '../repo/codec.ts';
 import type { CodecPool } from '../repo/codec-pool.ts';
 import type { BlobLocation } from '../repo/blob-index.ts';
-import { deltaBasesOf, readOneBlob } from '../repo/blob-batch.ts';
+import { deltaBasesOf, newBaseCache, readOneBlob } from '../repo/blob-batch.ts';
 import { pieceIds, slotCount, slotLength } from '../repo/disk-map.ts';
 import type { DiskRecord, SnapshotManifest } from '../repo/manifest.ts';
 import { packName } from '../repo/pack.ts';
@@ -111,6 +111,8 @@ class SnapshotDevice implements BlockDevice {
   #pieceIds: string[] = [];
   readonly #chunks = new Map<string, Buffer>();
   readonly #inFlight = new Map<string, Promise<Buffer>>();
+  /** Delta bases (compression dictionaries above all) read once. */
+  readonly #baseCache = newBaseCache();
   #closed = false;
 
   constructor(repo: Repository, snapshot: string, disk: DiskRecord, options: SnapshotDiskOptions) {
@@ -307,6 +309,7 @@ class SnapshotDevice implements BlockDevice {
     });
     // Delta chunks decode against their bases (plain chunks, mostly in other packs).
     const baseOf = await deltaBasesOf(this.#repo, fetches.map((f) => f.loc), (id) => `chunk ${id.toString('hex')} (the base of a delta chunk)`, {
+      cache: this.#baseCache,
       onFetch: (n) => {
         this.stats.bytesFetched += n;
         this.stats.storeReads++;

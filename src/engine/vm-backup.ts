@@ -34,7 +34,7 @@ import { DiskMapReader } from '../repo/disk-map.ts';
 import { type DiskRecord, type SnapshotManifest, validateSourceId } from '../repo/manifest.ts';
 import type { Repository } from '../repo/repository.ts';
 import { TresorError, UsageError, ExitCode } from '../util/errors.ts';
-import { backupDisk, type DiskBackupStats } from './disk-backup.ts';
+import { addDiskBackupStats, backupDisk, emptyDiskBackupStats, newChunksText, type DiskBackupStats } from './disk-backup.ts';
 import { SnapshotSession } from './snapshot-writer.ts';
 import { RateLimitedSource, TokenBucket } from './rate-limit.ts';
 import { processAlive } from '../util/process.ts';
@@ -426,7 +426,7 @@ async function readDisks(c: Common, plan: IncrementalPlan, job: BackupJob): Prom
   const total = plan.disks.reduce((n, d) => n + d.size, 0);
   let before = 0;
   const records: DiskRecord[] = [];
-  const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0, deltaChunks: 0 };
+  const stats = emptyDiskBackupStats();
   for (const d of plan.disks) {
     const exported = job.disks.find((x) => x.target === d.disk.target)!;
     const incremental = d.parent !== undefined && exported.mode === 'incremental' && exported.dirtyBitmapContext !== undefined;
@@ -437,8 +437,8 @@ async function readDisks(c: Common, plan: IncrementalPlan, job: BackupJob): Prom
     try {
       const r = await backupOneDisk(c, d, source, bucket, (done) => c.opts.progress?.(before + done, total));
       records.push(r.record);
-      addStats(stats, r.stats);
-      c.say(`disk ${d.disk.target}: ${incremental ? 'incremental' : 'full'} read of ${r.stats.bytesRead} bytes; ${r.stats.newChunks} new chunks (${r.stats.deltaChunks} as deltas), ${r.stats.reusedChunks} reused, ${r.stats.unchangedChunks} unchanged, ${r.stats.holeChunks} holes`);
+      addDiskBackupStats(stats, r.stats);
+      c.say(`disk ${d.disk.target}: ${incremental ? 'incremental' : 'full'} read of ${r.stats.bytesRead} bytes; ${newChunksText(r.stats)}, ${r.stats.reusedChunks} reused, ${r.stats.unchangedChunks} unchanged, ${r.stats.holeChunks} holes`);
     } finally {
       await source.close();
     }
@@ -460,15 +460,6 @@ async function backupOneDisk(c: Common, d: DiskPlan, source: DiskSource, bucket:
     ...(d.parent ? { base: { snapshot: c.parent!.name } } : d.fullReason ? { base: { snapshot: '', reason: d.fullReason } } : {}),
   };
   return { record, stats };
-}
-
-function addStats(into: DiskBackupStats, s: DiskBackupStats): void {
-  into.bytesRead += s.bytesRead;
-  into.newChunks += s.newChunks;
-  into.reusedChunks += s.reusedChunks;
-  into.holeChunks += s.holeChunks;
-  into.unchangedChunks += s.unchangedChunks;
-  into.deltaChunks += s.deltaChunks;
 }
 
 /** After a commit only the new checkpoint is needed; older Tresor checkpoints only cost I/O. */
@@ -574,7 +565,7 @@ async function backupStoppedVm(c: Common): Promise<VmBackupResult> {
   const pointInTime = new Date();
   const bucket = c.opts.bwlimit ? new TokenBucket(c.opts.bwlimit) : undefined;
   const records: DiskRecord[] = [];
-  const stats: DiskBackupStats = { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0, deltaChunks: 0 };
+  const stats = emptyDiskBackupStats();
   const total = plans.reduce((n, p) => n + p.size, 0);
   let before = 0;
   for (const p of plans) {
@@ -585,8 +576,8 @@ async function backupStoppedVm(c: Common): Promise<VmBackupResult> {
       source = await NbdDiskSource.open(exported.nbd, { exportName: exported.exportName, dirtyBitmap: exported.dirtyBitmapContext, connections: c.opts.connections ?? 4 });
       const r = await backupOneDisk(c, p, source, bucket, (done) => c.opts.progress?.(before + done, total));
       records.push(r.record);
-      addStats(stats, r.stats);
-      say(`disk ${p.disk.target}: read ${r.stats.bytesRead} bytes; ${r.stats.newChunks} new chunks (${r.stats.deltaChunks} as deltas), ${r.stats.unchangedChunks} unchanged`);
+      addDiskBackupStats(stats, r.stats);
+      say(`disk ${p.disk.target}: read ${r.stats.bytesRead} bytes; ${newChunksText(r.stats)}, ${r.stats.unchangedChunks} unchanged`);
     } finally {
       await source?.close().catch(() => undefined);
       await exported?.close().catch(() => undefined);

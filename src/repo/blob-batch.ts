@@ -10,6 +10,7 @@
  */
 import { DamageError } from '../util/errors.ts';
 import { mapLimit } from '../util/concurrency.ts';
+import { LruMap } from '../util/lru.ts';
 import type { BlobLocation } from './blob-index.ts';
 import { BLOB_TYPE_NAMES, BlobType, type BlobTypeValue, type DeltaBase, decodeBlob } from './codec.ts';
 import { packName } from './pack.ts';
@@ -40,22 +41,47 @@ export interface BatchOptions {
 }
 
 /**
+ * Delta bases already read and checked, by id (hex). A compression dictionary is the base of
+ * thousands of delta chunks: readers that go through many of them keep one of these so each
+ * base is read once, not once per ranged read.
+ */
+export type BaseCache = LruMap<string, DeltaBase>;
+
+/** Room for 32 bases: at most 4 MiB with 128 KiB chunks. */
+export function newBaseCache(): BaseCache {
+  return new LruMap<string, DeltaBase>(32);
+}
+
+/**
  * The bases of delta chunks: plain chunks, read with the checks of any batch. Each base id maps
  * to its plaintext or to the error that stops every delta made against it (a missing base, a
  * base that is itself a delta, damage). `what(id)` names a base for errors.
  */
-export async function readDeltaBases(repo: Repository, baseIds: Iterable<Buffer>, what: (id: Buffer) => string, opts: BatchOptions = {}): Promise<Map<string, DeltaBase | Error>> {
+export async function readDeltaBases(repo: Repository, baseIds: Iterable<Buffer>, what: (id: Buffer) => string, opts: BatchOptions & { cache?: BaseCache } = {}): Promise<Map<string, DeltaBase | Error>> {
   const bases = new Map<string, DeltaBase | Error>();
   const items: BatchItem[] = [];
   for (const id of baseIds) {
     const hex = id.toString('hex');
     if (bases.has(hex)) continue;
+    const cached = opts.cache?.get(hex);
+    if (cached !== undefined) {
+      bases.set(hex, cached);
+      continue;
+    }
     bases.set(hex, new Error('not read'));
     items.push({ id, type: BlobType.chunk, what: () => what(id) });
   }
   await readBlobBatch(repo, items, (item, outcome) => {
-    bases.set(item.id.toString('hex'), outcome.plain !== undefined ? { id: item.id, plain: outcome.plain }
-      : outcome.error instanceof Error ? outcome.error : new Error(String(outcome.error)));
+    const hex = item.id.toString('hex');
+    if (outcome.plain === undefined) {
+      bases.set(hex, outcome.error instanceof Error ? outcome.error : new Error(String(outcome.error)));
+      return;
+    }
+    // A copy of its own: a plaintext can be a view into a whole ranged read, which a cache would
+    // pin and a message to a worker would copy whole.
+    const base = { id: item.id, plain: opts.cache !== undefined ? Buffer.from(outcome.plain) : outcome.plain };
+    bases.set(hex, base);
+    opts.cache?.set(hex, base);
   }, opts);
   return bases;
 }
@@ -67,7 +93,7 @@ export type DeltaBaseLookup = (loc: { base?: Buffer }) => DeltaBase | Error | un
  * Reads the bases of the delta chunks among `locs` (as readDeltaBases) and returns their lookup.
  * Reads nothing when none of them is a delta.
  */
-export async function deltaBasesOf(repo: Repository, locs: Iterable<{ base?: Buffer }>, what: (id: Buffer) => string, opts: BatchOptions = {}): Promise<DeltaBaseLookup> {
+export async function deltaBasesOf(repo: Repository, locs: Iterable<{ base?: Buffer }>, what: (id: Buffer) => string, opts: BatchOptions & { cache?: BaseCache } = {}): Promise<DeltaBaseLookup> {
   const ids = [...locs].flatMap((l) => (l.base !== undefined ? [l.base] : []));
   const bases = ids.length === 0 ? new Map<string, DeltaBase | Error>() : await readDeltaBases(repo, ids, what, opts);
   return (loc) => (loc.base === undefined ? undefined : bases.get(loc.base.toString('hex')));

@@ -4,9 +4,13 @@
  * it runs in a worker thread (codec-worker.ts). Protocol:
  *  - hash {batch, data, chunkSize}: split `data` into chunks; reply ids (32 bytes each, all-zero
  *    id for an all-zero chunk). The executor keeps the data until `encode` or `drop`.
- *  - encode {batch, which[], bases?, level?, into?, recycle?}: encode the chosen chunks (chunk
- *    `which[n]` as a delta chunk against `bases[n]` where given and worth it; at zstd `level` when
- *    given, else the repository's setting); reply their lengths and types, the
+ *  - encode {batch, which[], bases?, level?, dictionary?, dictionaryId?, propose?, into?, recycle?}:
+ *    encode the chosen chunks (chunk `which[n]` as a delta chunk against `bases[n]` where given
+ *    and worth it, else against the dictionary where given and worth it; at zstd `level` when
+ *    given, else the repository's setting). `dictionary` is kept for later requests, which name
+ *    it by `dictionaryId` alone (a worker handles its requests in order); with `propose` (bytes), also a dictionary candidate from the first
+ *    chunk that compressed well (codec.ts dictionaryCandidate): its plaintext, id and blob as a
+ *    plain chunk, in the reply's `proposal`; reply their lengths and types, the
  *    blobs one after another in `into` (a SharedArrayBuffer the caller reuses) when they fit,
  *    else in one buffer of the reply; forget the batch. With `recycle` the batch's data buffer
  *    goes back to the caller in the reply (`data`, transferred) instead of being freed.
@@ -20,12 +24,15 @@
  * transferred) and frees large ones when done. Replies own their ArrayBuffers whole, so they
  * are transferred rather than copied.
  */
-import { BlobType, type BlobTypeValue, type CodecKeys, type DeltaBase, ZERO_ID, computeId, decodeBlob, encodeBlob, encodeChunk } from './codec.ts';
+import { BlobType, type BlobTypeValue, type CodecKeys, type DeltaBase, ZERO_ID, computeId, decodeBlob, dictionaryCandidate, encodeBlob, encodeChunk } from './codec.ts';
 import { isAllZero, releaseBuffer } from '../util/bytes.ts';
 
 export type CodecRequest =
   | { op: 'hash'; req: number; batch: number; data: ArrayBuffer; byteLength: number; chunkSize: number }
-  | { op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue; bases?: Array<DeltaBase | null>; level?: number; into?: SharedArrayBuffer; recycle?: boolean }
+  | {
+    op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue; bases?: Array<DeltaBase | null>; level?: number;
+    dictionary?: DeltaBase; dictionaryId?: Uint8Array; propose?: number; into?: SharedArrayBuffer; recycle?: boolean;
+  }
   | { op: 'drop'; req: number; batch: number; recycle?: boolean }
   | { op: 'decode'; req: number; items: DecodeItem[]; checkOnly?: boolean; trustAead?: boolean; into?: SharedArrayBuffer };
 
@@ -62,6 +69,8 @@ function chunkAt(data: Buffer, chunkSize: number, i: number): Buffer {
 export class CodecExecutor {
   readonly #keys: CodecKeys;
   readonly #batches = new Map<number, { data: Buffer; chunkSize: number; ids: Buffer }>();
+  /** The dictionary of the last encode that brought one. */
+  #dictionary: DeltaBase | undefined;
 
   /** A batch is done with: its buffer back to the caller (`recycle`), else freed now. */
   #finish(b: { data: Buffer } | undefined, recycle: boolean | undefined, message: Record<string, unknown>, transfer: ArrayBuffer[]): void {
@@ -106,12 +115,24 @@ export class CodecExecutor {
         const encoded: Buffer[] = [];
         const types: BlobTypeValue[] = [];
         let total = 0;
+        let proposal: { id: Buffer; plain: Buffer; blob: Buffer } | undefined;
+        if (msg.dictionary !== undefined) this.#dictionary = msg.dictionary;
+        if (msg.dictionaryId !== undefined && !(this.#dictionary !== undefined && Buffer.from(this.#dictionary.id).equals(msg.dictionaryId))) {
+          throw new Error(`unknown dictionary ${Buffer.from(msg.dictionaryId).toString('hex')}`);
+        }
+        const dictionary = msg.dictionary ?? (msg.dictionaryId !== undefined ? this.#dictionary : undefined);
         msg.which.forEach((i, n) => {
           const id = b.ids.subarray(i * 32, i * 32 + 32);
           const chunk = chunkAt(b.data, b.chunkSize, i);
-          const { type, blob } = msg.type === BlobType.chunk
-            ? encodeChunk(this.#keys, id, chunk, msg.bases?.[n] ?? undefined, msg.level)
-            : { type: msg.type, blob: encodeBlob(this.#keys, msg.type, id, chunk) };
+          const { type, blob, ratio } = msg.type === BlobType.chunk
+            ? encodeChunk(this.#keys, id, chunk, msg.bases?.[n] ?? undefined, msg.level, dictionary)
+            : { type: msg.type, blob: encodeBlob(this.#keys, msg.type, id, chunk), ratio: undefined };
+          const candidate = msg.propose !== undefined && proposal === undefined ? dictionaryCandidate(chunk, ratio, msg.propose) : undefined;
+          if (candidate !== undefined) {
+            const plain = owned(Buffer.from(candidate));
+            const dictId = computeId(this.#keys, plain);
+            proposal = { id: owned(dictId), plain, blob: owned(encodeBlob(this.#keys, BlobType.chunk, dictId, plain)) };
+          }
           encoded.push(blob);
           types.push(type);
           total += blob.length;
@@ -129,8 +150,14 @@ export class CodecExecutor {
         // What is left for the collector: cipher outputs small enough to live in Node's pool.
         const message: Record<string, unknown> = shared ? { req: msg.req, lengths, types, shared: true } : { req: msg.req, out, lengths, types };
         const transfer: ArrayBuffer[] = shared ? [] : [out.buffer as ArrayBuffer];
+        if (proposal !== undefined) {
+          message.proposal = proposal;
+          transfer.push(proposal.id.buffer as ArrayBuffer, proposal.plain.buffer as ArrayBuffer, proposal.blob.buffer as ArrayBuffer);
+        }
         this.#finish(b, msg.recycle, message, transfer);
-        return { message, transfer, garbage: total };
+        // Garbage: the blobs, and as much again as the chunks encoded (each zstd call's output
+        // buffer is sized to its input, and a dictionary is copied into every call's context).
+        return { message, transfer, garbage: total + msg.which.length * b.chunkSize };
       }
       case 'drop': {
         const b = this.#batches.get(msg.batch);

@@ -87,10 +87,25 @@ const ENCODE_SLAB_BYTES = (2 << 20) + (64 << 10);
 const MIN_BATCH_CLASS = 128 << 10;
 const MAX_BATCH_CLASS = 2 << 20;
 
+export interface EncodeOptions {
+  bases?: Array<DeltaBase | null>;
+  dictionary?: DeltaBase;
+  level?: number;
+  propose?: number;
+}
+
+/** A dictionary candidate (codec-ops.ts): its plaintext, id, and blob as a plain chunk. */
+export interface DictionaryProposal {
+  id: Buffer;
+  plain: Buffer;
+  blob: Buffer;
+}
+
 export interface EncodedBlobs {
   blobs: Buffer[];
-  /** What each blob is: chunks may have become delta chunks (encode's `bases`). */
+  /** What each blob is: chunks may have become delta chunks (encode's `bases` and `dictionary`). */
   types: BlobTypeValue[];
+  proposal?: DictionaryProposal;
   /** Frees the buffer under `blobs` (after they were copied into a pack). */
   release(): void;
 }
@@ -106,6 +121,8 @@ export interface HashedBatch {
 
 export class CodecPool {
   readonly #executors: Executor[];
+  /** Per executor, the id (hex) of the dictionary it holds (codec-ops.ts encode). */
+  readonly #dictionaries: Array<string | undefined>;
   #slabs: SharedBufferPool | undefined;
   #nextReq = 1;
   #nextBatch = 1;
@@ -119,6 +136,7 @@ export class CodecPool {
     // Worker isolates get `gc()` (util/gc.ts explains why); it must be exposed before they start.
     exposeGc();
     this.#executors = Array.from({ length: size }, () => new WorkerExecutor(keys));
+    this.#dictionaries = this.#executors.map(() => undefined);
   }
 
   /** Created on first use: restores and verification never encode. */
@@ -190,12 +208,14 @@ export class CodecPool {
 
   /**
    * Encodes chunks `which` of a hashed batch and releases the batch. The blobs are views into
-   * one buffer: hand them to a PackWriter (which copies them), then call `release`. `bases`
-   * (chunks only): per entry of `which`, a base to encode that chunk as a delta against, or null;
-   * `types` says what each blob became. `level` (chunks only): a zstd level other than the
-   * repository's setting.
+   * one buffer: hand them to a PackWriter (which copies them), then call `release`. Chunks only:
+   * `bases`, per entry of `which`, a base to encode that chunk as a delta against, or null;
+   * `dictionary`, the base for compressible chunks given none; `types` says what each blob
+   * became (a delta chunk's base is its entry of `bases` when given, else the dictionary).
+   * `level`: a zstd level other than the repository's setting. `propose`: also return a
+   * dictionary candidate of that many bytes when one of the chunks is one (codec-ops.ts).
    */
-  async encode(b: HashedBatch, which: number[], type: BlobTypeValue, bases?: Array<DeltaBase | null>, level?: number): Promise<EncodedBlobs> {
+  async encode(b: HashedBatch, which: number[], type: BlobTypeValue, opts: EncodeOptions = {}): Promise<EncodedBlobs> {
     if (which.length === 0) {
       const dropped = await this.#executors[b.executor].call<{ data?: ArrayBuffer }>({ op: 'drop', req: this.#nextReq++, batch: b.batch, recycle: true });
       this.#keepSpare(dropped.data);
@@ -205,9 +225,13 @@ export class CodecPool {
     // chunk plus a small overhead): the common case allocates nothing per batch.
     const bound = b.byteLength + which.length * 64;
     const slab = bound <= ENCODE_SLAB_BYTES ? await this.#encodeSlabs.acquire() : undefined;
-    let r: { out?: Uint8Array; lengths: number[]; types: BlobTypeValue[]; shared?: boolean; data?: ArrayBuffer };
+    let r: { out?: Uint8Array; lengths: number[]; types: BlobTypeValue[]; shared?: boolean; data?: ArrayBuffer; proposal?: DictionaryProposal };
     try {
-      r = await this.#executors[b.executor].call({ op: 'encode', req: this.#nextReq++, batch: b.batch, which, type, into: slab, recycle: true, ...(bases?.some((x) => x !== null) ? { bases } : {}), ...(level !== undefined ? { level } : {}) });
+      r = await this.#executors[b.executor].call({
+        op: 'encode', req: this.#nextReq++, batch: b.batch, which, type, into: slab, recycle: true,
+        ...(opts.bases?.some((x) => x !== null) ? { bases: opts.bases } : {}), ...(opts.level !== undefined ? { level: opts.level } : {}),
+        ...this.#dictionaryFields(b.executor, opts.dictionary), ...(opts.propose !== undefined ? { propose: opts.propose } : {}),
+      });
     } catch (err) {
       if (slab) this.#encodeSlabs.release(slab);
       throw err;
@@ -225,6 +249,7 @@ export class CodecPool {
     return {
       blobs,
       types: r.types,
+      ...(r.proposal !== undefined ? { proposal: { id: view(r.proposal.id), plain: view(r.proposal.plain), blob: view(r.proposal.blob) } } : {}),
       release: () => {
         if (released) return;
         released = true;
@@ -232,6 +257,15 @@ export class CodecPool {
         else releaseBuffer(out);
       },
     };
+  }
+
+  /** The dictionary itself the first time an executor gets it, its id after that. */
+  #dictionaryFields(e: number, dictionary: DeltaBase | undefined): { dictionary?: DeltaBase; dictionaryId?: Uint8Array } {
+    if (dictionary === undefined) return {};
+    const hex = Buffer.from(dictionary.id).toString('hex');
+    if (this.#dictionaries[e] === hex) return { dictionaryId: dictionary.id };
+    this.#dictionaries[e] = hex;
+    return { dictionary };
   }
 
   /**
@@ -281,4 +315,8 @@ function compactIds(items: DecodeItem[]): DecodeItem[] {
 export function transferable(data: Uint8Array): ArrayBuffer[] {
   const ab = data.buffer;
   return ab instanceof ArrayBuffer && data.byteOffset === 0 && data.byteLength === ab.byteLength ? [ab] : [];
+}
+
+function view(u: Uint8Array): Buffer {
+  return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 }

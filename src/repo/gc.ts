@@ -42,7 +42,7 @@ import { type DamagedCopy, readDamageRecords, writeDamageRecord } from './damage
 import {
   type GcPlan, type LockIdentity, type PlanHeader, blockersName, decodeBlockers, encodeBlockers, encodePlan, planName, readPlans,
 } from './gc-plan.ts';
-import { type BatchItem, deltaBasesOf, readBlobBatch } from './blob-batch.ts';
+import { type BatchItem, deltaBasesOf, newBaseCache, readBlobBatch } from './blob-batch.ts';
 import type { BlobLocation } from './blob-index.ts';
 import { pieceIds } from './disk-map.ts';
 import { IdSet } from './id-set.ts';
@@ -451,6 +451,7 @@ class GarbageCollection {
       this.#report.writtenPackBytes += sealed.data.length;
       releaseBuffer(sealed.data, 'arraybuffer');
     };
+    const baseCache = newBaseCache();
     let done = 0;
     for (const c of candidates) {
       this.#checkAbort();
@@ -461,7 +462,7 @@ class GarbageCollection {
       if ((packSizes.get(c.hex) ?? 0) < to) continue; // truncated: left alone for `tresor check` to report
       const data = await repo.store.read(name, { offset: from, length: to - from });
       // A delta chunk is checked against its base (read from wherever the plan's index has it).
-      const baseOf = await deltaBasesOf(repo, sorted, (id) => `chunk ${id.toString('hex')}`, { locate });
+      const baseOf = await deltaBasesOf(repo, sorted, (id) => `chunk ${id.toString('hex')}`, { locate, cache: baseCache });
       // Verdicts only: the stored bytes are copied as they are, the plaintext is not needed.
       const results = await this.#opts.pool.check(sorted.map((e) => {
         const base = baseOf(e);

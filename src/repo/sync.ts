@@ -212,6 +212,8 @@ async function copySnapshot(
   source: Repository, target: Repository, m: SnapshotManifest, map: IdMap, opts: SyncOptions, report: SyncReport,
 ): Promise<Array<[Buffer, Buffer]>> {
   const writer = new PackWriter(target);
+  // Target ids of delta bases this copy sent as plain chunks (pending in `writer`, not yet indexed).
+  const sentBases = new Set<string>();
   const learnt: Array<[Buffer, Buffer]> = [];
   const disks: DiskRecord[] = [];
   const total = m.disks.reduce((n, d) => n + d.size, 0);
@@ -226,7 +228,7 @@ async function copySnapshot(
       if (opts.signal?.aborted) throw opts.signal.reason ?? new TresorError('interrupted', 'sync interrupted');
       const first = u * perUnit;
       const count = Math.min(perUnit, pieces.length - first);
-      const ids = await copyPieces(source, target, reader, first, count, map, writer, opts, report, learnt);
+      const ids = await copyPieces(source, target, reader, first, count, map, writer, sentBases, opts, report, learnt);
       ids.forEach((id, k) => (pieces[first + k] = id));
       done += Math.min(count * disk.pieceSlots * disk.chunkSize, disk.size - first * disk.pieceSlots * disk.chunkSize);
       opts.progress?.(m.name, done, total);
@@ -247,7 +249,7 @@ async function copySnapshot(
  */
 async function copyPieces(
   source: Repository, target: Repository, reader: DiskMapReader, first: number, count: number, map: IdMap, writer: PackWriter,
-  opts: SyncOptions, report: SyncReport, learnt: Array<[Buffer, Buffer]>,
+  sentBases: Set<string>, opts: SyncOptions, report: SyncReport, learnt: Array<[Buffer, Buffer]>,
 ): Promise<string[]> {
   const targetIndex = await target.index();
   const usable = (id: Uint8Array) => (targetIndex.has(id) && !target.avoids(id)) || writer.isPending(Buffer.from(id));
@@ -277,10 +279,14 @@ async function copyPieces(
     if (missing) await source.locate(missing.id, () => `chunk ${missing.id.toString('hex')} of snapshot ${reader.snapshot}`); // throws
     for (const group of groupByPack(wanted as Array<{ id: Buffer; slots: number[]; loc: BlobLocation }>)) {
       const { plains, bases } = await readChunks(source, opts.sourcePool, group, reader.snapshot);
-      // A delta travels as a delta when its base is already in the target as a plain chunk.
+      // A delta travels as a delta when its base is in the target as a plain chunk. A base that
+      // deltas of this group share (a compression dictionary) is sent first, as a plain chunk.
+      const plainInTarget = (tid: Buffer | undefined) => tid !== undefined
+        && ((targetIndex.get(tid)?.type === BlobType.chunk && !target.avoids(tid)) || sentBases.has(tid.toString('hex')));
+      if (target.deltaChunks) await sendSharedBases(target, opts.targetPool, writer, bases, plainInTarget, map, sentBases, usable, report, learnt);
       const targetBases = bases.map((b) => {
         const tid = b === undefined || !target.deltaChunks ? undefined : map.get(b.id);
-        return tid !== undefined && targetIndex.get(tid)?.type === BlobType.chunk && !target.avoids(tid) ? { id: tid, plain: b!.plain } : null;
+        return plainInTarget(tid) ? { id: tid!, plain: b!.plain } : null;
       });
       const targetIds = await sendChunks(target, opts.targetPool, writer, plains, targetBases, usable, report);
       group.forEach((w, i) => {
@@ -297,6 +303,36 @@ async function copyPieces(
     ids.push((await storeMapBlob(target, writer, BlobType.indexPiece, piece)).toString('hex'));
   }
   return ids;
+}
+
+/**
+ * Sends the bases the target lacks that two or more of `bases` share, or that are shorter than a
+ * chunk (compression dictionaries), as plain chunks, and learns their target ids: a dictionary
+ * costs one small chunk, and its deltas then travel as deltas. The whole-chunk base of a single
+ * delta (its parent chunk) is not worth it: that delta is sent whole instead.
+ */
+async function sendSharedBases(
+  target: Repository, pool: CodecPool, writer: PackWriter, bases: Array<DeltaBase | undefined>, plainInTarget: (tid: Buffer | undefined) => boolean,
+  map: IdMap, sentBases: Set<string>, usable: (id: Uint8Array) => boolean, report: SyncReport, learnt: Array<[Buffer, Buffer]>,
+): Promise<void> {
+  const uses = new Map<string, { base: DeltaBase; count: number }>();
+  for (const b of bases) {
+    if (b === undefined || plainInTarget(map.get(b.id))) continue;
+    const hex = Buffer.from(b.id).toString('hex');
+    const u = uses.get(hex);
+    if (u) u.count++;
+    else uses.set(hex, { base: b, count: 1 });
+  }
+  for (const { base, count } of uses.values()) {
+    if (count < 2 && base.plain.length >= target.config.chunkSize) continue;
+    const sentBefore = report.chunksSent;
+    const [tid] = await sendChunks(target, pool, writer, [Buffer.from(base.plain)], [null], usable, report);
+    // Sent now: a plain chunk. Already pending in this writer, it may be a delta: only an indexed
+    // copy then tells (plainInTarget).
+    if (report.chunksSent > sentBefore) sentBases.add(tid.toString('hex'));
+    map.set(Buffer.from(base.id), tid);
+    learnt.push([Buffer.from(base.id), tid]);
+  }
 }
 
 /**
@@ -397,7 +433,7 @@ async function sendChunks(
       else encodeWhich.push(k);
     });
     const which = encodeWhich.map((k) => bases[members[k]]);
-    const { blobs, types, release } = await pool.encode(hashed, encodeWhich, BlobType.chunk, which);
+    const { blobs, types, release } = await pool.encode(hashed, encodeWhich, BlobType.chunk, { bases: which });
     try {
       for (let n = 0; n < blobs.length; n++) {
         const i = members[encodeWhich[n]];

@@ -15,7 +15,7 @@
 import { ZERO_ID, BlobType, BLOB_TYPE_NAMES, type BlobTypeValue } from './codec.ts';
 import { type CodecPool, transferable } from './codec-pool.ts';
 import type { DecodeItem } from './codec-ops.ts';
-import { type BatchItem, deltaBasesOf, readBlobBatch } from './blob-batch.ts';
+import { type BatchItem, deltaBasesOf, newBaseCache, readBlobBatch } from './blob-batch.ts';
 import { DiskMapReader } from './disk-map.ts';
 import type { SnapshotManifest } from './manifest.ts';
 import { packIdFromName, packName } from './pack.ts';
@@ -194,6 +194,9 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
       list.push({ hex, loc: r.loc });
     }
     const total = [...byPack.values()].reduce((n, l) => n + l.length, 0);
+    // A base is checked when first read; a compression dictionary is then not read again for
+    // each of its thousands of deltas.
+    const baseCache = newBaseCache();
     await mapLimit([...byPack.values()], 2, async (list) => {
       list.sort((a, b) => a.loc.offset - b.loc.offset);
       const pack = packName(list[0].loc.packId);
@@ -213,8 +216,8 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
         }
         bytesRead += data.length;
         const slice = list.slice(i, j);
-        // Delta chunks are checked against their bases, read (and identity-checked) again here.
-        const baseOf = await deltaBasesOf(repo, slice.map((b) => b.loc), (id) => `chunk ${id.toString('hex')}`, { onFetch: (n) => { bytesRead += n; } });
+        // Delta chunks are checked against their bases, read (and identity-checked) here.
+        const baseOf = await deltaBasesOf(repo, slice.map((b) => b.loc), (id) => `chunk ${id.toString('hex')}`, { cache: baseCache, onFetch: (n) => { bytesRead += n; } });
         const items: DecodeItem[] = slice.map((b) => {
           const base = baseOf(b.loc);
           return {

@@ -18,7 +18,8 @@ export function registerRepoCommands(program: Command, env: CommandEnv): void {
     .option('--compression-level <n>', `zstd level, 0 = off (default ${DEFAULTS.compressionLevel} with the lazy strategy)`)
     .option('--compression-strategy <n>', 'zstd strategy 1-9 (ZSTD_c_strategy); default: the level\'s own')
     .option('--incremental-compression-level <n>', `zstd level of what incremental backups store (default ${DEFAULTS.incrementalCompressionLevel} with the default setting, else --compression-level)`)
-    .action(async (o: { encryption: string; chunkSize: string; compressionLevel?: string; compressionStrategy?: string; incrementalCompressionLevel?: string }) => {
+    .option('--dictionary-size <size>', `compression dictionary sampled from each disk, 4K-128K, 0 = none (default ${DEFAULTS.dictionaryBytes >> 10}K with the default setting, else none)`)
+    .action(async (o: { encryption: string; chunkSize: string; compressionLevel?: string; compressionStrategy?: string; incrementalCompressionLevel?: string; dictionarySize?: string }) => {
       const g = env.globals();
       if (o.encryption !== 'aes-256-gcm' && o.encryption !== 'none') {
         throw new UsageError(`unknown encryption ${JSON.stringify(o.encryption)}`, 'use --encryption aes-256-gcm (default) or --encryption none');
@@ -33,12 +34,13 @@ export function registerRepoCommands(program: Command, env: CommandEnv): void {
       const passphrase = o.encryption === 'none' ? undefined : await readPassphrase(g, `protect the new repository at ${store.location}`, true);
       const { repo: r, recoveryKey } = await Repository.init(store, {
         encryption: o.encryption, passphrase, chunkSize: parseSize(o.chunkSize), compressionLevel: level, compressionStrategy: strategy,
-        incrementalCompressionLevel: incremental,
+        incrementalCompressionLevel: incremental, dictionaryBytes: o.dictionarySize === undefined ? undefined : parseSize(o.dictionarySize),
       });
       printResult(g, { ok: true, location: store.location, id: r.config.id, encryption: r.config.encryption, chunkSize: r.config.chunkSize, recoveryKey }, () => [
         `created repository ${r.config.id} at ${store.location}`,
         `encryption: ${r.config.encryption}, chunk size ${formatBytes(r.config.chunkSize)}, zstd level ${r.config.compression.level}`
-          + (r.config.compression.incrementalLevel !== undefined ? ` (incremental backups: level ${r.config.compression.incrementalLevel})` : ''),
+          + (r.config.compression.incrementalLevel !== undefined ? ` (incremental backups: level ${r.config.compression.incrementalLevel})` : '')
+          + (r.config.compression.dictionaryBytes !== undefined ? `, ${formatBytes(r.config.compression.dictionaryBytes)} dictionaries` : ''),
         ...(recoveryKey ? [
           '',
           'RECOVERY KEY — print it and keep it somewhere safe. It opens the repository if the passphrase is lost:',

@@ -1,0 +1,62 @@
+/**
+ * A disk in memory for library tests of backups: its extents say which 64 KiB blocks changed
+ * since the parent, like a dirty bitmap; and seeded log-like text that compresses like a real
+ * disk's.
+ */
+import type { DiskSource, Extent } from '../../src/image/disk.ts';
+
+export const BLOCK = 64 << 10; // a dirty bitmap's granularity
+
+/** A disk in memory whose extents say which 64 KiB blocks changed since the parent (a dirty bitmap). */
+export class BitmapSource implements DiskSource {
+  readonly size: number;
+  readonly format = 'raw';
+  readonly description = 'test disk';
+  readonly data: Buffer;
+  readonly #dirty: Set<number> | undefined;
+  readonly #zeroed: Set<number>;
+
+  /** `zeroedBlocks`: changed blocks that now read as zeros (discarded by the guest). */
+  constructor(data: Buffer, dirtyBlocks?: Set<number>, zeroedBlocks = new Set<number>()) {
+    this.data = Buffer.from(data);
+    this.size = data.length;
+    this.#dirty = dirtyBlocks;
+    this.#zeroed = zeroedBlocks;
+    for (const b of zeroedBlocks) this.data.fill(0, b * BLOCK, (b + 1) * BLOCK);
+  }
+
+  async *extents(offset: number, length: number): AsyncIterable<Extent> {
+    for (let at = offset; at < offset + length; at += BLOCK) {
+      const kind = this.#zeroed.has(at / BLOCK) ? 'zero' : this.#dirty === undefined || this.#dirty.has(at / BLOCK) ? 'data' : 'unchanged';
+      yield { offset: at, length: Math.min(BLOCK, offset + length - at), kind };
+    }
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    return Buffer.from(this.data.subarray(offset, offset + length));
+  }
+
+  async close(): Promise<void> {}
+}
+
+/** A small seeded generator (mulberry32): the text is the same on every run. */
+export class Prng {
+  #s: number;
+  constructor(seed: number) {
+    this.#s = seed >>> 0;
+  }
+  next(): number {
+    let t = (this.#s = (this.#s + 0x6d2b79f5) >>> 0);
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  }
+}
+
+/** Log-like text: compresses, like most of a real disk. */
+export function text(prng: Prng, n: number): Buffer {
+  const words = ['backup', 'restore', 'chunk', 'snapshot', 'guest', 'kernel', 'disk', 'bitmap', 'repository', 'delta'];
+  let s = '';
+  while (s.length < n) s += `${new Date(1_700_000_000_000 + prng.next() * 1e9).toISOString()} ${words[Math.floor(prng.next() * words.length)]} ${Math.floor(prng.next() * 1e6)}\n`;
+  return Buffer.from(s.slice(0, n));
+}
