@@ -15,7 +15,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { LocalStore } from '../src/store/local.ts';
 import { Repository } from '../src/repo/repository.ts';
-import { BlobType, computeId, encodeBlob } from '../src/repo/codec.ts';
+import { BlobType, computeId, encodeBlob, encodeChunk } from '../src/repo/codec.ts';
 import { deltaBasesOf, newBaseCache } from '../src/repo/blob-batch.ts';
 import { CodecPool } from '../src/repo/codec-pool.ts';
 import { DiskMapReader } from '../src/repo/disk-map.ts';
@@ -88,6 +88,23 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
     return [...all.values()];
   };
 
+  /** A dictionary's plaintext: the last 32 KiB of one of the chunks of `disk`. */
+  const dictionaryPlain = (disk: Buffer, id: Buffer): Buffer => {
+    for (let k = 0; k < disk.length / CHUNK; k++) {
+      const piece = disk.subarray((k + 1) * CHUNK - (32 << 10), (k + 1) * CHUNK);
+      if (computeId(repo.keys, piece).equals(id)) return piece;
+    }
+    throw new Error(`dictionary ${id.toString('hex')} is no piece of the disk`);
+  };
+
+  /** Stored length of slot `k` of `disk` encoded as a delta against `dict` (at `level`, or the dictionary setting). */
+  const encodedAgainst = (disk: Buffer, k: number, dict: Buffer, level?: number): number => {
+    const plain = disk.subarray(k * CHUNK, (k + 1) * CHUNK);
+    const made = encodeChunk(repo.keys, computeId(repo.keys, plain), plain, undefined, level, { id: computeId(repo.keys, dict), plain: dict });
+    assert.equal(made.type, BlobType.deltaChunk);
+    return made.blob.length;
+  };
+
   before(async () => {
     tmp = await tempDir('tresor-dict-');
     store = await LocalStore.open(join(tmp.path, 'repo'), { create: true });
@@ -134,6 +151,8 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
       const slot = [...textSlots].find((k) => computeId(repo.keys, disks[0].subarray(k * CHUNK, (k + 1) * CHUNK)).equals(d.id));
       assert.ok(slot !== undefined, `delta chunk ${d.id.toString('hex')} holds text`);
       deltaBytes += d.loc.length;
+      // zstd is deterministic: made at the dictionary setting (double-fast).
+      assert.equal(d.loc.length, encodedAgainst(disks[0], slot, dictionaryPlain(disks[0], d.base)));
       const plain = disks[0].subarray(slot * CHUNK, (slot + 1) * CHUNK);
       level1Bytes += encodeBlob({ ...repo.keys, compressionLevel: 1, compressionStrategy: undefined, compressionTuning: undefined }, BlobType.chunk, d.id, plain).length;
     }
@@ -179,6 +198,17 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
     // A new text chunk brings the incremental's dictionary; those encoded after it use it.
     assert.ok(s.dictionaries >= 1 && s.dictionaryChunks >= 8, `${s.dictionaryChunks} of ${whole.length + overDelta.length} new text chunks against a dictionary`);
     for (const d of await deltaEntries(repo)) assert.equal(d.baseLoc?.type, BlobType.chunk, 'every base is a plain chunk');
+    // The incremental's new text is compressed against its dictionary at the incremental level (1).
+    assert.equal(repo.config.compression.incrementalLevel, 1);
+    const fresh = await repo.index();
+    let checked = 0;
+    for (const k of [...whole, ...overDelta]) {
+      const loc = fresh.get(computeId(repo.keys, data.subarray(k * CHUNK, (k + 1) * CHUNK)))!;
+      if (loc.type !== BlobType.deltaChunk) continue;
+      assert.equal(loc.length, encodedAgainst(data, k, dictionaryPlain(data, loc.base!), 1), `slot ${k}`);
+      checked++;
+    }
+    assert.equal(checked, s.dictionaryChunks);
     await restoresAs(repo, snaps[1].name, disks[1]);
   });
 

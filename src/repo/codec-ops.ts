@@ -195,7 +195,8 @@ export class CodecExecutor {
         // The stored bytes came in a message (copied or transferred): this executor's own.
         let garbage = 0;
         for (const it of msg.items) {
-          garbage += it.stored.length;
+          // (and a zstd output buffer the size of the plaintext, and the dictionary copied in)
+          garbage += it.stored.length + it.rawLength;
           releaseBuffer(it.stored, 'arraybuffer');
         }
         return { message: { req: msg.req, results }, transfer, garbage };

@@ -217,7 +217,8 @@ export function encodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint
  *
  * `dictionary`: a chunk given no base, that is compressible (sampled as any chunk), is compressed
  * against the dictionary (a plain chunk with a sample of the disk's data, repository-format.md
- * §4) at DICTIONARY_PARAMS and stored as a delta chunk against it when that saves 1/32. A chunk
+ * §4) at DICTIONARY_PARAMS (at `level` alone when given) and stored as a delta chunk against it
+ * when that saves 1/32. A chunk
  * given a base never falls back to the dictionary: the caller knows which base a delta has. A
  * chunk as long as the dictionary is never a delta against it (it could be the dictionary, and
  * a dictionary must stay a plain chunk). The result says which base the delta was made against.
@@ -239,7 +240,7 @@ export function encodeChunk(
     releaseBuffer(out, 'arraybuffer');
   } else if (base === undefined && dictionary !== undefined && keys.compressionLevel > 0 && plaintext.length >= 64 && usableAsBase(dictionary.plain)
     && plaintext.length !== dictionary.plain.length && !looksIncompressible(plaintext)) {
-    const out = zstdWith(plaintext, DICTIONARY_PARAMS, dictionary.plain);
+    const out = zstdWith(plaintext, level !== undefined ? { [zlib.constants.ZSTD_c_compressionLevel]: keys.compressionLevel } : DICTIONARY_PARAMS, dictionary.plain);
     if (out.length < plaintext.length - (plaintext.length >> 5)) {
       const ratio = out.length / plaintext.length;
       return { type: BlobType.deltaChunk, blob: seal(keys, BlobType.deltaChunk, deltaContext(id, dictionary.id), out, true), base: dictionary.id, ratio };
