@@ -6,7 +6,8 @@
  * span; an incremental uses parent bases and dictionaries side by side; every reader decodes them
  * (restore, the snapshot device, verify, check, sync, which sends each dictionary once); garbage
  * collection keeps a dictionary exactly while a delta needs it; a damaged dictionary is named
- * with the deltas and snapshots it breaks.
+ * with the deltas and snapshots it breaks, and once recorded the next backup heals them; `repo
+ * info` counts dictionaries and `repo init --dictionary-size` sets or refuses their size.
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -22,6 +23,7 @@ import { DiskMapReader } from '../src/repo/disk-map.ts';
 import type { SnapshotManifest } from '../src/repo/manifest.ts';
 import { packName } from '../src/repo/pack.ts';
 import { verifyRepository } from '../src/repo/verify.ts';
+import { recordVerification } from '../src/repo/verify-records.ts';
 import { checkRepository } from '../src/repo/check.ts';
 import { forgetSnapshots } from '../src/repo/prune.ts';
 import { collectGarbage } from '../src/repo/gc.ts';
@@ -32,6 +34,7 @@ import { openSnapshotDisk } from '../src/engine/snapshot-device.ts';
 import { SnapshotSession } from '../src/engine/snapshot-writer.ts';
 import { BLOCK, BitmapSource, Prng, text } from './helpers/bitmap-disk.ts';
 import { tempDir } from './helpers/tmp.ts';
+import { tresor, tresorOk } from './helpers/cli.ts';
 
 const PASS = 'dictionary test passphrase';
 const CHUNK = 128 << 10;
@@ -165,6 +168,17 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
       assert.equal(index.get(dict.id)?.type, BlobType.chunk);
     }
     await restoresAs(repo, snaps[0].name, disks[0]);
+    // `repo info` counts them (and `repo init` makes them by default, or not at all).
+    const env = { TRESOR_PASSPHRASE: PASS };
+    const info = await tresorOk(['--repo', join(tmp.path, 'repo'), '--json', 'repo', 'info'], { env });
+    assert.equal(info.dictionaries, dicts.length);
+    assert.equal(info.compression.dictionaryBytes, 32 << 10);
+    const off = await tresorOk(['--repo', join(tmp.path, 'off'), '--json', 'repo', 'init', '--dictionary-size', '0'], { env });
+    assert.equal(off.ok, true);
+    assert.equal((await tresorOk(['--repo', join(tmp.path, 'off'), '--json', 'repo', 'info'], { env })).compression.dictionaryBytes, undefined);
+    const bad = await tresor(['--repo', join(tmp.path, 'bad'), '--json', 'repo', 'init', '--dictionary-size', '100K'], { env });
+    assert.notEqual(bad.code, 0);
+    assert.match(bad.json.error.message, /dictionary size 102400 is not 0 or a multiple of 4 KiB/);
   });
 
   it('an incremental makes parent deltas of chunks changed in part and dictionary deltas of new text', async () => {
@@ -300,5 +314,22 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
     for (const d of deltas) assert.deepEqual(d.affects.map((a) => a.snapshot), [made.name]);
     await assert.rejects(restoreImage(repo, made.name, join(tmp.path, 'broken.raw'), { format: 'raw' }),
       (err: Error) => /delta chunk .* cannot be decoded/.test(err.message) && err.message.includes(dict.id.toString('hex')));
+    // Recorded, the damage heals with the next backup of the same data: the broken deltas are
+    // stored again (against a new dictionary), and the old snapshot restores from the new copies.
+    await recordVerification(repo, report, true);
+    repo.invalidateIndex();
+    await repo.index();
+    assert.ok(repo.avoids(dict.id), 'the damaged dictionary is recorded: no writer uses it again');
+    await backup(repo, pool, new BitmapSource(disk), undefined);
+    repo.invalidateIndex();
+    const index = await repo.index();
+    for (const hex of against) {
+      const loc = index.get(Buffer.from(hex, 'hex'))!;
+      assert.ok(loc.base === undefined || !loc.base.equals(dict.id), `chunk ${hex} has a fresh copy that does not need the damaged dictionary`);
+    }
+    await restoresAs(repo, made.name, disk);
+    repo.invalidateIndex();
+    const healed = await verifyRepository(repo, pool);
+    assert.deepEqual(healed.damage.filter((d) => d.affects.some((a) => a.snapshot === made.name)), [], 'the old snapshot verifies clean');
   });
 });

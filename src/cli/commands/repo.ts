@@ -65,18 +65,22 @@ export function registerRepoCommands(program: Command, env: CommandEnv): void {
       }
       const { snapshots, damaged } = await r.listSnapshots();
       const locks = await listLocks(r.store, r.keys);
+      // Dictionaries (§4): the bases of dictionary length (a parent chunk is a whole chunk).
+      const bases = new Set<string>();
+      for (const [, base] of index.deltaBases()) bases.add(base.toString('hex'));
+      const dictionaries = [...bases].filter((hex) => index.get(Buffer.from(hex, 'hex'))?.rawLength === r.config.compression.dictionaryBytes).length;
       const info = {
         location: r.store.location, id: r.config.id, version: r.config.version, created: r.config.created,
         encryption: r.config.encryption, chunkSize: r.config.chunkSize, packSize: r.config.packSize,
         compression: r.config.compression, snapshots: snapshots.length, damagedManifests: damaged.length,
-        packs, storedBytes: packBytes, blobs: index.size, deltaChunks: [...index.deltaBases()].length, indexFiles: r.indexFiles.size,
+        packs, storedBytes: packBytes, blobs: index.size, deltaChunks: [...index.deltaBases()].length, dictionaries, indexFiles: r.indexFiles.size,
         locks: locks.map((l) => ({ ...l.info, stale: l.stale })),
       };
       printResult(g, info, () => [
         `repository ${info.id} at ${info.location}`,
         `format v${info.version}, created ${info.created}`,
         `encryption ${info.encryption}; chunk size ${formatBytes(info.chunkSize)}; zstd level ${info.compression.level}`,
-        `${info.snapshots} snapshots${info.damagedManifests ? ` (+${info.damagedManifests} unreadable manifests)` : ''}, ${info.blobs} blobs${info.deltaChunks ? ` (${info.deltaChunks} of them delta chunks)` : ''} in ${info.packs} packs, ${formatBytes(info.storedBytes)} stored`,
+        `${info.snapshots} snapshots${info.damagedManifests ? ` (+${info.damagedManifests} unreadable manifests)` : ''}, ${info.blobs} blobs${info.deltaChunks ? ` (${info.deltaChunks} of them delta chunks${info.dictionaries ? `, ${info.dictionaries} compression dictionaries` : ''})` : ''} in ${info.packs} packs, ${formatBytes(info.storedBytes)} stored`,
         ...info.locks.map((l) => `lock: ${l.kind} ${l.operation} by pid ${l.pid} on ${l.host} since ${l.time}${l.stale ? ' (stale)' : ''}`),
       ].join('\n'));
     });
