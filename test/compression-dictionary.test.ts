@@ -32,7 +32,7 @@ import { backupDisk, type DiskBackupStats } from '../src/engine/disk-backup.ts';
 import { restoreImage } from '../src/engine/image-restore.ts';
 import { openSnapshotDisk } from '../src/engine/snapshot-device.ts';
 import { SnapshotSession } from '../src/engine/snapshot-writer.ts';
-import { BLOCK, BitmapSource, Prng, text } from './helpers/bitmap-disk.ts';
+import { BLOCK, BitmapSource, Prng, assertBaseOk, deltaEntries, text } from './helpers/bitmap-disk.ts';
 import { tempDir } from './helpers/tmp.ts';
 import { tresor, tresorOk } from './helpers/cli.ts';
 
@@ -75,13 +75,6 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
     const out = join(tmp.path, `restored-${Math.random().toString(36).slice(2)}.raw`);
     await restoreImage(r, snapshot, out, { format: 'raw' });
     assert.ok(readFileSync(out).equals(expected), `${snapshot} restores byte-identical`);
-  };
-
-  /** Delta chunks, their bases, and where each is. */
-  const deltaEntries = async (r: Repository) => {
-    r.invalidateIndex();
-    const index = await r.index();
-    return [...index.deltaBases()].map(([id, base]) => ({ id, base, loc: index.get(id)!, baseLoc: index.get(base) }));
   };
 
   /** The dictionaries: bases of 32 KiB (a parent chunk is a whole chunk). */
@@ -188,8 +181,8 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
     const index = await repo.index();
     const parentType = (k: number) => index.get(computeId(repo.keys, disks[0].subarray(k * CHUNK, (k + 1) * CHUNK)))!.type;
     const randomSlots = Array.from({ length: SLOTS }, (_, k) => k).filter((k) => !textSlots.has(k) && k !== 5);
-    // 4 KiB of text into the second half of six random slots (plain parents: parent deltas), and of
-    // six text slots whose parent chunk is a dictionary delta (no chains: not a parent delta).
+    // 4 KiB of text into the second half of six random slots (plain parents) and of six text
+    // slots whose parent chunk is a dictionary delta: all parent deltas (the latter two levels).
     const partial = randomSlots.slice(0, 6);
     const overDelta = [...textSlots].filter((k) => parentType(k) === BlobType.deltaChunk).slice(0, 6);
     assert.equal(overDelta.length, 6);
@@ -208,15 +201,20 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
     await backup(repo, pool, new BitmapSource(data, dirty), snaps[0]);
     const s = stats[1];
     assert.equal(s.newChunks, partial.length + overDelta.length + whole.length);
-    assert.equal(s.deltaChunks, partial.length, 'the partly changed chunks with a plain parent chunk are deltas against it');
+    assert.equal(s.deltaChunks, partial.length + overDelta.length, 'the partly changed chunks are deltas against their parent chunks');
     // A new text chunk brings the incremental's dictionary; those encoded after it use it.
-    assert.ok(s.dictionaries >= 1 && s.dictionaryChunks >= 8, `${s.dictionaryChunks} of ${whole.length + overDelta.length} new text chunks against a dictionary`);
-    for (const d of await deltaEntries(repo)) assert.equal(d.baseLoc?.type, BlobType.chunk, 'every base is a plain chunk');
+    assert.ok(s.dictionaries >= 1 && s.dictionaryChunks >= 8, `${s.dictionaryChunks} of ${whole.length} new text chunks against a dictionary`);
+    for (const d of await deltaEntries(repo)) assertBaseOk(d);
+    for (const k of overDelta) {
+      const loc = (await repo.index()).get(computeId(repo.keys, data.subarray(k * CHUNK, (k + 1) * CHUNK)))!;
+      assert.equal(loc.type, BlobType.deltaChunk);
+      assert.ok(loc.length < 8000, `slot ${k}: a 4 KiB change over a dictionary delta costs ${loc.length} bytes`);
+    }
     // The incremental's new text is compressed against its dictionary at the incremental level (1).
     assert.equal(repo.config.compression.incrementalLevel, 1);
     const fresh = await repo.index();
     let checked = 0;
-    for (const k of [...whole, ...overDelta]) {
+    for (const k of whole) {
       const loc = fresh.get(computeId(repo.keys, data.subarray(k * CHUNK, (k + 1) * CHUNK)))!;
       if (loc.type !== BlobType.deltaChunk) continue;
       assert.equal(loc.length, encodedAgainst(data, k, dictionaryPlain(data, loc.base!), 1), `slot ${k}`);
@@ -263,7 +261,7 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
         const copied = await deltaEntries(target);
         assert.equal(copied.length, source.length, 'every delta travels as a delta');
         assert.equal((await dictionaries(target)).length, (await dictionaries(repo)).length, 'every dictionary is sent (once)');
-        for (const d of copied) assert.equal(d.baseLoc?.type, BlobType.chunk);
+        for (const d of copied) assertBaseOk(d);
         for (const [k, s] of snaps.entries()) await restoresAs(target, s.name, disks[k]);
         assert.deepEqual((await verifyRepository(target, targetPool)).damage, []);
       } finally {
@@ -279,7 +277,7 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
     await forgetSnapshots(repo, [snaps[0].name]);
     const report = await collectGarbage(repo, { pool, maxWaitMs: 0, pollMs: 10, repackThreshold: 0.01 });
     assert.equal(report.missingBlobs, 0);
-    for (const d of await deltaEntries(repo)) assert.equal(d.baseLoc?.type, BlobType.chunk, `base ${d.base.toString('hex')} survived`);
+    for (const d of await deltaEntries(repo)) assertBaseOk(d, `base ${d.base.toString('hex')} (and its own) survived`);
     await restoresAs(repo, snaps[1].name, disks[1]);
     assert.deepEqual((await verifyRepository(repo, pool)).damage, []);
     // The incremental kept most of the full backup's chunks, so their dictionaries live on.

@@ -6,8 +6,9 @@
  * the snapshot device behind file restore and instant recovery, verify, check, sync, which sends
  * them as deltas where the target has their base); garbage
  * collection keeps a base alive after the snapshot that brought it is forgotten, also when it
- * plans while the incremental that needs the base runs; bases are never
- * deltas themselves; a damaged base is named, and so is every delta and snapshot it breaks.
+ * plans while the incremental that needs the base runs; a base is a plain chunk or a delta whose
+ * base is plain (two levels, never three); a damaged base is named, and so is every delta and
+ * snapshot it breaks.
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -30,7 +31,7 @@ import { backupDisk, type DiskBackupStats } from '../src/engine/disk-backup.ts';
 import { restoreImage } from '../src/engine/image-restore.ts';
 import { openSnapshotDisk } from '../src/engine/snapshot-device.ts';
 import { SnapshotSession } from '../src/engine/snapshot-writer.ts';
-import { BLOCK, BitmapSource, Prng, text } from './helpers/bitmap-disk.ts';
+import { BLOCK, BitmapSource, Prng, assertBaseOk, deltaEntries, text } from './helpers/bitmap-disk.ts';
 import { tempDir } from './helpers/tmp.ts';
 
 const PASS = 'delta chunk test passphrase';
@@ -80,12 +81,6 @@ describe('delta chunks', { timeout: 180_000 }, () => {
     assert.ok(readFileSync(out).equals(expected), `${snapshot} restores byte-identical`);
   };
 
-  const deltaEntries = async (r: Repository) => {
-    r.invalidateIndex();
-    const index = await r.index();
-    return [...index.deltaBases()].map(([id, base]) => ({ id, base, loc: index.get(id)!, baseLoc: index.get(base) }));
-  };
-
   /** Syncs everything into a new repository with another key, then hands it to `check`. */
   const syncToNewRepository = async (name: string, check: (target: Repository, targetPool: CodecPool) => Promise<void>): Promise<void> => {
     const targetStore = await LocalStore.open(join(tmp.path, name), { create: true });
@@ -121,7 +116,7 @@ describe('delta chunks', { timeout: 180_000 }, () => {
   });
 
   it('stores chunks changed in part as small deltas against the parent, and each snapshot restores exactly', async () => {
-    assert.equal(repo.config.version, 2, 'new repositories are version 2 (may hold delta chunks)');
+    assert.equal(repo.config.version, 3, 'new repositories are version 3 (may hold delta chunks, two levels deep)');
     const prng = new Prng(11);
     // 4 KiB into slots 2..21 (one 64 KiB block of two each): partial; slots 30, 31 rewritten whole.
     const partialSlots = Array.from({ length: 20 }, (_, i) => i + 2).filter((s) => s !== 7);
@@ -140,7 +135,7 @@ describe('delta chunks', { timeout: 180_000 }, () => {
     assert.equal(deltas.length, partialSlots.length + 1);
     for (const d of deltas) {
       assert.equal(d.loc.type, BlobType.deltaChunk);
-      assert.equal(d.baseLoc?.type, BlobType.chunk, 'a base is a plain chunk');
+      assert.equal(d.baseLoc?.type, BlobType.chunk, 'a base is a plain chunk (the full backup made no deltas)');
       // 4 KiB of new data (random in half of them): a delta is far below a compressed 128 KiB chunk.
       assert.ok(d.loc.length < 6000, `delta chunk ${d.id.toString('hex')} is ${d.loc.length} bytes`);
     }
@@ -177,14 +172,21 @@ describe('delta chunks', { timeout: 180_000 }, () => {
     }
   });
 
-  it('never uses a delta as a base: a chunk whose parent is a delta is stored plain', async () => {
+  it('makes deltas against parents that are deltas of plain chunks (two levels), never deeper', async () => {
     const prng = new Prng(13);
+    // Slots 2-4 are deltas against the full backup's chunks: their changes become second-level deltas.
     const again = rewrite(disks[1], [2, 3, 4], 10_000, 4096, prng);
     await backup(new BitmapSource(again.data, again.dirty), snaps[1]);
     assert.equal(stats[2].newChunks, 3);
-    assert.equal(stats[2].deltaChunks, 0, 'the parent chunks in slots 2-4 are deltas: no chains');
-    for (const d of await deltaEntries(repo)) assert.equal(d.baseLoc?.type, BlobType.chunk);
+    assert.equal(stats[2].deltaChunks, 3, 'against the parents, which are deltas of plain chunks');
+    // Their parents are now second-level deltas: a third level is never made.
+    const third = rewrite(disks[2], [2, 3, 4], 30_000, 4096, prng);
+    await backup(new BitmapSource(third.data, third.dirty), snaps[2]);
+    assert.equal(stats[3].newChunks, 3);
+    assert.equal(stats[3].deltaChunks, 0, 'the parents are second-level deltas: stored plain');
+    for (const d of await deltaEntries(repo)) assertBaseOk(d);
     await restoresAs(repo, snaps[2].name, disks[2]);
+    await restoresAs(repo, snaps[3].name, disks[3]);
   });
 
   it('sync sends deltas as deltas against the target\'s copy of their base, into a repository with another key', async () => {
@@ -193,7 +195,7 @@ describe('delta chunks', { timeout: 180_000 }, () => {
       const targetDeltas = await deltaEntries(target);
       // Oldest first: the full snapshot's chunks (the bases) are there before the deltas.
       assert.equal(targetDeltas.length, sourceDeltas.length);
-      for (const d of targetDeltas) assert.equal(d.baseLoc?.type, BlobType.chunk);
+      for (const d of targetDeltas) assertBaseOk(d);
       for (const s of snaps) await restoresAs(target, s.name, disks[snaps.indexOf(s)]);
       assert.deepEqual((await verifyRepository(target, targetPool)).damage, []);
     });
@@ -207,25 +209,31 @@ describe('delta chunks', { timeout: 180_000 }, () => {
     assert.equal(report.missingBlobs, 0);
     const deltas = await deltaEntries(repo);
     assert.ok(deltas.length > 0);
-    for (const d of deltas) assert.equal(d.baseLoc?.type, BlobType.chunk, `base ${d.base.toString('hex')} survived garbage collection`);
+    for (const d of deltas) assertBaseOk(d, `base ${d.base.toString('hex')} (and its own) survived garbage collection`);
     await restoresAs(repo, snaps[1].name, disks[1]);
     await restoresAs(repo, snaps[2].name, disks[2]);
+    await restoresAs(repo, snaps[3].name, disks[3]);
     const verified = await verifyRepository(repo, pool);
     assert.deepEqual(verified.damage, []);
   });
 
   it('sync stores a delta plain when its base never reaches the target (its snapshot was forgotten first)', async () => {
     await syncToNewRepository('target2', async (target) => {
-      assert.equal((await deltaEntries(target)).length, 0);
-      await restoresAs(target, snaps[1].name, disks[1]);
-      await restoresAs(target, snaps[2].name, disks[2]);
+      // The first incremental's deltas lost their bases' snapshot: they arrive plain, and the
+      // second-level deltas made on them arrive as first-level deltas against those copies.
+      const source = await deltaEntries(repo);
+      const copied = await deltaEntries(target);
+      assert.equal(source.filter((d) => d.baseLoc?.type === BlobType.deltaChunk).length, 3);
+      assert.equal(copied.length, 3);
+      for (const d of copied) assert.equal(d.baseLoc?.type, BlobType.chunk);
+      for (const k of [1, 2, 3]) await restoresAs(target, snaps[k].name, disks[k]);
     });
   });
 
   it('a garbage collection planned while an incremental with deltas runs keeps the bases it needs', async () => {
-    // Slots 2-4 of the newest snapshot are plain chunks: a 4 KiB change in each makes three deltas on them.
-    const parent = snaps[2];
-    const change = rewrite(disks[2], [2, 3, 4], 20_000, 4096, new Prng(17));
+    // Slots 2-4 of the newest snapshot are plain chunks (the third level was refused): a 4 KiB change in each makes three deltas on them.
+    const parent = snaps[3];
+    const change = rewrite(disks[3], [2, 3, 4], 20_000, 4096, new Prng(17));
     const session = await SnapshotSession.start(repo, 'delta test (gc race)');
     let made: SnapshotManifest;
     try {
@@ -245,13 +253,13 @@ describe('delta chunks', { timeout: 180_000 }, () => {
     const done = await collectGarbage(repo, { pool, maxWaitMs: 5000, pollMs: 10 });
     assert.equal(done.complete, true);
     assert.ok(done.rescuedBlobs >= 3, `the bases are rescued (${done.rescuedBlobs} rescued)`);
-    for (const d of await deltaEntries(repo)) assert.equal(d.baseLoc?.type, BlobType.chunk, `base ${d.base.toString('hex')} is still there`);
+    for (const d of await deltaEntries(repo)) assertBaseOk(d, `base ${d.base.toString('hex')} is still there`);
     await restoresAs(repo, made.name, change.data);
     snaps.push(made);
     disks.push(change.data);
   });
   it('a damaged base is named, with every delta it breaks and the snapshots they hold', async () => {
-    const [victim] = await deltaEntries(repo);
+    const victim = (await deltaEntries(repo)).find((d) => d.baseLoc?.type === BlobType.chunk)!;
     const baseLoc = victim.baseLoc!;
     const path = join(tmp.path, 'repo', packName(baseLoc.packId));
     const bytes = readFileSync(path);

@@ -10,7 +10,8 @@
  *
  * With a parent, a chunk the source marks changed only in part (a dirty bitmap is 64 KiB, a chunk
  * larger) is encoded as a delta against the parent's chunk in that slot: the unchanged part costs
- * almost nothing to store (docs/repository-format.md §4). Only plain chunks serve as bases.
+ * almost nothing to store (docs/repository-format.md §4). A base is a plain chunk, or in a
+ * version-3 repository a delta chunk whose base is plain (two levels, never more).
  *
  * With compression dictionaries configured (§4), every other compressible new chunk is a delta
  * against the disk's current dictionary: a piece of a chunk of this disk that compressed well,
@@ -188,8 +189,7 @@ export async function backupDisk(
 
   /**
    * Bases for the new chunks `which` (batch positions from `firstSlot`) that changed in part:
-   * the parent's chunk in the same slot when it is a plain chunk that may be used (like a reused
-   * chunk: not condemned, not damaged). Null where there is none or it cannot be read (the chunk
+   * the parent's chunk in the same slot when it may serve as a base (usableBase below). Null where there is none or it cannot be read (the chunk
    * is then stored whole; a damaged parent chunk is verify's to report).
    */
   const deltaBases = async (firstSlot: number, which: number[], partial: Uint8Array): Promise<Array<DeltaBase | null> | undefined> => {
@@ -202,7 +202,7 @@ export async function backupDisk(
         const at = (slot - p * parent!.disk.pieceSlots) * 32;
         const id = (await parent!.piece(p)).subarray(at, at + 32);
         // (A chunk as long as a dictionary is never a delta: dictionaries are plain chunks.)
-        if (!ZERO_ID.equals(id) && index.get(id)?.type === BlobType.chunk && !repo.avoids(id) && slotLength(firstSlot + k) !== dictionaryBytes) base = Buffer.from(id);
+        if (!ZERO_ID.equals(id) && usableBase(id) && slotLength(firstSlot + k) !== dictionaryBytes) base = Buffer.from(id);
       }
       wanted.push(base);
     }
@@ -212,6 +212,19 @@ export async function backupDisk(
       const got = b === null ? undefined : read.get(b.toString('hex'));
       return got === undefined || got instanceof Error ? null : got;
     });
+  };
+
+  /**
+   * A parent chunk a delta may be made against: a plain chunk, or (version 3) a delta chunk
+   * whose base is a plain chunk, such as a chunk compressed against a dictionary; never deeper.
+   * Like a reused chunk, neither may be condemned or damaged.
+   */
+  const usableBase = (id: Uint8Array): boolean => {
+    const loc = index.get(id);
+    if (loc === undefined || repo.avoids(id)) return false;
+    if (loc.type === BlobType.chunk) return true;
+    return repo.twoLevelDeltas && loc.type === BlobType.deltaChunk && loc.base !== undefined
+      && index.get(loc.base)?.type === BlobType.chunk && !repo.avoids(loc.base);
   };
 
   const readAndStore = async (firstSlot: number, count: number, offset: number, length: number, partial?: Uint8Array): Promise<void> => {

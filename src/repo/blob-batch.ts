@@ -23,6 +23,8 @@ export interface BatchItem {
   what: () => string;
   /** Plaintext length the caller requires (checked before reading); default: the indexed one. */
   length?: number;
+  /** For a delta chunk: its base, read and checked by the caller. */
+  base?: DeltaBase;
 }
 
 export type BatchOutcome = { plain: Buffer; error?: undefined } | { plain?: undefined; error: unknown };
@@ -53,23 +55,52 @@ export function newBaseCache(): BaseCache {
 }
 
 /**
- * The bases of delta chunks: plain chunks, read with the checks of any batch. Each base id maps
- * to its plaintext or to the error that stops every delta made against it (a missing base, a
- * base that is itself a delta, damage). `what(id)` names a base for errors.
+ * The bases of delta chunks, read with the checks of any batch. A base is a plain chunk, or (two
+ * levels, repository-format.md §4) a delta chunk whose own base is a plain chunk: that one is
+ * read first and the base decoded against it. Each base id maps to its plaintext or to the error
+ * that stops every delta made against it (a missing base, a deeper chain, damage). `what(id)`
+ * names a base for errors.
  */
 export async function readDeltaBases(repo: Repository, baseIds: Iterable<Buffer>, what: (id: Buffer) => string, opts: BatchOptions & { cache?: BaseCache } = {}): Promise<Map<string, DeltaBase | Error>> {
+  const index = opts.locate ? undefined : await repo.index();
+  const locate = opts.locate ?? ((id: Buffer) => index!.get(id));
+  const ids = [...baseIds];
+  // Bases that are delta chunks: their own bases first, which must be plain chunks.
+  const innerIds = ids.flatMap((id) => {
+    const loc = locate(id);
+    return loc?.type === BlobType.deltaChunk && loc.base !== undefined ? [loc.base] : [];
+  });
+  const inner = innerIds.length === 0 ? new Map<string, DeltaBase | Error>() : await readBases(repo, innerIds, (id) => `${what(id)} (the base of a base)`, () => undefined, opts);
+  return readBases(repo, ids, what, (id) => {
+    const loc = locate(id);
+    if (loc?.type !== BlobType.deltaChunk || loc.base === undefined) return undefined;
+    const base = inner.get(loc.base.toString('hex'));
+    return base instanceof Error || base === undefined
+      ? new Error(`${what(id)} is a delta chunk whose base ${loc.base.toString('hex')} cannot be read: ${base?.message ?? 'not read'}`)
+      : base;
+  }, opts);
+}
+
+/**
+ * Reads chunks by id (each once; from the cache where it has them): as a plain chunk where
+ * `baseOf` gives no base, else as a delta chunk against it (or the error it gives).
+ */
+async function readBases(
+  repo: Repository, ids: Buffer[], what: (id: Buffer) => string, baseOf: (id: Buffer) => DeltaBase | Error | undefined, opts: BatchOptions & { cache?: BaseCache },
+): Promise<Map<string, DeltaBase | Error>> {
   const bases = new Map<string, DeltaBase | Error>();
   const items: BatchItem[] = [];
-  for (const id of baseIds) {
+  for (const id of ids) {
     const hex = id.toString('hex');
     if (bases.has(hex)) continue;
     const cached = opts.cache?.get(hex);
-    if (cached !== undefined) {
-      bases.set(hex, cached);
+    const base = cached === undefined ? baseOf(id) : undefined;
+    if (cached !== undefined || base instanceof Error) {
+      bases.set(hex, cached ?? base!);
       continue;
     }
     bases.set(hex, new Error('not read'));
-    items.push({ id, type: BlobType.chunk, what: () => what(id) });
+    items.push({ id, type: base === undefined ? BlobType.chunk : BlobType.deltaChunk, what: () => what(id), ...(base !== undefined ? { base } : {}) });
   }
   await readBlobBatch(repo, items, (item, outcome) => {
     const hex = item.id.toString('hex');
@@ -153,7 +184,7 @@ export async function readBlobBatch<T extends BatchItem>(repo: Repository, items
       try {
         const stored = data.subarray(loc.offset - from, loc.offset - from + loc.length);
         const plain = decodeBlob(repo.keys, item.type, item.id, stored, { id: item.id, maxLength: loc.rawLength, exactLength: true, trustAead: opts.trustAead },
-          () => ({ what: `${item.what()} (${BLOB_TYPE_NAMES[item.type]} ${item.id.toString('hex')} in ${pack})`, context: { blob: item.id.toString('hex'), pack } }));
+          () => ({ what: `${item.what()} (${BLOB_TYPE_NAMES[item.type]} ${item.id.toString('hex')} in ${pack})`, context: { blob: item.id.toString('hex'), pack } }), item.base);
         outcome = { plain };
       } catch (err) {
         outcome = { error: err };

@@ -294,9 +294,12 @@ class GarbageCollection {
         });
       }
     }
-    // A live delta chunk keeps its base alive (bases are plain chunks: one step, no chains).
-    for (const [id, base] of index.deltaBases()) {
-      if (refs.has(id) && refs.add(base) && !has(base)) missing++;
+    // A live delta chunk keeps its base alive, and a base that is a delta its own base (two
+    // levels at most, §4: two passes reach every one, in whatever order the index lists them).
+    for (let pass = 0; pass < 2; pass++) {
+      for (const [id, base] of index.deltaBases()) {
+        if (refs.has(id) && refs.add(base) && !has(base)) missing++;
+      }
     }
     return missing;
   }

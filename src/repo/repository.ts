@@ -34,7 +34,7 @@ export const TOOL_VERSION = '0.1.0';
 export interface RepoConfig {
   format: 'tresor-repository';
   /** 1, or 2: packs may hold delta chunks (docs/repository-format.md §2). */
-  version: 1 | 2;
+  version: 1 | 2 | 3;
   id: string;
   created: string;
   /** Fixed chunk size for disk images, bytes (power of two). */
@@ -165,7 +165,7 @@ export class Repository {
       throw new TresorError('repo-exists', `a repository already exists at ${store.location}`, { hint: 'use it as it is, or choose another location', exitCode: ExitCode.usage });
     }
     const config: RepoConfig = {
-      format: 'tresor-repository', version: 2, id: randomBytes(16).toString('hex'), created: new Date().toISOString(),
+      format: 'tresor-repository', version: 3, id: randomBytes(16).toString('hex'), created: new Date().toISOString(),
       chunkSize, pieceSlots: opts.pieceSlots ?? DEFAULTS.pieceSlots, nodeIds: opts.nodeIds ?? DEFAULTS.nodeIds, packSize: opts.packSize ?? DEFAULTS.packSize,
       compression: {
         algorithm: 'zstd', level: opts.compressionLevel ?? DEFAULTS.compressionLevel,
@@ -222,7 +222,7 @@ export class Repository {
       throw new DamageError('damaged-config', `the repository config at ${store.location} is not valid JSON`, { cause: err });
     }
     if (c?.format !== 'tresor-repository') throw new DamageError('damaged-config', `${store.location}/config is not a Tresor repository config`);
-    if (c.version !== 1 && c.version !== 2) throw new TresorError('repo-version', `the repository at ${store.location} has format version ${c.version}; this Tresor reads versions 1 and 2`, { hint: 'upgrade Tresor' });
+    if (c.version !== 1 && c.version !== 2 && c.version !== 3) throw new TresorError('repo-version', `the repository at ${store.location} has format version ${c.version}; this Tresor reads versions 1 to 3`, { hint: 'upgrade Tresor' });
     if (!Number.isInteger(Math.log2(c.chunkSize)) || c.chunkSize < 4096 || c.chunkSize > 16 << 20 || !(Number.isSafeInteger(c.pieceSlots) && c.pieceSlots > 0) || !(c.packSize > 0)
       || (c.nodeIds !== undefined && !(Number.isSafeInteger(c.nodeIds) && c.nodeIds > 0 && c.nodeIds <= 1 << 20))
       || (c.encryption !== 'none' && c.encryption !== 'aes-256-gcm')
@@ -315,6 +315,15 @@ export class Repository {
    */
   get deltaChunks(): boolean {
     return this.config.version >= 2 && this.config.compression.level > 0;
+  }
+
+  /**
+   * Whether writers may store a delta against a delta chunk whose base is a plain chunk (two
+   * levels; version 3: a reader of version 2 would call such a base damage). A partly changed
+   * chunk whose parent chunk was compressed against a dictionary needs it (§4).
+   */
+  get twoLevelDeltas(): boolean {
+    return this.config.version >= 3 && this.deltaChunks;
   }
 
   /**

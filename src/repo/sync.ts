@@ -279,15 +279,23 @@ async function copyPieces(
     if (missing) await source.locate(missing.id, () => `chunk ${missing.id.toString('hex')} of snapshot ${reader.snapshot}`); // throws
     for (const group of groupByPack(wanted as Array<{ id: Buffer; slots: number[]; loc: BlobLocation }>)) {
       const { plains, bases } = await readChunks(source, opts.sourcePool, group, reader.snapshot);
-      // A delta travels as a delta when its base is in the target as a plain chunk. A base that
-      // deltas of this group share (a compression dictionary) is sent first, as a plain chunk.
+      // A delta travels as a delta when its base is in the target as a plain chunk (or, version 3,
+      // as a delta chunk against a plain chunk). A base that deltas of this group share (a
+      // compression dictionary) is sent first, as a plain chunk.
       const plainInTarget = (tid: Buffer | undefined) => tid !== undefined
         && ((targetIndex.get(tid)?.type === BlobType.chunk && !target.avoids(tid)) || sentBases.has(tid.toString('hex')));
+      const baseInTarget = (tid: Buffer | undefined): boolean => {
+        if (plainInTarget(tid)) return true;
+        const loc = tid === undefined ? undefined : targetIndex.get(tid);
+        return target.twoLevelDeltas && loc?.type === BlobType.deltaChunk && !target.avoids(tid!) && plainInTarget(loc.base);
+      };
       if (target.deltaChunks) await sendSharedBases(target, opts.targetPool, writer, bases, plainInTarget, map, sentBases, usable, report, learnt);
       const targetBases = bases.map((b) => {
         const tid = b === undefined || !target.deltaChunks ? undefined : map.get(b.id);
-        return plainInTarget(tid) ? { id: tid!, plain: b!.plain } : null;
+        return baseInTarget(tid) ? { id: tid!, plain: b!.plain } : null;
       });
+      // A chunk as long as the target's dictionaries is never a delta there (§4).
+      plains.forEach((pl, i) => { if (pl.length === target.dictionaryBytes) targetBases[i] = null; });
       const targetIds = await sendChunks(target, opts.targetPool, writer, plains, targetBases, usable, report);
       group.forEach((w, i) => {
         const tid = targetIds[i];

@@ -114,11 +114,13 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
       } else if (loc.type !== type && !(type === BlobType.chunk && loc.type === BlobType.deltaChunk)) {
         bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `the index says it is a ${BLOB_TYPE_NAMES[loc.type]}`, affects: [], copy });
       } else if (loc.base !== undefined) {
-        // A delta chunk needs its base: a plain chunk (never another delta), checked like any chunk.
+        // A delta chunk needs its base, checked like any chunk: a plain chunk, or a delta chunk
+        // whose own base is a plain chunk (two levels at most, §4).
         noteBlob(loc.base, BlobType.chunk);
         const base = refs.get(loc.base.toString('hex'))!;
-        if (base.loc?.type === BlobType.deltaChunk) {
-          bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[loc.type]} ${hex}`, error: `its base ${loc.base.toString('hex')} is itself a delta chunk (bases must be plain chunks)`, affects: [], copy: { ...copy, type: loc.type } });
+        const inner = base.loc?.type === BlobType.deltaChunk && base.loc.base !== undefined ? index.get(base.loc.base) : undefined;
+        if (inner?.type === BlobType.deltaChunk) {
+          bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[loc.type]} ${hex}`, error: `its base ${loc.base.toString('hex')} is a delta chunk whose own base is a delta chunk too (at most two levels)`, affects: [], copy: { ...copy, type: loc.type } });
         }
       }
     }

@@ -3,7 +3,10 @@
  * since the parent, like a dirty bitmap; and seeded log-like text that compresses like a real
  * disk's.
  */
+import assert from 'node:assert/strict';
 import type { DiskSource, Extent } from '../../src/image/disk.ts';
+import { BlobType } from '../../src/repo/codec.ts';
+import type { Repository } from '../../src/repo/repository.ts';
 
 export const BLOCK = 64 << 10; // a dirty bitmap's granularity
 
@@ -59,4 +62,22 @@ export function text(prng: Prng, n: number): Buffer {
   let s = '';
   while (s.length < n) s += `${new Date(1_700_000_000_000 + prng.next() * 1e9).toISOString()} ${words[Math.floor(prng.next() * words.length)]} ${Math.floor(prng.next() * 1e6)}\n`;
   return Buffer.from(s.slice(0, n));
+}
+
+/** Every delta chunk of the repository (index reloaded), with where it, its base and its base's base are. */
+export async function deltaEntries(r: Repository) {
+  r.invalidateIndex();
+  const index = await r.index();
+  return [...index.deltaBases()].map(([id, base]) => {
+    const baseLoc = index.get(base);
+    return { id, base, loc: index.get(id)!, baseLoc, innerLoc: baseLoc?.base !== undefined ? index.get(baseLoc.base) : undefined };
+  });
+}
+
+export type DeltaEntry = Awaited<ReturnType<typeof deltaEntries>>[number];
+
+/** A base is a plain chunk, or a delta chunk whose own base is a plain chunk (two levels). */
+export function assertBaseOk(d: DeltaEntry, what = 'a base is a plain chunk or a delta of one'): void {
+  assert.ok(d.baseLoc !== undefined, `base ${d.base.toString('hex')} is there`);
+  assert.ok(d.baseLoc.type === BlobType.chunk || (d.baseLoc.type === BlobType.deltaChunk && d.innerLoc?.type === BlobType.chunk), what);
 }
