@@ -13,8 +13,8 @@
  * almost nothing to store (docs/repository-format.md §4). A base is a plain chunk, or in a
  * version-3 repository a delta chunk whose base is plain (two levels, never more).
  *
- * With compression dictionaries configured (§4), every other compressible new chunk is a delta
- * against the disk's current dictionary: a piece of a chunk of this disk that compressed well,
+ * With compression dictionaries configured (§4), a compressible new chunk without a parent base
+ * is a delta against the disk's current dictionary: a piece of a chunk of this disk that compressed well,
  * stored as a plain chunk of its own. A worker proposes one with its reply to an encode; a new
  * one is taken after every DICTIONARY_SPAN bytes read, as data near each other on a disk is alike.
  */
@@ -39,7 +39,7 @@ export interface DiskBackupStats {
   deltaChunks: number;
   /** New chunks stored as deltas against a compression dictionary. */
   dictionaryChunks: number;
-  /** Compression dictionaries taken (stored, or already in the repository). */
+  /** Compression dictionaries used (stored with their first delta, or already in the repository). */
   dictionaries: number;
 }
 
@@ -189,8 +189,9 @@ export async function backupDisk(
 
   /**
    * Bases for the new chunks `which` (batch positions from `firstSlot`) that changed in part:
-   * the parent's chunk in the same slot when it may serve as a base (usableBase below). Null where there is none or it cannot be read (the chunk
-   * is then stored whole; a damaged parent chunk is verify's to report).
+   * the parent's chunk in the same slot when it may serve as a base (usableBase below). Null
+   * where there is none or it cannot be read (the chunk is then stored whole; a damaged parent
+   * chunk is verify's to report).
    */
   const deltaBases = async (firstSlot: number, which: number[], partial: Uint8Array): Promise<Array<DeltaBase | null> | undefined> => {
     const wanted: Array<Buffer | null> = [];

@@ -8,9 +8,10 @@
  *    encode the chosen chunks (chunk `which[n]` as a delta chunk against `bases[n]` where given
  *    and worth it, else against the dictionary where given and worth it; at zstd `level` when
  *    given, else the repository's setting). `dictionary` is kept for later requests, which name
- *    it by `dictionaryId` alone (a worker handles its requests in order); with `propose` (bytes), also a dictionary candidate from the first
- *    chunk that compressed well (codec.ts dictionaryCandidate): its plaintext, id and blob as a
- *    plain chunk, in the reply's `proposal`; reply their lengths and types, the
+ *    it by `dictionaryId` alone (a worker handles its requests in order). With `propose` (bytes),
+ *    also a dictionary candidate from the first chunk that compressed well (codec.ts
+ *    dictionaryCandidate): its plaintext, id and blob as a plain chunk, in the reply's
+ *    `proposal`. Reply the blobs' lengths and types, the
  *    blobs one after another in `into` (a SharedArrayBuffer the caller reuses) when they fit,
  *    else in one buffer of the reply; forget the batch. With `recycle` the batch's data buffer
  *    goes back to the caller in the reply (`data`, transferred) instead of being freed.
