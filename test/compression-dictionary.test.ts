@@ -19,7 +19,6 @@ import { Repository } from '../src/repo/repository.ts';
 import { BlobType, computeId, encodeBlob, encodeChunk } from '../src/repo/codec.ts';
 import { deltaBasesOf, newBaseCache } from '../src/repo/blob-batch.ts';
 import { CodecPool } from '../src/repo/codec-pool.ts';
-import { DiskMapReader } from '../src/repo/disk-map.ts';
 import type { SnapshotManifest } from '../src/repo/manifest.ts';
 import { packName } from '../src/repo/pack.ts';
 import { verifyRepository } from '../src/repo/verify.ts';
@@ -28,11 +27,9 @@ import { checkRepository } from '../src/repo/check.ts';
 import { forgetSnapshots } from '../src/repo/prune.ts';
 import { collectGarbage } from '../src/repo/gc.ts';
 import { syncRepositories } from '../src/repo/sync.ts';
-import { backupDisk, type DiskBackupStats } from '../src/engine/disk-backup.ts';
 import { restoreImage } from '../src/engine/image-restore.ts';
 import { openSnapshotDisk } from '../src/engine/snapshot-device.ts';
-import { SnapshotSession } from '../src/engine/snapshot-writer.ts';
-import { BLOCK, BitmapSource, Prng, assertBaseOk, deltaEntries, text } from './helpers/bitmap-disk.ts';
+import { BLOCK, BackupHistory, BitmapSource, Prng, assertBaseOk, deltaEntries, text, type DeltaEntry } from './helpers/bitmap-disk.ts';
 import { tempDir } from './helpers/tmp.ts';
 import { tresor, tresorOk } from './helpers/cli.ts';
 
@@ -46,30 +43,12 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
   let store: LocalStore;
   let repo: Repository;
   let pool: CodecPool;
-  const disks: Buffer[] = [];
-  const snaps: SnapshotManifest[] = [];
-  const stats: DiskBackupStats[] = [];
+  const history = new BackupHistory('dict');
+  const { snaps, stats, disks } = history;
   /** Slots holding text in the first disk (the rest: random, and a hole at slot 5). */
   const textSlots = new Set<number>();
 
-  const backup = async (r: Repository, p: CodecPool, source: BitmapSource, parent: SnapshotManifest | undefined): Promise<SnapshotManifest> => {
-    const session = await SnapshotSession.start(r, 'dictionary test');
-    try {
-      const parentMap = parent ? await DiskMapReader.open(r, parent.name, parent.disks[0]) : undefined;
-      const b = await backupDisk(r, session.pool, session.writer, source, { parent: parentMap, dictionarySpan: SPAN });
-      const disk = { name: 'disk0', sourceFormat: 'raw', ...(await b.map.finish()) };
-      const made = await session.commit({ type: 'image', id: 'dict', source: { kind: 'image-file', path: 'memory', format: 'raw' } },
-        new Date(Date.now() + snaps.length * 1000), [disk], parent?.name ?? null, b.stats);
-      if (r === repo && p === pool) {
-        snaps.push(made);
-        stats.push(b.stats);
-        disks.push(source.data);
-      }
-      return made;
-    } finally {
-      await session.close();
-    }
-  };
+  const backup = (source: BitmapSource, parent: SnapshotManifest | undefined) => history.backup(repo, source, parent, { dictionarySpan: SPAN });
 
   const restoresAs = async (r: Repository, snapshot: string, expected: Buffer): Promise<void> => {
     const out = join(tmp.path, `restored-${Math.random().toString(36).slice(2)}.raw`);
@@ -79,7 +58,7 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
 
   /** The dictionaries: bases of 32 KiB (a parent chunk is a whole chunk). */
   const dictionaries = async (r: Repository) => {
-    const all = new Map<string, { id: Buffer; loc: NonNullable<Awaited<ReturnType<typeof deltaEntries>>[number]['baseLoc']> }>();
+    const all = new Map<string, { id: Buffer; loc: NonNullable<DeltaEntry['baseLoc']> }>();
     for (const d of await deltaEntries(r)) if (d.baseLoc && d.baseLoc.rawLength === 32 << 10) all.set(d.base.toString('hex'), { id: d.base, loc: d.baseLoc });
     return [...all.values()];
   };
@@ -119,7 +98,7 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
       }
       s += run;
     }
-    await backup(repo, pool, new BitmapSource(disk), undefined);
+    await backup(new BitmapSource(disk), undefined);
   });
   after(async () => {
     await pool?.close();
@@ -198,7 +177,7 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
       text(prng, CHUNK).copy(data, k * CHUNK);
       dirty.add(2 * k).add(2 * k + 1);
     }
-    await backup(repo, pool, new BitmapSource(data, dirty), snaps[0]);
+    await backup(new BitmapSource(data, dirty), snaps[0]);
     const s = stats[1];
     assert.equal(s.newChunks, partial.length + overDelta.length + whole.length);
     assert.equal(s.deltaChunks, partial.length + overDelta.length, 'the partly changed chunks are deltas against their parent chunks');
@@ -294,7 +273,7 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
     const prng = new Prng(9);
     const disk = Buffer.alloc(128 * CHUNK);
     for (let k = 0; k < 128; k++) text(prng, CHUNK).copy(disk, k * CHUNK);
-    const made = await backup(repo, pool, new BitmapSource(disk), undefined);
+    const made = await backup(new BitmapSource(disk), undefined);
     const [dict] = await dictionaries(repo);
     assert.ok(dict, 'the backup took a dictionary');
     const path = join(tmp.path, 'repo', packName(dict.loc.packId));
@@ -318,7 +297,7 @@ describe('compression dictionaries', { timeout: 180_000 }, () => {
     repo.invalidateIndex();
     await repo.index();
     assert.ok(repo.avoids(dict.id), 'the damaged dictionary is recorded: no writer uses it again');
-    await backup(repo, pool, new BitmapSource(disk), undefined);
+    await backup(new BitmapSource(disk), undefined);
     repo.invalidateIndex();
     const index = await repo.index();
     for (const hex of against) {

@@ -27,11 +27,11 @@ import { checkRepository } from '../src/repo/check.ts';
 import { forgetSnapshots } from '../src/repo/prune.ts';
 import { collectGarbage } from '../src/repo/gc.ts';
 import { syncRepositories } from '../src/repo/sync.ts';
-import { backupDisk, type DiskBackupStats } from '../src/engine/disk-backup.ts';
+import { backupDisk } from '../src/engine/disk-backup.ts';
 import { restoreImage } from '../src/engine/image-restore.ts';
 import { openSnapshotDisk } from '../src/engine/snapshot-device.ts';
 import { SnapshotSession } from '../src/engine/snapshot-writer.ts';
-import { BLOCK, BitmapSource, Prng, assertBaseOk, deltaEntries, text } from './helpers/bitmap-disk.ts';
+import { BLOCK, BackupHistory, BitmapSource, Prng, assertBaseOk, deltaEntries, text } from './helpers/bitmap-disk.ts';
 import { tempDir } from './helpers/tmp.ts';
 
 const PASS = 'delta chunk test passphrase';
@@ -44,24 +44,10 @@ describe('delta chunks', { timeout: 180_000 }, () => {
   let store: LocalStore;
   let repo: Repository;
   let pool: CodecPool;
-  const disks: Buffer[] = [];
-  const snaps: SnapshotManifest[] = [];
-  const stats: DiskBackupStats[] = [];
+  const history = new BackupHistory('delta');
+  const { snaps, stats, disks } = history;
 
-  const backup = async (source: BitmapSource, parent: SnapshotManifest | undefined): Promise<void> => {
-    const session = await SnapshotSession.start(repo, 'delta test');
-    try {
-      const parentMap = parent ? await DiskMapReader.open(repo, parent.name, parent.disks[0]) : undefined;
-      const r = await backupDisk(repo, session.pool, session.writer, source, { parent: parentMap });
-      const disk = { name: 'disk0', sourceFormat: 'raw', ...(await r.map.finish()) };
-      snaps.push(await session.commit({ type: 'image', id: 'delta', source: { kind: 'image-file', path: 'memory', format: 'raw' } },
-        new Date(Date.now() + snaps.length * 1000), [disk], parent?.name ?? null, r.stats));
-      stats.push(r.stats);
-      disks.push(source.data);
-    } finally {
-      await session.close();
-    }
-  };
+  const backup = (source: BitmapSource, parent: SnapshotManifest | undefined) => history.backup(repo, source, parent);
 
   /** Rewrites `bytes` at `offset` in each of `slots`; returns the new disk and its dirty 64 KiB blocks. */
   const rewrite = (from: Buffer, slots: number[], offset: number, bytes: number, prng: Prng): { data: Buffer; dirty: Set<number> } => {

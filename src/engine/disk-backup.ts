@@ -99,6 +99,8 @@ export async function backupDisk(
   let dictionary: (DeltaBase & { blob?: Buffer; used?: boolean }) | undefined;
   let readSinceDictionary = 0;
   const dictionarySpan = opts.dictionarySpan ?? DICTIONARY_SPAN;
+  /** No dictionary yet, or a span read since the last one. */
+  const wantsDictionary = (): boolean => dictionary === undefined || readSinceDictionary >= dictionarySpan;
   const slots = slotCount(source.size, chunkSize);
   const batchBytes = Math.max(chunkSize, opts.batchBytes ?? 2 << 20);
   const slotsPerBatch = Math.floor(batchBytes / chunkSize);
@@ -248,10 +250,10 @@ export async function backupDisk(
     const bases = partial !== undefined && encodeWhich.length > 0 ? await deltaBases(firstSlot, encodeWhich, partial) : undefined;
     const dict = dictionary;
     readSinceDictionary += length;
-    const propose = dictionaryBytes !== undefined && encodeWhich.length > 0 && (dict === undefined || readSinceDictionary >= dictionarySpan) ? dictionaryBytes : undefined;
+    const propose = dictionaryBytes !== undefined && encodeWhich.length > 0 && wantsDictionary() ? dictionaryBytes : undefined;
     const { blobs, types, proposal, release } = await pool.encode(hashed, encodeWhich, BlobType.chunk, { bases, level: incrementalLevel, dictionary: dict, propose });
     try {
-      if (proposal !== undefined && (dictionary === undefined || readSinceDictionary >= dictionarySpan)) takeDictionary(proposal);
+      if (proposal !== undefined && wantsDictionary()) takeDictionary(proposal);
       for (let n = 0; n < blobs.length; n++) {
         const k = encodeWhich[n];
         const id = Buffer.from(hashed.ids.subarray(k * 32, k * 32 + 32));

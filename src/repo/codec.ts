@@ -271,7 +271,7 @@ const DICTIONARY_PARAMS: Record<number, number> = {
  * A dictionary candidate: the last `bytes` of a chunk that compressed to under DICTIONARY_RATIO
  * of its size (text-like data worth a dictionary), when that piece may serve as a base.
  */
-export const DICTIONARY_RATIO = 0.5;
+const DICTIONARY_RATIO = 0.5;
 export function dictionaryCandidate(plaintext: Uint8Array, ratio: number | undefined, bytes: number): Uint8Array | undefined {
   if (ratio === undefined || ratio >= DICTIONARY_RATIO || plaintext.length < bytes) return undefined;
   const piece = plaintext.subarray(plaintext.length - bytes);

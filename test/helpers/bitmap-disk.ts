@@ -1,12 +1,16 @@
 /**
  * A disk in memory for library tests of backups: its extents say which 64 KiB blocks changed
  * since the parent, like a dirty bitmap; and seeded log-like text that compresses like a real
- * disk's.
+ * disk's; the backups made of such disks, each recorded with its statistics and data.
  */
 import assert from 'node:assert/strict';
 import type { DiskSource, Extent } from '../../src/image/disk.ts';
 import { BlobType } from '../../src/repo/codec.ts';
+import { DiskMapReader } from '../../src/repo/disk-map.ts';
+import type { SnapshotManifest } from '../../src/repo/manifest.ts';
 import type { Repository } from '../../src/repo/repository.ts';
+import { backupDisk, type DiskBackupOptions, type DiskBackupStats } from '../../src/engine/disk-backup.ts';
+import { SnapshotSession } from '../../src/engine/snapshot-writer.ts';
 
 export const BLOCK = 64 << 10; // a dirty bitmap's granularity
 
@@ -80,4 +84,34 @@ export type DeltaEntry = Awaited<ReturnType<typeof deltaEntries>>[number];
 export function assertBaseOk(d: DeltaEntry, what = 'a base is a plain chunk or a delta of one'): void {
   assert.ok(d.baseLoc !== undefined, `base ${d.base.toString('hex')} is there`);
   assert.ok(d.baseLoc.type === BlobType.chunk || (d.baseLoc.type === BlobType.deltaChunk && d.innerLoc?.type === BlobType.chunk), what);
+}
+
+/** Backups of in-memory disks as image snapshots of one id; the n-th backup is `snaps[n]`, `stats[n]`, `disks[n]`. */
+export class BackupHistory {
+  readonly snaps: SnapshotManifest[] = [];
+  readonly stats: DiskBackupStats[] = [];
+  readonly disks: Buffer[] = [];
+  readonly #id: string;
+
+  constructor(id: string) {
+    this.#id = id;
+  }
+
+  /** Backs up `source` (incremental from `parent` when given), a second later than the last one. */
+  async backup(repo: Repository, source: BitmapSource, parent: SnapshotManifest | undefined, opts: DiskBackupOptions = {}): Promise<SnapshotManifest> {
+    const session = await SnapshotSession.start(repo, `${this.#id} test`);
+    try {
+      const parentMap = parent ? await DiskMapReader.open(repo, parent.name, parent.disks[0]) : undefined;
+      const made = await backupDisk(repo, session.pool, session.writer, source, { ...opts, parent: parentMap });
+      const disk = { name: 'disk0', sourceFormat: 'raw', ...(await made.map.finish()) };
+      const manifest = await session.commit({ type: 'image', id: this.#id, source: { kind: 'image-file', path: 'memory', format: 'raw' } },
+        new Date(Date.now() + this.snaps.length * 1000), [disk], parent?.name ?? null, made.stats);
+      this.snaps.push(manifest);
+      this.stats.push(made.stats);
+      this.disks.push(source.data);
+      return manifest;
+    } finally {
+      await session.close();
+    }
+  }
 }
