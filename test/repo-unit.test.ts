@@ -15,6 +15,7 @@ import { RepositoryLock, RepositoryLockedError } from '../src/repo/lock.ts';
 import { parseSnapshotName, snapshotName, validateSourceId } from '../src/repo/manifest.ts';
 import { DamageError, TresorError } from '../src/util/errors.ts';
 import { tempDir } from './helpers/tmp.ts';
+import { SharedArena } from '../src/util/concurrency.ts';
 
 const FAST_SCRYPT = { N: 1024, r: 8, p: 1 };
 
@@ -74,34 +75,72 @@ describe('codec', () => {
 });
 
 describe('codec pool', () => {
-  it('gives a batch buffer back for the next batch of its size, after encode and after drop, and encodes what was in it', async () => {
+  it('reads batches in place from the arena it shares with its workers, reuses a range once the batch is encoded or dropped, and transfers what does not fit', async () => {
     const keys: CodecKeys = { master: generateMasterKey(), compressionLevel: 1 };
     const pool = new CodecPool(keys, 1);
+    const decoded = (id: Uint8Array, blob: Buffer, n: number) => decodeBlob(keys, BlobType.chunk, id, blob, { maxLength: n, exactLength: true }, () => ({ what: 'x', context: {} }));
     try {
       const chunk = 64 << 10;
       for (const path of ['encode', 'drop'] as const) {
         const data = pool.batchBuffer(4 * chunk);
+        assert.ok(data.buffer instanceof SharedArrayBuffer, 'an arena range');
         for (let i = 0; i < 4; i++) data.fill(0x41 + i, i * chunk, (i + 1) * chunk);
         const expected = Buffer.from(data);
         const hashed = await pool.hash(data, chunk);
-        assert.equal(data.length, 0, 'the buffer moved to the worker');
+        assert.equal(data.length, 4 * chunk, 'read in place, not moved');
         for (let i = 0; i < 4; i++) assert.deepEqual(hashed.ids.subarray(i * 32, i * 32 + 32), computeId(keys, expected.subarray(i * chunk, (i + 1) * chunk)));
+        // While the batch is held, its range is not handed out again.
+        const other = pool.batchBuffer(4 * chunk);
+        assert.ok(other.buffer === data.buffer && other.byteOffset >= data.byteOffset + data.length, 'a range after the held one');
+        other.fill(0x7a);
         if (path === 'encode') {
           const { blobs, release } = await pool.encode(hashed, [1, 3], BlobType.chunk);
-          assert.deepEqual(decodeBlob(keys, BlobType.chunk, hashed.ids.subarray(32, 64), blobs[0], { maxLength: chunk, exactLength: true }, () => ({ what: 'x', context: {} })), expected.subarray(chunk, 2 * chunk));
+          assert.deepEqual(decoded(hashed.ids.subarray(32, 64), blobs[0], chunk), expected.subarray(chunk, 2 * chunk));
+          assert.deepEqual(decoded(hashed.ids.subarray(96, 128), blobs[1], chunk), expected.subarray(3 * chunk, 4 * chunk));
           release();
         } else {
-          await pool.encode(hashed, [], BlobType.chunk);
+          await pool.drop(hashed);
         }
-        // A fresh ArrayBuffer would be all zeros: the old contents prove it came back.
+        pool.discardBatchBuffer(other);
+        // First fit: the range comes back with the old bytes still in it.
         const again = pool.batchBuffer(4 * chunk);
-        assert.deepEqual(again, expected, `recycled after ${path}`);
-        assert.equal(pool.batchBuffer(4 * chunk).every((b) => b === 0), true, 'only one came back');
-        assert.equal(pool.batchBuffer(3 * chunk).length, 3 * chunk, 'other sizes are allocated');
+        assert.equal(again.byteOffset, data.byteOffset, `range reused after ${path}`);
+        assert.deepEqual(again, expected);
+        pool.discardBatchBuffer(again);
       }
+      // Larger than the arena: a buffer of its own, moved to the worker.
+      const big = pool.batchBuffer(64 << 20);
+      assert.ok(big.buffer instanceof ArrayBuffer);
+      big.fill(0x33);
+      const hashed = await pool.hash(big, 1 << 20);
+      assert.equal(big.length, 0, 'transferred');
+      assert.deepEqual(hashed.ids.subarray(0, 32), computeId(keys, Buffer.alloc(1 << 20, 0x33)));
+      await pool.drop(hashed);
     } finally {
       await pool.close();
     }
+  });
+});
+
+describe('shared arena', () => {
+  it('hands out aligned first-fit ranges, merges what comes back, and refuses a range that is not in use', () => {
+    const arena = new SharedArena(64 << 10, 4096);
+    const a = arena.allocate(5000)!;
+    const b = arena.allocate(4096)!;
+    const c = arena.allocate(1)!;
+    assert.deepEqual([a, b, c], [0, 8192, 12288]);
+    assert.equal(arena.allocate(64 << 10), undefined, 'no room');
+    arena.free(b, 4096);
+    assert.equal(arena.allocate(8192), 16384, 'the gap of 4 KiB is too small');
+    arena.free(a, 5000);
+    assert.equal(arena.allocate(12288), 0, 'the two freed ranges merged');
+    arena.free(0, 12288);
+    arena.free(c, 1);
+    assert.throws(() => arena.free(c, 1), /not in use/, 'freed twice');
+    assert.throws(() => arena.free(60 << 10, 8192), /not in use/, 'past the end');
+    arena.free(16384, 8192);
+    assert.equal(arena.freeBytes, 64 << 10);
+    assert.equal(arena.allocate(64 << 10), 0, 'one range again');
   });
 });
 

@@ -181,11 +181,16 @@ export async function backupDisk(
     }
   };
 
-  // Into a buffer an earlier batch came back in, where the source can (codec-pool.ts batchBuffer).
+  // Into the codec pool's shared arena, where the source can (codec-pool.ts batchBuffer).
   const readBatch = async (offset: number, length: number): Promise<Buffer> => {
     if (source.readTo === undefined) return source.read(offset, length);
     const target = pool.batchBuffer(length);
-    await source.readTo(offset, length, target);
+    try {
+      await source.readTo(offset, length, target);
+    } catch (err) {
+      pool.discardBatchBuffer(target);
+      throw err;
+    }
     return target;
   };
 
@@ -247,7 +252,13 @@ export async function backupDisk(
       }
       map.set(firstSlot + k, id);
     }
-    const bases = partial !== undefined && encodeWhich.length > 0 ? await deltaBases(firstSlot, encodeWhich, partial) : undefined;
+    let bases: Array<DeltaBase | null> | undefined;
+    try {
+      bases = partial !== undefined && encodeWhich.length > 0 ? await deltaBases(firstSlot, encodeWhich, partial) : undefined;
+    } catch (err) {
+      await pool.drop(hashed).catch(() => undefined); // the error that matters is `err`
+      throw err;
+    }
     const dict = dictionary;
     readSinceDictionary += length;
     const propose = dictionaryBytes !== undefined && encodeWhich.length > 0 && wantsDictionary() ? dictionaryBytes : undefined;

@@ -2,9 +2,12 @@
  * The codec operations the pool runs: hashing and zero detection, encoding and decoding of
  * chunks. One `CodecExecutor` holds a set of keys and the batches between `hash` and `encode`;
  * it runs in a worker thread (codec-worker.ts). Protocol:
- *  - hash {batch, data, chunkSize}: split `data` into chunks; reply ids (32 bytes each, all-zero
- *    id for an all-zero chunk). The executor keeps the data until `encode` or `drop`.
- *  - encode {batch, which[], bases?, level?, dictionary?, dictionaryId?, propose?, into?, recycle?}:
+ *  - hash {batch, data | at, byteLength, chunkSize}: split the batch into chunks; reply ids (32
+ *    bytes each, all-zero id for an all-zero chunk). The batch is `data` (transferred, the
+ *    executor's own), or the range at `at` of the arena the pool shared with the executor when
+ *    it was made (read in place; the caller reuses the range once `encode` or `drop` replied).
+ *    The executor keeps the batch until `encode` or `drop`.
+ *  - encode {batch, which[], bases?, level?, dictionary?, dictionaryId?, propose?, into?}:
  *    encode the chosen chunks (chunk `which[n]` as a delta chunk against `bases[n]` where given
  *    and worth it, else against the dictionary where given and worth it; at zstd `level` when
  *    given, else the repository's setting). `dictionary` is kept for later requests, which name
@@ -13,9 +16,8 @@
  *    dictionaryCandidate): its plaintext, id and blob as a plain chunk, in the reply's
  *    `proposal`. Reply the blobs' lengths and types, the
  *    blobs one after another in `into` (a SharedArrayBuffer the caller reuses) when they fit,
- *    else in one buffer of the reply; forget the batch. With `recycle` the batch's data buffer
- *    goes back to the caller in the reply (`data`, transferred) instead of being freed.
- *  - drop {batch, recycle?}: forget the batch (its buffer back as with encode).
+ *    else in one buffer of the reply; forget the batch.
+ *  - drop {batch}: forget the batch.
  *  - decode {items[], into?}: decode stored blobs (verifying ids; a delta chunk against its item's
  *    `base`); reply plaintexts or error
  *    messages. With `into` (a SharedArrayBuffer the caller reuses) each plaintext is copied to
@@ -29,12 +31,12 @@ import { BlobType, type BlobTypeValue, type CodecKeys, type DeltaBase, ZERO_ID, 
 import { isAllZero, releaseBuffer } from '../util/bytes.ts';
 
 export type CodecRequest =
-  | { op: 'hash'; req: number; batch: number; data: ArrayBuffer; byteLength: number; chunkSize: number }
+  | { op: 'hash'; req: number; batch: number; data?: ArrayBuffer; at?: number; byteLength: number; chunkSize: number }
   | {
     op: 'encode'; req: number; batch: number; which: number[]; type: BlobTypeValue; bases?: Array<DeltaBase | null>; level?: number;
-    dictionary?: DeltaBase; dictionaryId?: Uint8Array; propose?: number; into?: SharedArrayBuffer; recycle?: boolean;
+    dictionary?: DeltaBase; dictionaryId?: Uint8Array; propose?: number; into?: SharedArrayBuffer;
   }
-  | { op: 'drop'; req: number; batch: number; recycle?: boolean }
+  | { op: 'drop'; req: number; batch: number }
   | { op: 'decode'; req: number; items: DecodeItem[]; checkOnly?: boolean; trustAead?: boolean; into?: SharedArrayBuffer };
 
 export interface DecodeItem {
@@ -69,30 +71,34 @@ function chunkAt(data: Buffer, chunkSize: number, i: number): Buffer {
 
 export class CodecExecutor {
   readonly #keys: CodecKeys;
+  /** The pool's batch arena (hash `at`), when it shared one. */
+  readonly #arena: SharedArrayBuffer | undefined;
   readonly #batches = new Map<number, { data: Buffer; chunkSize: number; ids: Buffer }>();
   /** The dictionary of the last encode that brought one. */
   #dictionary: DeltaBase | undefined;
 
-  /** A batch is done with: its buffer back to the caller (`recycle`), else freed now. */
-  #finish(b: { data: Buffer } | undefined, recycle: boolean | undefined, message: Record<string, unknown>, transfer: ArrayBuffer[]): void {
-    if (b === undefined) return;
-    const ab = b.data.buffer;
-    if (recycle === true && ab instanceof ArrayBuffer && !ab.detached) {
-      message.data = ab;
-      transfer.push(ab);
-    } else {
-      releaseBuffer(b.data, 'arraybuffer');
-    }
+  constructor(keys: CodecKeys, arena?: SharedArrayBuffer) {
+    this.#keys = keys;
+    this.#arena = arena;
   }
 
-  constructor(keys: CodecKeys) {
-    this.#keys = keys;
+  /** A batch is done with: a buffer of its own is freed now; an arena range is the caller's again once this replies. */
+  #finish(b: { data: Buffer } | undefined): void {
+    if (b !== undefined && b.data.buffer !== this.#arena) releaseBuffer(b.data, 'arraybuffer');
+  }
+
+  #batchData(msg: { data?: ArrayBuffer; at?: number; byteLength: number }): Buffer {
+    if (msg.data !== undefined) return Buffer.from(msg.data, 0, msg.byteLength);
+    if (this.#arena === undefined || msg.at === undefined || msg.at + msg.byteLength > this.#arena.byteLength) {
+      throw new Error(`hash of arena range ${msg.at}+${msg.byteLength}, outside the arena this executor was given`);
+    }
+    return Buffer.from(this.#arena, msg.at, msg.byteLength);
   }
 
   handle(msg: CodecRequest): CodecReply {
     switch (msg.op) {
       case 'hash': {
-        const data = Buffer.from(msg.data, 0, msg.byteLength);
+        const data = this.#batchData(msg);
         const n = Math.ceil(data.length / msg.chunkSize);
         const ids = Buffer.allocUnsafe(n * 32);
         for (let i = 0; i < n; i++) {
@@ -155,18 +161,15 @@ export class CodecExecutor {
           message.proposal = proposal;
           transfer.push(proposal.id.buffer as ArrayBuffer, proposal.plain.buffer as ArrayBuffer, proposal.blob.buffer as ArrayBuffer);
         }
-        this.#finish(b, msg.recycle, message, transfer);
+        this.#finish(b);
         // Garbage: the blobs, and as much again as the chunks encoded (each zstd call's output
         // buffer is sized to its input, and a dictionary is copied into every call's context).
         return { message, transfer, garbage: total + msg.which.length * b.chunkSize };
       }
       case 'drop': {
-        const b = this.#batches.get(msg.batch);
+        this.#finish(this.#batches.get(msg.batch));
         this.#batches.delete(msg.batch);
-        const message: Record<string, unknown> = { req: msg.req };
-        const transfer: ArrayBuffer[] = [];
-        this.#finish(b, msg.recycle, message, transfer);
-        return { message, transfer, garbage: 0 };
+        return { message: { req: msg.req }, transfer: [], garbage: 0 };
       }
       case 'decode': {
         const transfer: ArrayBuffer[] = [];

@@ -16,7 +16,7 @@ import { availableParallelism } from 'node:os';
 import { exposeGc } from '../util/gc.ts';
 import { TresorError } from '../util/errors.ts';
 import { releaseBuffer } from '../util/bytes.ts';
-import { SharedBufferPool } from '../util/concurrency.ts';
+import { SharedArena, SharedBufferPool } from '../util/concurrency.ts';
 import type { CodecKeys, BlobTypeValue, DeltaBase } from './codec.ts';
 import type { CodecRequest, DecodeItem, DecodeResult } from './codec-ops.ts';
 
@@ -34,14 +34,17 @@ class WorkerExecutor implements Executor {
   load = 0;
   #failed: Error | undefined;
 
-  constructor(keys: CodecKeys) {
+  constructor(keys: CodecKeys, arena: SharedArrayBuffer) {
     this.#worker = new Worker(new URL('./codec-worker.ts', import.meta.url), {
       // A small young generation: a worker's objects are short-lived wrappers around native
       // buffers (cipher and zstd outputs), and frequent cheap scavenges free those buffers
       // promptly instead of letting malloc's per-thread arena grow. Measured on the 4 GiB
       // corpus: peak RSS of a backup 322 → 245 MiB, of a restore 323 → 251 MiB, same speed.
       resourceLimits: { maxYoungGenerationSizeMb: 3 },
-      workerData: { encKey: keys.master?.encKey, idKey: keys.master?.idKey, compressionLevel: keys.compressionLevel, compressionStrategy: keys.compressionStrategy, compressionTuning: keys.compressionTuning },
+      workerData: {
+        encKey: keys.master?.encKey, idKey: keys.master?.idKey, compressionLevel: keys.compressionLevel, compressionStrategy: keys.compressionStrategy,
+        compressionTuning: keys.compressionTuning, arena,
+      },
     });
     this.#worker.unref();
     this.#worker.on('message', (m: { req: number; error?: string }) => {
@@ -83,9 +86,12 @@ class WorkerExecutor implements Executor {
  */
 const ENCODE_SLAB_BYTES = (2 << 20) + (64 << 10);
 
-/** Batch buffer size classes (powers of two): a chunk of 128 KiB up to a 2 MiB batch. Larger ones are not kept. */
-const MIN_BATCH_CLASS = 128 << 10;
-const MAX_BATCH_CLASS = 2 << 20;
+/**
+ * The batch arena (batchBuffer): per executor plus two, two batches of disk-backup.ts's default
+ * 2 MiB, twice its default read budget. Its pages become resident only as ranges are used.
+ */
+const ARENA_BYTES_PER_EXECUTOR = 2 * (2 << 20);
+const ARENA_EXTRA_EXECUTORS = 2;
 
 export interface EncodeOptions {
   bases?: Array<DeltaBase | null>;
@@ -126,16 +132,17 @@ export class CodecPool {
   #slabs: SharedBufferPool | undefined;
   #nextReq = 1;
   #nextBatch = 1;
-  /** Batch buffers back from the executors by size class, for the next batches (batchBuffer). */
-  readonly #spareBatches = new Map<number, ArrayBuffer[]>();
-  /** Buffers batchBuffer handed out and `hash` has not taken yet (whole: transferable). */
-  readonly #handedOut = new WeakSet<ArrayBuffer>();
+  /** Shared with every executor (codec-ops.ts hash `at`): batch buffers (batchBuffer). */
+  readonly #arena: SharedArena;
+  /** Batches read in place from the arena, by batch number: their range, freed when the batch is done with. */
+  readonly #inArena = new Map<number, { at: number; bytes: number }>();
 
   /** `size` workers (default: one per core, up to 8). */
   constructor(keys: CodecKeys, size = Math.max(1, Math.min(availableParallelism(), 8))) {
     // Worker isolates get `gc()` (util/gc.ts explains why); it must be exposed before they start.
     exposeGc();
-    this.#executors = Array.from({ length: size }, () => new WorkerExecutor(keys));
+    this.#arena = new SharedArena((size + ARENA_EXTRA_EXECUTORS) * ARENA_BYTES_PER_EXECUTOR);
+    this.#executors = Array.from({ length: size }, () => new WorkerExecutor(keys, this.#arena.buffer));
     this.#dictionaries = this.#executors.map(() => undefined);
   }
 
@@ -164,46 +171,72 @@ export class CodecPool {
   }
 
   /**
-   * A buffer of `bytes` to read a batch into and hand to `hash`, laid in one that an earlier
-   * batch came back in when there is one. A backup reads its whole disk through a few such
-   * buffers instead of allocating one per batch, which the garbage collector would count
-   * towards its next full collection (dozens per gigabyte). Sizes are rounded up to a power of
-   * two so runs of any length (a batch cut by holes) find a spare of their class.
+   * A buffer of `bytes` to read a batch into and hand to `hash`: a range of the arena this pool
+   * shares with its executors when one is free, else a buffer of its own. The executors read an
+   * arena range in place, so a backup turns its disk over through a few MiB of memory without an
+   * ArrayBuffer per batch: each one a thread receives counts as new external memory, and V8
+   * answered a batch buffer sent to a worker and back per 2 MiB with a full collection of the
+   * main thread's heap every ~40 ms (131 per 4 GiB backup, a tenth of its CPU with the helper
+   * threads' marking). A buffer that never reaches `hash` goes back by `discardBatchBuffer`.
    */
   batchBuffer(bytes: number): Buffer {
-    const size = bytes <= MIN_BATCH_CLASS ? MIN_BATCH_CLASS : 2 ** Math.ceil(Math.log2(bytes));
-    const ab = this.#spareBatches.get(size)?.pop() ?? new ArrayBuffer(size);
-    this.#handedOut.add(ab);
-    return Buffer.from(ab, 0, bytes);
+    const at = this.#arena.allocate(bytes);
+    return at !== undefined ? Buffer.from(this.#arena.buffer, at, bytes) : Buffer.from(new ArrayBuffer(bytes));
   }
 
-  /** A batch buffer back from an executor: kept for the next batch of its class, a few per class. */
-  #keepSpare(ab: ArrayBuffer | undefined): void {
-    if (ab === undefined || ab.byteLength > MAX_BATCH_CLASS || (ab.byteLength & (ab.byteLength - 1)) !== 0) return;
-    let spares = this.#spareBatches.get(ab.byteLength);
-    if (spares === undefined) this.#spareBatches.set(ab.byteLength, spares = []);
-    if (spares.length <= this.#executors.length) spares.push(ab);
+  /** A buffer from batchBuffer that will not be hashed (its read failed). */
+  discardBatchBuffer(data: Buffer): void {
+    if (data.buffer === this.#arena.buffer) this.#arena.free(data.byteOffset, data.length);
   }
 
-  /** Hashes `data` (the caller must not touch it afterwards) in chunks of `chunkSize`. */
+  #batchDone(batch: number): void {
+    const range = this.#inArena.get(batch);
+    if (range === undefined) return;
+    this.#inArena.delete(batch);
+    this.#arena.free(range.at, range.bytes);
+  }
+
+  /**
+   * Hashes `data` (the caller must not touch it afterwards) in chunks of `chunkSize`. The
+   * executor keeps the batch until `encode` or `drop`.
+   */
   async hash(data: Buffer, chunkSize: number): Promise<HashedBatch> {
     const e = this.#pick();
     const batch = this.#nextBatch++;
     const byteLength = data.length; // `data` may be detached by the transfer below
-    // Transfer needs a whole, unshared ArrayBuffer (or one from batchBuffer, all the caller's);
-    // copy when `data` is a view into a larger one.
-    let ab: ArrayBuffer;
-    const whole = data.byteOffset === 0 && data.buffer instanceof ArrayBuffer
-      && (data.buffer.byteLength === data.length || this.#handedOut.has(data.buffer));
-    if (whole) {
-      ab = data.buffer as ArrayBuffer;
-      this.#handedOut.delete(ab);
+    let request: CodecRequest;
+    let transfer: ArrayBuffer[] = [];
+    if (data.buffer === this.#arena.buffer) {
+      this.#inArena.set(batch, { at: data.byteOffset, bytes: byteLength });
+      request = { op: 'hash', req: this.#nextReq++, batch, at: data.byteOffset, byteLength, chunkSize };
     } else {
-      ab = new ArrayBuffer(data.length);
-      new Uint8Array(ab).set(data);
+      // Transfer needs a whole, unshared ArrayBuffer; copy when `data` is a view into a larger one.
+      let ab: ArrayBuffer;
+      if (data.byteOffset === 0 && data.buffer instanceof ArrayBuffer && data.buffer.byteLength === data.length) {
+        ab = data.buffer;
+      } else {
+        ab = new ArrayBuffer(data.length);
+        new Uint8Array(ab).set(data);
+      }
+      request = { op: 'hash', req: this.#nextReq++, batch, data: ab, byteLength, chunkSize };
+      transfer = [ab];
     }
-    const r = await this.#executors[e].call<{ ids: Uint8Array }>({ op: 'hash', req: this.#nextReq++, batch, data: ab, byteLength, chunkSize }, [ab]);
-    return { executor: e, batch, ids: Buffer.from(r.ids.buffer, r.ids.byteOffset, r.ids.byteLength), byteLength };
+    try {
+      const r = await this.#executors[e].call<{ ids: Uint8Array }>(request, transfer);
+      return { executor: e, batch, ids: Buffer.from(r.ids.buffer, r.ids.byteOffset, r.ids.byteLength), byteLength };
+    } catch (err) {
+      this.#batchDone(batch);
+      throw err;
+    }
+  }
+
+  /** Forgets a hashed batch without encoding any of it. */
+  async drop(b: HashedBatch): Promise<void> {
+    try {
+      await this.#executors[b.executor].call({ op: 'drop', req: this.#nextReq++, batch: b.batch });
+    } finally {
+      this.#batchDone(b.batch);
+    }
   }
 
   /**
@@ -217,26 +250,26 @@ export class CodecPool {
    */
   async encode(b: HashedBatch, which: number[], type: BlobTypeValue, opts: EncodeOptions = {}): Promise<EncodedBlobs> {
     if (which.length === 0) {
-      const dropped = await this.#executors[b.executor].call<{ data?: ArrayBuffer }>({ op: 'drop', req: this.#nextReq++, batch: b.batch, recycle: true });
-      this.#keepSpare(dropped.data);
+      await this.drop(b);
       return { blobs: [], types: [], release: () => undefined };
     }
     // Output into a reused shared buffer when the batch surely fits (blobs are at most the
     // chunk plus a small overhead): the common case allocates nothing per batch.
     const bound = b.byteLength + which.length * 64;
     const slab = bound <= ENCODE_SLAB_BYTES ? await this.#encodeSlabs.acquire() : undefined;
-    let r: { out?: Uint8Array; lengths: number[]; types: BlobTypeValue[]; shared?: boolean; data?: ArrayBuffer; proposal?: DictionaryProposal };
+    let r: { out?: Uint8Array; lengths: number[]; types: BlobTypeValue[]; shared?: boolean; proposal?: DictionaryProposal };
     try {
       r = await this.#executors[b.executor].call({
-        op: 'encode', req: this.#nextReq++, batch: b.batch, which, type, into: slab, recycle: true,
+        op: 'encode', req: this.#nextReq++, batch: b.batch, which, type, into: slab,
         ...(opts.bases?.some((x) => x !== null) ? { bases: opts.bases } : {}), ...(opts.level !== undefined ? { level: opts.level } : {}),
         ...this.#dictionaryFields(b.executor, opts.dictionary), ...(opts.propose !== undefined ? { propose: opts.propose } : {}),
       });
     } catch (err) {
       if (slab) this.#encodeSlabs.release(slab);
       throw err;
+    } finally {
+      this.#batchDone(b.batch);
     }
-    this.#keepSpare(r.data);
     if (slab && !r.shared) this.#encodeSlabs.release(slab);
     const out = r.shared ? Buffer.from(slab!, 0, r.lengths.reduce((n, x) => n + x, 0)) : Buffer.from(r.out!.buffer, r.out!.byteOffset, r.out!.byteLength);
     const blobs: Buffer[] = [];

@@ -10,6 +10,7 @@ interface WorkerInit {
   compressionLevel: number;
   compressionStrategy?: number;
   compressionTuning?: CompressionTuning;
+  arena?: SharedArrayBuffer;
 }
 
 const init = workerData as WorkerInit;
@@ -19,7 +20,7 @@ const keys: CodecKeys = {
   compressionStrategy: init.compressionStrategy,
   compressionTuning: init.compressionTuning,
 };
-const executor = new CodecExecutor(keys);
+const executor = new CodecExecutor(keys, init.arena);
 // `gc` is global here because the pool exposed it before creating this worker (util/gc.ts).
 const collector = new GarbageCollector((globalThis as { gc?: GcFunction }).gc);
 

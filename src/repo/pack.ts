@@ -55,7 +55,8 @@ export function packIdFromName(name: string): Buffer | undefined {
 /**
  * Lays a pack out as blobs arrive: each blob is copied into one growing buffer (so callers may
  * free or reuse theirs at once, and sealing is no second copy of the whole pack), then the
- * header and trailer are appended. `capacity`: the expected pack size, allocated up front.
+ * header and trailer are appended. `capacity`: the expected pack size, allocated up front;
+ * `buffer`: one to lay the pack out in instead (it belongs to the builder and its sealed pack).
  */
 export class PackBuilder {
   readonly entries: PackEntry[] = [];
@@ -63,8 +64,9 @@ export class PackBuilder {
   #buf: Buffer | undefined;
   readonly #capacity: number;
 
-  constructor(capacity = 1 << 20) {
+  constructor(capacity = 1 << 20, buffer?: Buffer) {
     this.#capacity = capacity;
+    this.#buf = buffer;
   }
 
   add(type: BlobTypeValue, id: Buffer, encoded: Uint8Array, rawLength: number, base?: Buffer): void {

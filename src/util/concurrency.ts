@@ -76,3 +76,65 @@ export class SharedBufferPool {
     else this.#free.push(b);
   }
 }
+
+/**
+ * One SharedArrayBuffer handed out in ranges (first fit, aligned), for buffers that cross
+ * threads many times a second. Threads that were given the arena once see a range by its offset;
+ * no ArrayBuffer is created, transferred or collected per use. (Each ArrayBuffer a thread
+ * receives counts as new external memory for V8, and a gigabyte of them a minute had the main
+ * thread's heap marked every ~40 ms: codec-pool.ts batchBuffer.)
+ */
+export class SharedArena {
+  readonly buffer: SharedArrayBuffer;
+  readonly #align: number;
+  /** Free ranges [start, end), sorted, never adjacent. */
+  readonly #free: Array<[number, number]>;
+
+  constructor(bytes: number, align = 4096) {
+    this.buffer = new SharedArrayBuffer(bytes);
+    this.#align = align;
+    this.#free = [[0, bytes]];
+  }
+
+  /** The offset of a free range of `bytes`, now taken; undefined when none is free. */
+  allocate(bytes: number): number | undefined {
+    const size = this.#rounded(bytes);
+    const i = this.#free.findIndex(([s, e]) => e - s >= size);
+    if (i < 0) return undefined;
+    const start = this.#free[i][0];
+    if (this.#free[i][1] - start === size) this.#free.splice(i, 1);
+    else this.#free[i][0] += size;
+    return start;
+  }
+
+  /** Gives back a range `allocate` returned (with the same `bytes`). */
+  free(offset: number, bytes: number): void {
+    const end = offset + this.#rounded(bytes);
+    let i = 0;
+    while (i < this.#free.length && this.#free[i][0] < offset) i++;
+    if ((i > 0 && this.#free[i - 1][1] > offset) || (i < this.#free.length && this.#free[i][0] < end) || end > this.buffer.byteLength) {
+      throw new Error(`bug: arena range ${offset}+${bytes} is not in use`);
+    }
+    const joinsBefore = i > 0 && this.#free[i - 1][1] === offset;
+    const joinsAfter = i < this.#free.length && this.#free[i][0] === end;
+    if (joinsBefore && joinsAfter) {
+      this.#free[i - 1][1] = this.#free[i][1];
+      this.#free.splice(i, 1);
+    } else if (joinsBefore) {
+      this.#free[i - 1][1] = end;
+    } else if (joinsAfter) {
+      this.#free[i][0] = offset;
+    } else {
+      this.#free.splice(i, 0, [offset, end]);
+    }
+  }
+
+  /** Bytes free in all (for tests and diagnostics). */
+  get freeBytes(): number {
+    return this.#free.reduce((n, [s, e]) => n + e - s, 0);
+  }
+
+  #rounded(bytes: number): number {
+    return Math.max(this.#align, Math.ceil(bytes / this.#align) * this.#align);
+  }
+}
