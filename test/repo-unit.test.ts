@@ -16,6 +16,7 @@ import { parseSnapshotName, snapshotName, validateSourceId } from '../src/repo/m
 import { DamageError, TresorError } from '../src/util/errors.ts';
 import { tempDir } from './helpers/tmp.ts';
 import { SharedArena } from '../src/util/concurrency.ts';
+import { copyBytes } from '../src/util/bytes.ts';
 
 const FAST_SCRYPT = { N: 1024, r: 8, p: 1 };
 
@@ -118,6 +119,25 @@ describe('codec pool', () => {
       await pool.drop(hashed);
     } finally {
       await pool.close();
+    }
+  });
+});
+
+describe('copyBytes', () => {
+  it('copies between plain and shared memory, at an offset, and refuses to overrun', () => {
+    const source = randomBytes(100_000);
+    for (const make of [(n: number) => Buffer.alloc(n), (n: number) => Buffer.from(new SharedArrayBuffer(n)), (n: number) => new Uint8Array(new SharedArrayBuffer(n + 8), 8, n)]) {
+      const target = make(200_000);
+      copyBytes(target, 1234, source);
+      assert.deepEqual(Buffer.from(target.subarray(1234, 1234 + source.length)), source);
+      assert.equal(target[1233], 0);
+      assert.equal(target[1234 + source.length], 0);
+      const shared = Buffer.from(new SharedArrayBuffer(source.length));
+      copyBytes(shared, 0, source);
+      const back = Buffer.alloc(source.length);
+      copyBytes(back, 0, shared);
+      assert.deepEqual(back, source);
+      assert.throws(() => copyBytes(shared, 1, source), RangeError);
     }
   });
 });

@@ -23,6 +23,7 @@ import {
   validateBlockSize,
 } from './protocol.ts';
 import type { BlockSizeConstraints, ChunkHeader, StatusDescriptor } from './protocol.ts';
+import { copyBytes } from '../util/bytes.ts';
 
 export { AllocationFlag, BASE_ALLOCATION, DIRTY_BITMAP_FLAG_DIRTY, DIRTY_BITMAP_PREFIX, NbdError } from './protocol.ts';
 export type { BlockSizeConstraints } from './protocol.ts';
@@ -122,7 +123,7 @@ class ByteReader {
     const direct = this.direct;
     if (direct !== null && this.buffered === 0) {
       const piece = Math.min(rest.length, direct.remaining);
-      rest.copy(direct.target, direct.position, 0, piece);
+      copyBytes(direct.target, direct.position, rest.subarray(0, piece));
       direct.position += piece;
       direct.remaining -= piece;
       rest = rest.subarray(piece);
@@ -239,7 +240,7 @@ class ByteReader {
       const chunk = this.chunks[0] as Buffer;
       const available = chunk.length - this.head;
       const piece = Math.min(available, n - written);
-      chunk.copy(target, at + written, this.head, this.head + piece);
+      copyBytes(target, at + written, chunk.subarray(this.head, this.head + piece));
       written += piece;
       this.consume(piece);
     }

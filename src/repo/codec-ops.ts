@@ -28,7 +28,7 @@
  * are transferred rather than copied.
  */
 import { BlobType, type BlobTypeValue, type CodecKeys, type DeltaBase, ZERO_ID, computeId, decodeBlob, dictionaryCandidate, encodeBlob, encodeChunk } from './codec.ts';
-import { isAllZero, releaseBuffer } from '../util/bytes.ts';
+import { copyBytes, isAllZero, releaseBuffer } from '../util/bytes.ts';
 
 export type CodecRequest =
   | { op: 'hash'; req: number; batch: number; data?: ArrayBuffer; at?: number; byteLength: number; chunkSize: number }
@@ -149,7 +149,7 @@ export class CodecExecutor {
         const lengths: number[] = [];
         let at = 0;
         for (const blob of encoded) {
-          out.set(blob, at);
+          copyBytes(out, at, blob);
           at += blob.length;
           lengths.push(blob.length);
           releaseBuffer(blob);
@@ -185,7 +185,7 @@ export class CodecExecutor {
             if (msg.into) {
               const at = it.at ?? -1;
               if (!(at >= 0 && at + decoded.length <= msg.into.byteLength)) throw new Error(`plaintext of ${it.label} does not fit the shared buffer at ${at}`);
-              new Uint8Array(msg.into, at, decoded.length).set(decoded);
+              copyBytes(new Uint8Array(msg.into), at, decoded);
               if (decoded.buffer !== it.stored.buffer) releaseBuffer(decoded, 'arraybuffer');
               return { ok: true, plain: new Uint8Array(0) };
             }

@@ -10,7 +10,7 @@
  * A pack is named by a random 32-byte id: data/<first 2 hex>/<64 hex>.
  */
 import { randomBytes } from 'node:crypto';
-import { releaseBuffer } from '../util/bytes.ts';
+import { copyBytes, releaseBuffer } from '../util/bytes.ts';
 import { DamageError } from '../util/errors.ts';
 import { BlobType, type BlobTypeValue, type CodecKeys, ZERO_ID, decodeBlob, encodeBlob } from './codec.ts';
 
@@ -72,7 +72,7 @@ export class PackBuilder {
   add(type: BlobTypeValue, id: Buffer, encoded: Uint8Array, rawLength: number, base?: Buffer): void {
     if ((type === BlobType.deltaChunk) !== (base !== undefined)) throw new Error(`a ${type === BlobType.deltaChunk ? 'delta chunk needs' : 'blob of another type has no'} base`);
     this.#reserve(encoded.length);
-    this.#buf!.set(encoded, this.size);
+    copyBytes(this.#buf!, this.size, encoded);
     this.entries.push({ type, id, offset: this.size, length: encoded.length, rawLength, ...(base !== undefined ? { base } : {}) });
     this.size += encoded.length;
   }

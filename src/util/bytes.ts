@@ -32,3 +32,21 @@ export function releaseBuffer(buf: Uint8Array, owner: 'whole' | 'arraybuffer' = 
     // Not detachable (Node's own buffers): it is left to the garbage collector.
   }
 }
+
+/**
+ * Copies all of `source` into `target` at `at` (the caller makes sure it fits), at memcpy speed
+ * also where either side is SharedArrayBuffer memory: there V8's copies (Buffer#copy,
+ * TypedArray#set) move one relaxed-atomic word at a time, 3-4× slower than memcpy even in cache
+ * (on the VM backup's 2.4 GiB the NBD reader's copies into the batch arena took 1.8 s instead of
+ * 0.2 s). Node's fill() with a buffer value copies it with memcpy.
+ */
+export function copyBytes(target: Uint8Array, at: number, source: Uint8Array): void {
+  if (source.length === 0) return;
+  if (!(target.buffer instanceof SharedArrayBuffer) && !(source.buffer instanceof SharedArrayBuffer)) {
+    target.set(source, at);
+    return;
+  }
+  if (at < 0 || at + source.length > target.length) throw new RangeError(`copy of ${source.length} bytes at ${at} overruns a target of ${target.length}`);
+  const into = Buffer.isBuffer(target) ? target : Buffer.from(target.buffer, target.byteOffset, target.length);
+  into.fill(source, at, at + source.length);
+}
