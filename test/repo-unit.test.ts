@@ -109,6 +109,12 @@ describe('codec pool', () => {
         assert.deepEqual(again, expected);
         pool.discardBatchBuffer(again);
       }
+      // A view into an arena buffer is copied; the buffer stays the caller's until discarded.
+      const whole = pool.batchBuffer(2 * chunk).fill(0x55);
+      const part = await pool.hash(whole.subarray(0, chunk), chunk);
+      assert.deepEqual(part.ids.subarray(0, 32), computeId(keys, Buffer.alloc(chunk, 0x55)));
+      await pool.drop(part);
+      assert.notEqual(pool.batchBuffer(2 * chunk).byteOffset, whole.byteOffset, 'still held');
       // Larger than the arena: a buffer of its own, moved to the worker.
       const big = pool.batchBuffer(64 << 20);
       assert.ok(big.buffer instanceof ArrayBuffer);

@@ -15,7 +15,7 @@ import { Worker } from 'node:worker_threads';
 import { availableParallelism } from 'node:os';
 import { exposeGc } from '../util/gc.ts';
 import { TresorError } from '../util/errors.ts';
-import { releaseBuffer } from '../util/bytes.ts';
+import { copyBytes, releaseBuffer } from '../util/bytes.ts';
 import { SharedArena, SharedBufferPool } from '../util/concurrency.ts';
 import type { CodecKeys, BlobTypeValue, DeltaBase } from './codec.ts';
 import type { CodecRequest, DecodeItem, DecodeResult } from './codec-ops.ts';
@@ -134,6 +134,8 @@ export class CodecPool {
   #nextBatch = 1;
   /** Shared with every executor (codec-ops.ts hash `at`): batch buffers (batchBuffer). */
   readonly #arena: SharedArena;
+  /** Arena ranges batchBuffer handed out that `hash` has not taken yet: length by offset. */
+  readonly #handedOut = new Map<number, number>();
   /** Batches read in place from the arena, by batch number: their range, freed when the batch is done with. */
   readonly #inArena = new Map<number, { at: number; bytes: number }>();
 
@@ -181,12 +183,21 @@ export class CodecPool {
    */
   batchBuffer(bytes: number): Buffer {
     const at = this.#arena.allocate(bytes);
-    return at !== undefined ? Buffer.from(this.#arena.buffer, at, bytes) : Buffer.from(new ArrayBuffer(bytes));
+    if (at === undefined) return Buffer.from(new ArrayBuffer(bytes));
+    this.#handedOut.set(at, bytes);
+    return Buffer.from(this.#arena.buffer, at, bytes);
   }
 
   /** A buffer from batchBuffer that will not be hashed (its read failed). */
   discardBatchBuffer(data: Buffer): void {
-    if (data.buffer === this.#arena.buffer) this.#arena.free(data.byteOffset, data.length);
+    if (!this.#isHandedOut(data)) return;
+    this.#handedOut.delete(data.byteOffset);
+    this.#arena.free(data.byteOffset, data.length);
+  }
+
+  /** A whole buffer from batchBuffer, in the arena and not yet hashed or discarded. */
+  #isHandedOut(data: Buffer): boolean {
+    return data.buffer === this.#arena.buffer && this.#handedOut.get(data.byteOffset) === data.length;
   }
 
   #batchDone(batch: number): void {
@@ -198,7 +209,8 @@ export class CodecPool {
 
   /**
    * Hashes `data` (the caller must not touch it afterwards) in chunks of `chunkSize`. The
-   * executor keeps the batch until `encode` or `drop`.
+   * executor keeps the batch until `encode` or `drop`. A buffer from batchBuffer must be
+   * passed whole (a view into one is copied, and the buffer stays the caller's to discard).
    */
   async hash(data: Buffer, chunkSize: number): Promise<HashedBatch> {
     const e = this.#pick();
@@ -206,7 +218,8 @@ export class CodecPool {
     const byteLength = data.length; // `data` may be detached by the transfer below
     let request: CodecRequest;
     let transfer: ArrayBuffer[] = [];
-    if (data.buffer === this.#arena.buffer) {
+    if (this.#isHandedOut(data)) {
+      this.#handedOut.delete(data.byteOffset);
       this.#inArena.set(batch, { at: data.byteOffset, bytes: byteLength });
       request = { op: 'hash', req: this.#nextReq++, batch, at: data.byteOffset, byteLength, chunkSize };
     } else {
@@ -216,7 +229,7 @@ export class CodecPool {
         ab = data.buffer;
       } else {
         ab = new ArrayBuffer(data.length);
-        new Uint8Array(ab).set(data);
+        copyBytes(new Uint8Array(ab), 0, data);
       }
       request = { op: 'hash', req: this.#nextReq++, batch, data: ab, byteLength, chunkSize };
       transfer = [ab];
