@@ -151,8 +151,10 @@ export function storeContract(label: string, open: () => Promise<OpenedStore>): 
     it('a name that is a path prefix of another blob is not a blob, and false always means "exists"', async () => {
       assert.equal(await store.create('nested/parent/child', randomBytes(10)), true);
       assert.equal(await store.stat('nested/parent'), undefined);
-      await assert.rejects(store.read('nested/parent'), BlobNotFoundError);
-      await assert.rejects(store.read('nested/parent/child/grandchild'), BlobNotFoundError);
+      for (const range of [undefined, { offset: 0, length: 4 }, { offset: 0, length: 0 }]) {
+        await assert.rejects(store.read('nested/parent', range), BlobNotFoundError, `range ${JSON.stringify(range)}`);
+        await assert.rejects(store.read('nested/parent/child/grandchild', range), BlobNotFoundError, `range ${JSON.stringify(range)}`);
+      }
       assert.equal(await store.stat('nested/parent/child/grandchild'), undefined);
       // A backend may be unable to store both names (a filesystem cannot), but must not claim one
       // exists when it does not: create either stores it or throws.

