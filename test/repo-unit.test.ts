@@ -17,6 +17,9 @@ import { DamageError, TresorError } from '../src/util/errors.ts';
 import { tempDir } from './helpers/tmp.ts';
 import { SharedArena } from '../src/util/concurrency.ts';
 import { copyBytes } from '../src/util/bytes.ts';
+import { PackWriter } from '../src/repo/pack-writer.ts';
+import { readOneBlob } from '../src/repo/blob-batch.ts';
+import type { BlobStore } from '../src/store/store.ts';
 
 const FAST_SCRYPT = { N: 1024, r: 8, p: 1 };
 
@@ -125,6 +128,45 @@ describe('codec pool', () => {
       await pool.drop(hashed);
     } finally {
       await pool.close();
+    }
+  });
+});
+
+describe('pack writer', () => {
+  it('lays each pack out in the buffer of the last pack stored, and every pack reads back', async () => {
+    const t = await tempDir();
+    try {
+      const local = await LocalStore.open(join(t.path, 'r'), { create: true });
+      const seen: ArrayBufferLike[] = [];
+      const store: BlobStore = {
+        location: local.location,
+        parallelCreates: 1,
+        create: async (name, data) => {
+          if (name.startsWith('data/')) seen.push(data.buffer);
+          return local.create(name, data);
+        },
+        read: (name, range) => local.read(name, range),
+        stat: (name) => local.stat(name),
+        list: (prefix) => local.list(prefix),
+        delete: (name) => local.delete(name),
+        close: () => local.close(),
+      };
+      const { repo } = await Repository.init(store, { encryption: 'none', chunkSize: 16 << 10, packSize: 64 << 10, dictionaryBytes: 0 });
+      const add = async (writer: PackWriter, plain: Buffer) => {
+        const id = computeId(repo.keys, plain);
+        await writer.add(BlobType.chunk, id, encodeBlob(repo.keys, BlobType.chunk, id, plain), plain.length);
+      };
+      const blobs = Array.from({ length: 24 }, () => randomBytes(16 << 10));
+      const writer = new PackWriter(repo);
+      for (const plain of blobs) await add(writer, plain);
+      await writer.commitIndex();
+      assert.ok(seen.length >= 5, `${seen.length} packs`);
+      // One upload at a time: the pack being filled, one sealed and waiting, and the one being
+      // stored take turns in at most three buffers.
+      assert.ok(new Set(seen).size <= 3, `${new Set(seen).size} buffers for ${seen.length} packs`);
+      for (const plain of blobs) assert.deepEqual(await readOneBlob(repo, { id: computeId(repo.keys, plain), type: BlobType.chunk, what: () => 'chunk' }), plain);
+    } finally {
+      await t.cleanup();
     }
   });
 });

@@ -49,7 +49,7 @@ export class PackWriter {
    * buffer when there is one, else allocated once. Reusing it keeps the main thread from turning
    * over a fresh 8 MiB ArrayBuffer per pack, which V8 counts as new external memory and answers
    * with full collections: measured on the 4 GiB corpus VM backup, with the batch arena
-   * (codec-pool.ts), 131 → ~20 full collections of the main thread's heap. The number of
+   * (codec-pool.ts), 131 → ~30 full collections of the main thread's heap. The number of
    * pack buffers alive at once does not grow: the spare is a finished upload's.
    */
   #newBuilder(): PackBuilder {
@@ -59,8 +59,14 @@ export class PackWriter {
     return new PackBuilder(target + Math.min(target, this.#repo.config.chunkSize + (256 << 10)), spare);
   }
 
-  /** A stored pack's buffer: the spare for the next pack, or freed. */
-  #recycle(data: Buffer): void {
+  /**
+   * A pack's buffer once its upload ended: after a successful upload the spare for the next
+   * pack, or freed. After a failed one it is left to the garbage collector: a backend may not be
+   * done with it (an aborted request can still be sending its body), and neither reusing nor
+   * freeing it is safe before nothing refers to it.
+   */
+  #recycle(data: Buffer, stored: boolean): void {
+    if (!stored) return;
     const ab = data.buffer;
     if (this.#spare === undefined && ab instanceof ArrayBuffer && !ab.detached) this.#spare = Buffer.from(ab);
     else releaseBuffer(data, 'arraybuffer');
@@ -115,8 +121,10 @@ export class PackWriter {
     while (this.#uploads.size >= this.#maxUploads) await Promise.race(this.#uploads);
     if (this.#failure) throw this.#failure;
     const sealed = builder.seal(this.#repo.keys);
+    let stored = false;
     const upload = (async () => {
       await this.#repo.store.create(sealed.name, sealed.data);
+      stored = true;
       const index = await this.#repo.index();
       for (const e of sealed.entries) {
         // Replace: a fresh copy of a blob recorded as damaged must win over the damaged one.
@@ -127,7 +135,7 @@ export class PackWriter {
       this.stats.bytes += sealed.data.length;
     })().catch((err) => {
       this.#failure ??= err;
-    }).finally(() => this.#recycle(sealed.data));
+    }).finally(() => this.#recycle(sealed.data, stored));
     const tracked = upload.finally(() => this.#uploads.delete(tracked));
     this.#uploads.add(tracked);
   }
