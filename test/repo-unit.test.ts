@@ -15,7 +15,7 @@ import { RepositoryLock, RepositoryLockedError } from '../src/repo/lock.ts';
 import { parseSnapshotName, snapshotName, validateSourceId } from '../src/repo/manifest.ts';
 import { DamageError, TresorError } from '../src/util/errors.ts';
 import { tempDir } from './helpers/tmp.ts';
-import { SharedArena } from '../src/util/concurrency.ts';
+import { SharedArena, allSettledOrThrow } from '../src/util/concurrency.ts';
 import { copyBytes } from '../src/util/bytes.ts';
 import { PackWriter } from '../src/repo/pack-writer.ts';
 import { readOneBlob } from '../src/repo/blob-batch.ts';
@@ -187,6 +187,18 @@ describe('copyBytes', () => {
       assert.deepEqual(back, source);
       assert.throws(() => copyBytes(shared, 1, source), RangeError);
     }
+  });
+});
+
+describe('allSettledOrThrow', () => {
+  it('rejects with the first rejection only once every promise has settled', async () => {
+    let lateDone = false;
+    const late = new Promise<void>((resolve) => setTimeout(() => { lateDone = true; resolve(); }, 50));
+    const early = Promise.reject(new Error('first'));
+    const second = new Promise<void>((_, reject) => setTimeout(() => reject(new Error('second')), 10));
+    await assert.rejects(allSettledOrThrow([late, early, second]), /first/);
+    assert.equal(lateDone, true, 'waited for the slow one');
+    await allSettledOrThrow([Promise.resolve(1), late]);
   });
 });
 

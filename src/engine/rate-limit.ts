@@ -5,6 +5,7 @@
  */
 import type { DiskSource, Extent } from '../image/disk.ts';
 import { UsageError } from '../util/errors.ts';
+import { copyBytes } from '../util/bytes.ts';
 
 export class TokenBucket {
   readonly bytesPerSecond: number;
@@ -70,7 +71,7 @@ export class RateLimitedSource implements DiskSource {
   async readTo(offset: number, length: number, target: Buffer): Promise<void> {
     await this.#bucket.take(length);
     if (this.#inner.readTo !== undefined) await this.#inner.readTo(offset, length, target);
-    else (await this.#inner.read(offset, length)).copy(target, 0);
+    else copyBytes(target, 0, await this.#inner.read(offset, length));
   }
 
   close(): Promise<void> {

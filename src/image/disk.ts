@@ -12,6 +12,7 @@
  *   `size` are an error. Concurrent reads are allowed.
  * - `readTo(offset, length, target)`, where a source offers it, reads the same bytes into
  *   target[0, length) instead, overwriting whatever it held (so a caller can reuse its buffers).
+ *   Once it settles, also by failing, nothing writes into `target` any more.
  * - A malformed image is a BadInputError naming the file and the structure at fault, never a
  *   crash, an out-of-bounds read, or a hang.
  */

@@ -24,6 +24,7 @@ import {
 } from './protocol.ts';
 import type { BlockSizeConstraints, ChunkHeader, StatusDescriptor } from './protocol.ts';
 import { copyBytes } from '../util/bytes.ts';
+import { allSettledOrThrow } from '../util/concurrency.ts';
 
 export { AllocationFlag, BASE_ALLOCATION, DIRTY_BITMAP_FLAG_DIRTY, DIRTY_BITMAP_PREFIX, NbdError } from './protocol.ts';
 export type { BlockSizeConstraints } from './protocol.ts';
@@ -59,7 +60,7 @@ export interface NbdReader {
   /** Metadata contexts the server granted, name → id. */
   readonly contexts: ReadonlyMap<string, number>;
   read(offset: number, length: number): Promise<Buffer>;
-  /** Reads exactly `length` bytes at `offset` into target[0, length). */
+  /** Reads exactly `length` bytes at `offset` into target[0, length); once it settles, also by failing, nothing writes into `target` any more. */
   readInto(offset: number, length: number, target: Buffer): Promise<void>;
   blockStatus(context: string, offset: number, length: number): Promise<BlockStatusExtent[]>;
   close(): Promise<void>;
@@ -770,7 +771,8 @@ export class NbdClient implements NbdReader {
       const pieceLength = Math.min(this.maxReadRequest, length - at);
       pieces.push(this.submit(Command.read, 0, offset + at, pieceLength, target, targetOffset + at));
     }
-    await Promise.all(pieces);
+    // Until every piece has settled: the caller may reuse `target` once this fails.
+    await allSettledOrThrow(pieces);
   }
 
   /**
@@ -1226,7 +1228,8 @@ export class NbdReaderPool implements NbdReader {
       const pieceLength = Math.min(this.pieceSize, start + length - at);
       pieces.push(this.leastLoaded().readAlignedInto(at, pieceLength, target, at - start));
     }
-    await Promise.all(pieces);
+    // Until every piece has settled: the caller may reuse `target` once this fails.
+    await allSettledOrThrow(pieces);
   }
 
   blockStatus(context: string, offset: number, length: number): Promise<BlockStatusExtent[]> {

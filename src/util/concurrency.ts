@@ -138,3 +138,14 @@ export class SharedArena {
     return Math.max(this.#align, Math.ceil(bytes / this.#align) * this.#align);
   }
 }
+
+/**
+ * Like Promise.all, but settles only once every promise has: then rejects with the first
+ * rejection, if any. For work that writes into a caller's buffer, so that when it fails, nothing
+ * still writes into memory the caller then reuses.
+ */
+export async function allSettledOrThrow(promises: Array<Promise<unknown>>): Promise<void> {
+  const results = await Promise.allSettled(promises);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed !== undefined) throw failed.reason;
+}
