@@ -35,11 +35,10 @@ export function releaseBuffer(buf: Uint8Array, owner: 'whole' | 'arraybuffer' = 
 
 /**
  * Copies all of `source` into `target` at `at` (the caller makes sure it fits; the two do not
- * overlap), at memcpy speed
- * also where either side is SharedArrayBuffer memory: there V8's copies (Buffer#copy,
- * TypedArray#set) move one relaxed-atomic word at a time, 3-4× slower than memcpy even in cache
- * (on the VM backup's 2.4 GiB the NBD reader's copies into the batch arena took 1.8 s instead of
- * 0.2 s). Node's fill() with a buffer value copies it with memcpy.
+ * overlap), at memcpy speed also where either side is SharedArrayBuffer memory: there V8's
+ * copies (Buffer#copy, TypedArray#set) move one relaxed-atomic word at a time, 3-4× slower than
+ * memcpy even in cache (on the VM backup's 2.4 GiB the NBD reader's copies into the batch arena
+ * took 1.8 s instead of 0.2 s). Node's fill() with a buffer value copies it with memcpy.
  */
 export function copyBytes(target: Uint8Array, at: number, source: Uint8Array): void {
   if (source.length === 0) return;
