@@ -9,6 +9,7 @@
  */
 import * as fs from 'node:fs/promises';
 import * as fsCallbacks from 'node:fs';
+import { promisify } from 'node:util';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { TresorError, isErrno } from '../util/errors.ts';
@@ -150,7 +151,7 @@ export class LocalStore implements BlobStore {
   async #readRange(name: string, range: ReadRange): Promise<Buffer> {
     let fd: number;
     try {
-      fd = await callback<number>((done) => fsCallbacks.open(this.#path(name), 'r', done));
+      fd = await openFd(this.#path(name), 'r');
     } catch (err) {
       if (isErrno(err, 'ENOENT', 'ENOTDIR', 'EISDIR')) throw new BlobNotFoundError(this.location, name);
       throw wrap(err, 'read', this.location, name);
@@ -159,7 +160,7 @@ export class LocalStore implements BlobStore {
       const buf = Buffer.allocUnsafe(range.length);
       let done = 0;
       while (done < range.length) {
-        const bytesRead = await callback<number>((cb) => fsCallbacks.read(fd, buf, done, range.length - done, range.offset + done, cb));
+        const { bytesRead } = await readFd(fd, buf, done, range.length - done, range.offset + done);
         if (bytesRead === 0) {
           throw new StoreError(`short read of ${name}: wanted ${range.length} bytes at ${range.offset}, blob ends after ${range.offset + done}`, {
             hint: 'the blob is truncated; run `tresor verify`',
@@ -261,7 +262,6 @@ function wrap(err: unknown, op: string, location: string, name: string): Error {
   return new StoreError(`cannot ${op} ${name} in ${location}: ${msg}`, { context: { location, blob: name, op }, cause: err });
 }
 
-/** Runs a Node callback-style call as a promise. */
-function callback<T>(call: (done: (err: NodeJS.ErrnoException | null, value: T) => void) => void): Promise<T> {
-  return new Promise((resolve, reject) => call((err, value) => (err ? reject(err) : resolve(value))));
-}
+// The callback API's open and read as promises, without a FileHandle (LocalStore #readRange).
+const openFd = promisify(fsCallbacks.open);
+const readFd = promisify(fsCallbacks.read);
