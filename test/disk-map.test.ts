@@ -12,10 +12,11 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { LocalStore } from '../src/store/local.ts';
+import type { BlobStore } from '../src/store/store.ts';
 import { Repository } from '../src/repo/repository.ts';
 import { BlobType } from '../src/repo/codec.ts';
 import { CodecPool } from '../src/repo/codec-pool.ts';
-import { pieceIds } from '../src/repo/disk-map.ts';
+import { DiskMapReader, pieceIds } from '../src/repo/disk-map.ts';
 import type { SnapshotManifest } from '../src/repo/manifest.ts';
 import { packName } from '../src/repo/pack.ts';
 import { verifyRepository } from '../src/repo/verify.ts';
@@ -101,6 +102,45 @@ describe('two-level disk maps', { timeout: 120_000 }, () => {
     assert.notEqual(a[0], b[0], 'the node over the change is new');
     assert.deepEqual(a.slice(1), b.slice(1), 'every other node is shared');
     await restoreAndCompare(second.name, disk);
+  });
+
+  it('a scan with read-ahead loads each piece once, also for readers lagging a few pieces behind', async () => {
+    // Count every piece a ranged read brings, through a repository over a store that looks.
+    const lock = await repo.lock('shared', 'test scan');
+    try {
+      const index = await repo.index();
+      const ids = await pieceIds(repo, first.name, first.disks[0]);
+      const where = new Map<string, Array<{ offset: number; end: number }>>();
+      for (const id of ids) {
+        const loc = index.get(Buffer.from(id, 'hex'))!;
+        const list = where.get(packName(loc.packId)) ?? [];
+        list.push({ offset: loc.offset, end: loc.offset + loc.length });
+        where.set(packName(loc.packId), list);
+      }
+      let loaded = 0;
+      const looking: BlobStore = {
+        location: store.location,
+        create: (name, data) => store.create(name, data),
+        read: (name, range) => {
+          for (const x of where.get(name) ?? []) if (range === undefined || (x.offset >= range.offset && x.end <= range.offset + range.length)) loaded++;
+          return store.read(name, range);
+        },
+        stat: (name) => store.stat(name),
+        list: (prefix) => store.list(prefix),
+        delete: (name) => store.delete(name),
+        close: async () => undefined,
+      };
+      const seen = await Repository.open(looking, async () => PASS);
+      const reader = await DiskMapReader.open(seen, first.name, first.disks[0], { readAhead: 4 });
+      // Pieces in order, each followed by one two behind it (a batch still waiting for its data).
+      for (let p = 0; p < ids.length; p++) {
+        assert.equal((await reader.piece(p)).length, Math.min(4, SLOTS - p * 4) * 32);
+        if (p >= 2) assert.equal((await reader.piece(p - 2)).length, 4 * 32);
+      }
+      assert.equal(loaded, ids.length, 'every piece once');
+    } finally {
+      await lock.release();
+    }
   });
 
   it('verify names a damaged node and every snapshot whose map it holds', async () => {

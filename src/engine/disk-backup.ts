@@ -19,7 +19,7 @@
  * one is taken after every DICTIONARY_SPAN bytes read, as data near each other on a disk is alike.
  */
 import { ZERO_ID, BlobType, type DeltaBase } from '../repo/codec.ts';
-import { readDeltaBases } from '../repo/blob-batch.ts';
+import { newBaseCache, readDeltaBases } from '../repo/blob-batch.ts';
 import type { CodecPool, DictionaryProposal, HashedBatch } from '../repo/codec-pool.ts';
 import { DiskMapReader, DiskMapWriter, slotCount } from '../repo/disk-map.ts';
 import type { PackWriter } from '../repo/pack-writer.ts';
@@ -131,7 +131,7 @@ export async function backupDisk(
       } else if (plan === 'parent') {
         await reuseParentSlots(first + i, j - i, reads);
       } else {
-        reads.push(readRun(first + i, j - i, deltas ? partial.subarray(i, j) : undefined));
+        reads.push(readRun(first + i, j - i, deltas ? await parentBaseIds(first + i, partial.subarray(i, j)) : undefined));
       }
       i = j;
     }
@@ -169,13 +169,13 @@ export async function backupDisk(
     if (rereadFrom >= 0) reads.push(readRun(rereadFrom, end - rereadFrom));
   };
 
-  /** `partial`: per slot, 1 when the source changed it only in part (a delta candidate). */
-  const readRun = async (firstSlot: number, count: number, partial?: Uint8Array): Promise<void> => {
+  /** `baseIds`: per slot of the run, the parent's chunk to make a delta against, if any (parentBaseIds). */
+  const readRun = async (firstSlot: number, count: number, baseIds?: Array<Buffer | null>): Promise<void> => {
     const offset = firstSlot * chunkSize;
     const length = Math.min(count * chunkSize, source.size - offset);
     await readBudget.acquire(length);
     try {
-      await readAndStore(firstSlot, count, offset, length, partial);
+      await readAndStore(firstSlot, count, offset, length, baseIds);
     } finally {
       readBudget.release(length);
     }
@@ -195,14 +195,15 @@ export async function backupDisk(
   };
 
   /**
-   * Bases for the new chunks `which` (batch positions from `firstSlot`) that changed in part:
-   * the parent's chunk in the same slot when it may serve as a base (usableBase below). Null
-   * where there is none or it cannot be read (the chunk is then stored whole; a damaged parent
-   * chunk is verify's to report).
+   * Per slot of a run: the parent's chunk in the same slot where the source changed the slot only
+   * in part (`partial`, a delta candidate) and that chunk may serve as a base (usableBase below);
+   * undefined when no slot has one. Taken when the run is planned, while the parent's piece is
+   * at hand: the run may wait for its read until the parent map's cache has moved far past it.
    */
-  const deltaBases = async (firstSlot: number, which: number[], partial: Uint8Array): Promise<Array<DeltaBase | null> | undefined> => {
-    const wanted: Array<Buffer | null> = [];
-    for (const k of which) {
+  const parentBaseIds = async (firstSlot: number, partial: Uint8Array): Promise<Array<Buffer | null> | undefined> => {
+    if (!partial.includes(1)) return undefined;
+    const ids: Array<Buffer | null> = [];
+    for (let k = 0; k < partial.length; k++) {
       let base: Buffer | null = null;
       if (partial[k] === 1) {
         const slot = firstSlot + k;
@@ -210,12 +211,25 @@ export async function backupDisk(
         const at = (slot - p * parent!.disk.pieceSlots) * 32;
         const id = (await parent!.piece(p)).subarray(at, at + 32);
         // (A chunk as long as a dictionary is never a delta: dictionaries are plain chunks.)
-        if (!ZERO_ID.equals(id) && usableBase(id) && slotLength(firstSlot + k) !== dictionaryBytes) base = Buffer.from(id);
+        if (!ZERO_ID.equals(id) && usableBase(id) && slotLength(slot) !== dictionaryBytes) base = Buffer.from(id);
       }
-      wanted.push(base);
+      ids.push(base);
     }
+    return ids.some((b) => b !== null) ? ids : undefined;
+  };
+
+  // Bases read once: the bases of two-level deltas (mostly the disk's dictionary) serve many runs.
+  const baseCache = newBaseCache();
+
+  /**
+   * Bases for the new chunks `which` (batch positions) from the run's `baseIds`: the plaintext,
+   * or null where there is none or it cannot be read (the chunk is then stored whole; a damaged
+   * parent chunk is verify's to report).
+   */
+  const deltaBases = async (which: number[], baseIds: Array<Buffer | null>): Promise<Array<DeltaBase | null> | undefined> => {
+    const wanted = which.map((k) => baseIds[k] ?? null);
     if (wanted.every((b) => b === null)) return undefined;
-    const read = await readDeltaBases(repo, wanted.filter((b): b is Buffer => b !== null), (id) => `chunk ${id.toString('hex')} of the parent snapshot`, { trustAead: true });
+    const read = await readDeltaBases(repo, wanted.filter((b): b is Buffer => b !== null), (id) => `chunk ${id.toString('hex')} of the parent snapshot`, { trustAead: true, cache: baseCache });
     return wanted.map((b) => {
       const got = b === null ? undefined : read.get(b.toString('hex'));
       return got === undefined || got instanceof Error ? null : got;
@@ -235,7 +249,7 @@ export async function backupDisk(
       && index.get(loc.base)?.type === BlobType.chunk && !repo.avoids(loc.base);
   };
 
-  const readAndStore = async (firstSlot: number, count: number, offset: number, length: number, partial?: Uint8Array): Promise<void> => {
+  const readAndStore = async (firstSlot: number, count: number, offset: number, length: number, baseIds?: Array<Buffer | null>): Promise<void> => {
     const data = await readBatch(offset, length);
     stats.bytesRead += length;
     collector.note(length);
@@ -254,7 +268,7 @@ export async function backupDisk(
     }
     let bases: Array<DeltaBase | null> | undefined;
     try {
-      bases = partial !== undefined && encodeWhich.length > 0 ? await deltaBases(firstSlot, encodeWhich, partial) : undefined;
+      bases = baseIds !== undefined && encodeWhich.length > 0 ? await deltaBases(encodeWhich, baseIds) : undefined;
     } catch (err) {
       await pool.drop(hashed).catch(() => undefined); // the error that matters is `err`
       throw err;

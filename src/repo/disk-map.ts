@@ -222,10 +222,16 @@ export class DiskMapReader {
    * The slot ids of piece `p` (32 bytes per slot). A miss within `readAhead` pieces loads the
    * uncached pieces up to twice that far in one batch: pieces of one backup lie together in its
    * map packs, so a batch is a few ranged reads.
+   *
+   * Which piece the cache drops when full: without read-ahead (random access) the least
+   * recently used; with read-ahead (a scan) the one loaded first. A scan uses pieces in about the
+   * order they load, so the first loaded are behind it; "least recently used" would instead drop
+   * the pieces loaded ahead and not used yet, and load them again one by one. It did: an
+   * incremental backup of a 4 GiB disk loaded its parent's 512 pieces 4266 times.
    */
   piece(p: number): Promise<Buffer> {
     const hit = this.#cache.get(p);
-    if (hit) {
+    if (hit && this.#readAhead === 0) {
       this.#cache.delete(p);
       this.#cache.set(p, hit);
     }
@@ -238,7 +244,8 @@ export class DiskMapReader {
       for (let q = p; q <= to; q++) if (!this.#cache.has(q)) batch.push(q);
       this.#loadBatch(batch);
     }
-    return this.#cache.get(p)!;
+    // A hit may just have been dropped to make room (it was the first loaded): it is still good.
+    return hit ?? this.#cache.get(p)!;
   }
 
   #loadBatch(batch: number[]): void {
