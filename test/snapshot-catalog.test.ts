@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { LocalStore } from '../src/store/local.ts';
 import type { BlobStore } from '../src/store/store.ts';
 import { Repository } from '../src/repo/repository.ts';
-import { CATALOG_MAX_AGE_MS } from '../src/repo/snapshot-catalog.ts';
+import { CATALOG_MAX_AGE_MS, SWEEP_EVERY_MS, SWEPT_MARKER } from '../src/repo/snapshot-catalog.ts';
 import type { SnapshotManifest } from '../src/repo/manifest.ts';
 import { tempDir } from './helpers/tmp.ts';
 
@@ -74,6 +74,8 @@ describe('snapshot catalog', () => {
     // A fresh process: the catalog comes from disk.
     const again = await open();
     assert.equal((await again.repo.latestSnapshot('vm', 'db'))?.name, first.snapshots.at(-1)?.name);
+    assert.equal(again.reads(), 1, 'the latest: only the newest manifest of the id is read');
+    assert.equal((await again.repo.listSnapshots({ type: 'vm', id: 'db' })).snapshots.length, 4);
     assert.equal(again.reads(), 4, 'only the selected manifests are read');
     // A new snapshot is learnt on the next listing; an unfiltered listing reads everything.
     await again.repo.commitSnapshot(manifest('web', 9));
@@ -81,6 +83,36 @@ describe('snapshot catalog', () => {
     assert.equal(again.reads(), 5, 'the 4 selected and the 1 unknown');
     assert.equal((await again.repo.listSnapshots()).snapshots.length, 13);
     assert.equal(again.reads(), 13);
+  });
+
+  it('the latest snapshot: a newer one the catalog does not know wins; a pruned or damaged newest gives the one before', async () => {
+    const { repo, reads } = await open();
+    await repo.listSnapshots();
+    reads();
+    const newer = manifest('mail', 20);
+    await repo.commitSnapshot(newer);
+    assert.equal((await repo.latestSnapshot('vm', 'mail'))?.name, newer.name);
+    assert.equal(reads(), 1, 'the unknown one, which is the newest');
+    const older = manifest('mail', 15); // committed later, older point in time
+    await repo.commitSnapshot(older);
+    assert.equal((await repo.latestSnapshot('vm', 'mail'))?.name, newer.name);
+    assert.equal(reads(), 2, 'the unknown one and the newest known one');
+    await base.delete(repo.snapshotKey(newer.name));
+    assert.equal((await repo.latestSnapshot('vm', 'mail'))?.name, older.name, 'pruned: the one before');
+    // A damaged newest manifest does not count, as in a listing: the one before it.
+    const damaged = manifest('mail', 22);
+    await repo.commitSnapshot(damaged);
+    await repo.latestSnapshot('vm', 'mail'); // the catalog learns it
+    const key = repo.snapshotKey(damaged.name);
+    const bytes = Buffer.from(await base.read(key));
+    bytes[bytes.length - 5] ^= 0xff;
+    await base.delete(key);
+    await base.create(key, bytes);
+    assert.equal((await repo.latestSnapshot('vm', 'mail'))?.name, older.name, 'damaged: the one before');
+    const listed = await repo.listSnapshots({ id: 'mail' });
+    assert.equal(listed.snapshots.at(-1)?.name, older.name, 'the same answer as a listing');
+    assert.equal(listed.damaged.length, 1);
+    for (const m of [older, damaged]) await base.delete(repo.snapshotKey(m.name));
   });
 
   it('forgets pruned snapshots, and ignores a catalog that fails its MAC or names another repository', async () => {
@@ -129,10 +161,17 @@ describe('snapshot catalog', () => {
     await utimes(join(dir, own), idle, idle);
     const s = await open();
     assert.ok(Date.now() - (await stat(join(dir, own))).mtimeMs < day, 'a catalog in use is kept young');
-    // A new snapshot makes the catalog save; the save sweeps the directory.
-    const added = manifest('web', 10);
+    // A sweep less than a day ago: a save does not sweep again.
+    await aged(SWEPT_MARKER, SWEEP_EVERY_MS - 3600 * 1000);
+    await s.repo.commitSnapshot(manifest('web', 10));
+    await s.repo.listSnapshots({ id: 'web' });
+    assert.ok((await readdir(dir)).includes('gone-repository.json'), 'swept less than a day ago: not again');
+    // A day later, a new snapshot makes the catalog save; the save sweeps the directory.
+    await aged(SWEPT_MARKER, SWEEP_EVERY_MS + 3600 * 1000);
+    const added = manifest('web', 11);
     await s.repo.commitSnapshot(added);
     assert.ok((await s.repo.listSnapshots({ id: 'web' })).snapshots.some((m) => m.name === added.name));
-    assert.deepEqual((await readdir(dir)).sort(), [own, 'not-a-catalog.txt', 'recent-repository.json'].sort());
+    assert.deepEqual((await readdir(dir)).sort(), [own, SWEPT_MARKER, 'not-a-catalog.txt', 'recent-repository.json'].sort());
+    assert.ok(Date.now() - (await stat(join(dir, SWEPT_MARKER))).mtimeMs < 60_000, 'the sweep is recorded');
   });
 });

@@ -505,9 +505,35 @@ export class Repository {
     }
   }
 
-  /** The latest committed snapshot of this type and id, if any. */
+  /**
+   * The latest committed snapshot of this type and id, if any (a damaged manifest does not count,
+   * as in `listSnapshots`). With a catalog only the newest manifest of the id that it knows is
+   * read, with the ones it does not know: every backup asks this, and a VM with a year of
+   * snapshots would otherwise read hundreds of manifests each time.
+   */
   async latestSnapshot(type: string, id: string): Promise<SnapshotManifest | undefined> {
-    return (await this.listSnapshots({ type, id })).snapshots.at(-1);
+    const catalog = this.#catalog;
+    if (catalog === undefined) return (await this.listSnapshots({ type, id })).snapshots.at(-1);
+    const keys = await this.#snapshotKeys();
+    const wanted = (e: { type: string; id: string }) => e.id === id && e.type === type;
+    const { snapshots } = await this.#readManifests(keys.filter((key) => catalog.lookup(key) === undefined), wanted);
+    // Newest first, by the order listSnapshots sorts in; a manifest gone or damaged meanwhile: the
+    // next. None older than the newest of those just learnt.
+    const learnt = snapshots.sort(bySnapshotTime).at(-1);
+    const known = keys.flatMap((key) => {
+      const e = catalog.lookup(key);
+      return e !== undefined && wanted(e) && !snapshots.some((m) => m.name === e.name) ? [{ key, time: e.time, name: e.name }] : [];
+    }).sort((a, b) => bySnapshotTime(b, a));
+    for (const k of known) {
+      if (learnt !== undefined && bySnapshotTime(k, learnt) < 0) break;
+      const read = await this.#readManifests([k.key], wanted);
+      if (read.snapshots.length === 0) continue;
+      snapshots.push(...read.snapshots);
+      break;
+    }
+    catalog.retain(keys);
+    await catalog.save();
+    return snapshots.sort(bySnapshotTime).at(-1);
   }
 
   /**
@@ -523,33 +549,49 @@ export class Repository {
    * decoded are reported in `damaged` (with a catalog and a filter: only those it had to read).
    */
   async listSnapshots(filter?: { type?: string; id?: string }): Promise<SnapshotListing> {
-    const keys: string[] = [];
-    for await (const b of this.store.list('snapshots/')) keys.push(b.name);
+    const keys = await this.#snapshotKeys();
     const wanted = (e: { type: string; id: string }) => (!filter?.id || e.id === filter.id) && (!filter?.type || e.type === filter.type);
     const catalog = this.#catalog;
     const toRead = catalog && (filter?.id || filter?.type) ? keys.filter((key) => {
       const known = catalog.lookup(key);
       return known === undefined || wanted(known);
     }) : keys;
+    const listing = await this.#readManifests(toRead, wanted);
+    if (catalog) {
+      catalog.retain(keys);
+      await catalog.save();
+    }
+    listing.snapshots.sort(bySnapshotTime);
+    return listing;
+  }
+
+  async #snapshotKeys(): Promise<string[]> {
+    const keys: string[] = [];
+    for await (const b of this.store.list('snapshots/')) keys.push(b.name);
+    return keys;
+  }
+
+  /** Reads and decodes manifests (teaching the catalog each one); keeps the `wanted` ones, in no order. */
+  async #readManifests(keys: string[], wanted: (m: SnapshotManifest) => boolean): Promise<SnapshotListing> {
     const snapshots: SnapshotManifest[] = [];
     const damaged: SnapshotListing['damaged'] = [];
-    await mapLimit(toRead, 16, async (key) => {
+    await mapLimit(keys, 16, async (key) => {
       try {
         const m = this.decodeManifest(key, await this.store.read(key));
-        catalog?.learn(key, m);
+        this.#catalog?.learn(key, m);
         if (wanted(m)) snapshots.push(m);
       } catch (err) {
         if ((err as TresorError).code === 'blob-not-found') return;
         damaged.push({ object: key, error: (err as Error).message });
       }
     });
-    if (catalog) {
-      catalog.retain(keys);
-      await catalog.save();
-    }
-    snapshots.sort((a, b) => a.time.localeCompare(b.time) || a.name.localeCompare(b.name));
     return { snapshots, damaged };
   }
+}
+
+/** Oldest first; snapshots of the same time by name. */
+function bySnapshotTime(a: { time: string; name: string }, b: { time: string; name: string }): number {
+  return a.time.localeCompare(b.time) || a.name.localeCompare(b.name);
 }
 
 /** Adds a pack's entries; copies recorded as damaged are set aside in `deferred` instead. */

@@ -15,7 +15,7 @@
  * The file (JSON) lives in the user's cache directory, one per repository id, written atomically
  * (temporary file + rename; concurrent writers: the last one wins, a lost entry is learnt again)
  * with mode 0600; catalogs of other repositories untouched for 30 days are removed when one is
- * saved (CATALOG_MAX_AGE_MS). It carries an HMAC under a key derived from the repository's master key (for an
+ * saved (CATALOG_MAX_AGE_MS; at most once a day, SWEEP_EVERY_MS). It carries an HMAC under a key derived from the repository's master key (for an
  * unencrypted repository only a checksum): a file that fails it (edited, truncated, another
  * repository's) is ignored and rebuilt. A catalog
  * cannot make a backup wrong even then: the worst a stale parent can cause is a full read, since
@@ -46,6 +46,10 @@ export const CATALOG_MAX_AGE_MS = 30 * 24 * 3600 * 1000;
 const TOUCH_AFTER_MS = 24 * 3600 * 1000;
 /** Temporary files older than this were left by a writer that died. */
 const TMP_MAX_AGE_MS = 3600 * 1000;
+/** How often a save sweeps the cache directory for stale catalogs (sweepDaily). */
+export const SWEEP_EVERY_MS = 24 * 3600 * 1000;
+/** The file whose modification time is the last sweep's. */
+export const SWEPT_MARKER = '.swept';
 
 interface CatalogFile {
   format: typeof FORMAT;
@@ -135,7 +139,7 @@ export class SnapshotCatalog {
     } catch {
       await rm(tmp, { force: true }).catch(() => undefined);
     }
-    await removeStaleCatalogs(dirname(this.path), this.path).catch(() => undefined);
+    await sweepDaily(dirname(this.path), this.path).catch(() => undefined);
   }
 
   #mac(entries: Record<string, CatalogEntry>): Buffer {
@@ -147,6 +151,23 @@ export class SnapshotCatalog {
     }
     return h.digest();
   }
+}
+
+/**
+ * Removes stale files (removeStaleCatalogs) at most once a day per cache directory: a sweep
+ * stats every file there, and a user's cache can hold hundreds of catalogs (a test machine's
+ * held 1425, and sweeping it took 0.4 s of every incremental backup). The time of the last sweep
+ * is the modification time of SWEPT_MARKER, set before sweeping so concurrent savers do not all
+ * sweep.
+ */
+async function sweepDaily(dir: string, own: string): Promise<void> {
+  const marker = join(dir, SWEPT_MARKER);
+  const last = await stat(marker).then((st) => st.mtimeMs, () => 0);
+  if (Date.now() - last < SWEEP_EVERY_MS) return;
+  await writeFile(marker, '', { mode: 0o600 });
+  const now = Date.now() / 1000;
+  await utimes(marker, now, now);
+  await removeStaleCatalogs(dir, own);
 }
 
 /** Other repositories' catalogs untouched for CATALOG_MAX_AGE_MS, and dead writers' temporary files. */
