@@ -108,7 +108,7 @@ const USAGE = `usage: npm run bench -- --files [options]     (or: node bench/fil
   --dir DIR            scratch parent directory (default /var/tmp/tresor-bench)
   --seed N             tree seed (default 1)
   --step-timeout MIN   kill a step after MIN minutes (default 30)
-  --tresor-cli PATH    the Tresor CLI to measure (default bin/tresor.ts, run with Node 24)
+  --tresor-cli PATH    the Tresor CLI to measure (default bin/tresor.js, run with Node 24)
   --keep               keep the scratch directory (tree, disk, repository, restored disk, logs)
   --write-doc          rewrite the "File-level restore" figures of docs/performance.md
   --report FILE        no run: print (and with --write-doc, record) an earlier results JSON`;
@@ -493,7 +493,7 @@ function tresorCommand(ctx: Context, args: string[]): CommandSpec {
   return {
     argv: viaNode ? [tresorNode(REPO_ROOT), cli, ...args] : [cli, ...args],
     cwd: REPO_ROOT,
-    // TRESOR_CACHE_DIR: bin/tresor.ts keeps Node's compile cache there; the run's first command fills it
+    // TRESOR_CACHE_DIR: bin/tresor.js keeps Node's compile cache there; the run's first command fills it
     env: { ...baseEnv(), TRESOR_REPO: ctx.repoDir, TRESOR_PASSPHRASE: PASSPHRASE, TRESOR_CACHE_DIR: join(ctx.scratch, 'cache', 'tresor') },
   };
 }
@@ -914,7 +914,7 @@ into the only partition (GPT) of a 20 GiB sparse raw disk, and backs the disk up
 image\` into an encrypted repository. Then, each step with a cold page cache: \`tresor files cat
 SNAP:disk0:1:/…/payload-2MiB.bin -o OUT --json\` (compared with the original) and \`tresor files ls
 SNAP:disk0:1 / -R --json\` (every entry counted); \`tresor --version\` for Node's start-up (the
-compile cache of bin/tresor.ts lives in the scratch directory, filled by the run's first command);
+compile cache of bin/tresor.js lives in the scratch directory, filled by the run's first command);
 warm repetitions (median of ${WARM_RUNS}) of the two quick commands; the same cat and ls in-process
 (\`node bench/files.ts probe\`), timed by phase and counting every byte read from the repository.
 The baseline is what the issue compares with: \`tresor restore image\` of the whole disk, then

@@ -35,8 +35,8 @@ import { BlobType, ZERO_ID, computeId, encodeBlob } from '../src/repo/codec.ts';
 import { MANIFEST_VERSION, snapshotName, type SnapshotManifest } from '../src/repo/manifest.ts';
 
 const ROOT = dirname(dirname(fileURLToPath(import.meta.url)));
-// The command as users run it (bin/tresor.ts: compile cache, so no TypeScript stripper in memory).
-const CLI = join(ROOT, 'bin', 'tresor.ts');
+// The command as users run it (bin/tresor.js: compile cache, so no TypeScript stripper in memory).
+const CLI = join(ROOT, 'bin', 'tresor.js');
 const PASS = 'lifecycle benchmark';
 
 interface Options {

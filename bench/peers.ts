@@ -67,7 +67,7 @@ export function baseEnv(): NodeJS.ProcessEnv {
 // ---------------------------------------------------------------------------------------------
 
 export function tresorCliPath(repoRoot: string): string {
-  return join(repoRoot, 'bin', 'tresor.ts');
+  return join(repoRoot, 'bin', 'tresor.js');
 }
 
 export function tresorNode(repoRoot: string): string {

@@ -31,7 +31,7 @@ import { startLibvirtHosts } from '../test/lab/hosts.ts';
 
 const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)));
 const NODE = join(ROOT, 'node_modules', '.bin', 'node');
-const CLI = join(ROOT, 'bin', 'tresor.ts');
+const CLI = join(ROOT, 'bin', 'tresor.js');
 
 const { values } = parseArgs({
   options: {

@@ -77,7 +77,7 @@ const USAGE = `usage: node bench/run.ts [options]
   --files              file-level restore benchmark instead (issue 4, bench/files.ts;
                        its options: --files --help)
   --step-timeout MIN   kill a step after MIN minutes (default 60)
-  --tresor-cli PATH    the Tresor CLI to measure (default bin/tresor.ts, run with Node 24;
+  --tresor-cli PATH    the Tresor CLI to measure (default bin/tresor.js, run with Node 24;
                        a path not ending in .ts/.js is executed directly)
   --keep               keep the scratch directory (repositories, corpus, logs)
   --write-doc          rewrite the figures section of docs/performance.md

@@ -3,6 +3,10 @@
  * The `tresor` command. Enables Node's on-disk compile cache before loading the CLI, which cuts
  * start-up (type stripping and compiling ~100 modules) from ~0.5 s to ~0.2 s on every command,
  * and memory by not loading the TypeScript stripper at all once the cache is warm.
+ *
+ * This one file is JavaScript, not TypeScript: Node runs it before the cache is on, and a
+ * TypeScript entry point would load the stripper (a WebAssembly module compiled at every start)
+ * just for it. Measured: `tresor --version` in 0.17-0.21 s against 0.26-0.32 s.
  */
 import { enableCompileCache } from 'node:module';
 import { homedir } from 'node:os';
