@@ -6,8 +6,13 @@
  * (1 TiB of unique 64 KiB chunks) take ~1.1 GiB; 1 M chunks (64 GiB unique) ~70 MiB.
  * Ids are uniformly random (SHA-256/HMAC), so their first 32 bits are a perfect hash.
  */
-import type { BlobTypeValue } from './codec.ts';
+import { BlobType, type BlobTypeValue } from './codec.ts';
+import type { IndexedPackView } from './index-file.ts';
 import type { PackEntry } from './pack.ts';
+
+/** Bytes of an index entry (pack.ts): type, id, offset, length, raw length; a delta chunk's adds its base id. */
+const ENTRY_BYTES = 1 + 32 + 4 + 4 + 4;
+const DELTA_ENTRY_BYTES = ENTRY_BYTES + 32;
 
 export interface BlobLocation {
   packId: Buffer;
@@ -81,13 +86,18 @@ export class BlobIndex {
       if (this.#baseRef) this.#baseRef[slot] = 0;
       return;
     }
+    this.#setBaseAt(slot, base, 0);
+  }
+
+  /** Records the base id at `o` in `b` for `slot`. */
+  #setBaseAt(slot: number, b: Uint8Array, o: number): void {
     this.#baseRef ??= new Uint32Array(this.#cap);
     if ((this.#baseCount + 1) * 8 > this.#bases.length) {
       const grown = new Uint32Array(Math.max(8 * 64, this.#bases.length * 2));
       grown.set(this.#bases);
       this.#bases = grown;
     }
-    for (let w = 0; w < 8; w++) this.#bases[this.#baseCount * 8 + w] = readU32(base, w * 4);
+    for (let w = 0; w < 8; w++) this.#bases[this.#baseCount * 8 + w] = readU32(b, o + w * 4);
     this.#baseRef[slot] = ++this.#baseCount;
   }
 
@@ -111,14 +121,19 @@ export class BlobIndex {
 
   /** Slot holding `id`, or the empty slot where it would go (as -(slot+1)). */
   #find(id: Uint8Array): number {
-    const w0 = readU32(id, 0);
+    return this.#findAt(id, 0);
+  }
+
+  /** #find for the id at `o` in `b` (read in place: loading the index finds every id once). */
+  #findAt(b: Uint8Array, o: number): number {
+    const w0 = readU32(b, o);
     let slot = w0 & this.#mask;
+    const ids = this.#ids;
     for (;;) {
       if (this.#pack[slot] === 0) return -(slot + 1);
-      const b = slot * 8;
-      const ids = this.#ids;
-      if (ids[b] === w0 && ids[b + 1] === readU32(id, 4) && ids[b + 2] === readU32(id, 8) && ids[b + 3] === readU32(id, 12)
-        && ids[b + 4] === readU32(id, 16) && ids[b + 5] === readU32(id, 20) && ids[b + 6] === readU32(id, 24) && ids[b + 7] === readU32(id, 28)) {
+      const x = slot * 8;
+      if (ids[x] === w0 && ids[x + 1] === readU32(b, o + 4) && ids[x + 2] === readU32(b, o + 8) && ids[x + 3] === readU32(b, o + 12)
+        && ids[x + 4] === readU32(b, o + 16) && ids[x + 5] === readU32(b, o + 20) && ids[x + 6] === readU32(b, o + 24) && ids[x + 7] === readU32(b, o + 28)) {
         return slot;
       }
       slot = (slot + 1) & this.#mask;
@@ -161,6 +176,35 @@ export class BlobIndex {
     this.#raw[slot] = loc.rawLength;
     this.#type[slot] = loc.type;
     this.#setBase(slot, loc.base);
+  }
+
+  /**
+   * Adds the entries of a pack as they lie in an index file (index-file.ts IndexedPackView,
+   * already checked), read in place: no object per entry. The first location of an id is kept.
+   */
+  addPackEntries(view: IndexedPackView): void {
+    const { plain, count } = view;
+    const pack = this.#packNumber(view.packId) + 1;
+    for (let j = 0, o = view.at; j < count; j++) {
+      if ((this.#count + 1) * 10 > this.#cap * 7) this.#grow();
+      const type = plain[o];
+      const next = o + (type === BlobType.deltaChunk ? DELTA_ENTRY_BYTES : ENTRY_BYTES);
+      const s = this.#findAt(plain, o + 1);
+      if (s < 0) {
+        const slot = -s - 1;
+        this.#count++;
+        const b = slot * 8;
+        for (let w = 0; w < 8; w++) this.#ids[b + w] = readU32(plain, o + 1 + w * 4);
+        this.#pack[slot] = pack;
+        this.#off[slot] = readU32(plain, o + 33);
+        this.#len[slot] = readU32(plain, o + 37);
+        this.#raw[slot] = readU32(plain, o + 41);
+        this.#type[slot] = type;
+        if (type === BlobType.deltaChunk) this.#setBaseAt(slot, plain, o + ENTRY_BYTES);
+        else if (this.#baseRef !== undefined) this.#baseRef[slot] = 0;
+      }
+      o = next;
+    }
   }
 
   #grow(): void {

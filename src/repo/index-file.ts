@@ -54,7 +54,42 @@ export function indexFileId(name: string): Buffer | undefined {
   return m ? Buffer.from(m[1], 'hex') : undefined;
 }
 
+/**
+ * One pack's entries as they lie in an index file's plaintext: checked (types, lengths, no delta
+ * naming itself), not yet made into objects. Loading the blob index reads them in place
+ * (BlobIndex.addPackEntries): a repository's index holds every blob, and an object per entry cost
+ * ~3.5 µs each, 0.25 s per 66 000 blobs at every backup's start.
+ */
+export interface IndexedPackView {
+  packId: Buffer;
+  /** Number of entries. */
+  count: number;
+  /** The index file's plaintext; the entries start at `at` (pack.ts entry layout). */
+  plain: Buffer;
+  at: number;
+}
+
 export function decodeIndexFile(keys: CodecKeys, name: string, stored: Buffer): IndexFileContent {
+  const { supersedes, packs } = decodeIndexFileViews(keys, name, stored);
+  return { supersedes, packs: packs.map((v) => ({ packId: v.packId, entries: viewEntries(v) })) };
+}
+
+/** The entries of a pack view as objects. */
+export function viewEntries(v: IndexedPackView): PackEntry[] {
+  const entries: PackEntry[] = [];
+  const bad = (why: string): never => {
+    throw new DamageError('damaged-index', `index entry of pack ${v.packId.toString('hex')} is damaged: ${why}`);
+  };
+  for (let j = 0, o = v.at; j < v.count; j++) {
+    const { entry, next } = readEntry(v.plain, o, bad);
+    entries.push(entry);
+    o = next;
+  }
+  return entries;
+}
+
+/** Decodes and checks an index file, leaving each pack's entries in place (IndexedPackView). */
+export function decodeIndexFileViews(keys: CodecKeys, name: string, stored: Buffer): { supersedes: Buffer[]; packs: IndexedPackView[] } {
   const bad = (why: string): never => {
     throw new DamageError('damaged-index', `index file ${name} is damaged: ${why}`, { context: { index: name } });
   };
@@ -71,23 +106,30 @@ export function decodeIndexFile(keys: CodecKeys, name: string, stored: Buffer): 
   need(supCount * 32);
   const supersedes: Buffer[] = [];
   for (let i = 0; i < supCount; i++, o += 32) supersedes.push(Buffer.from(plain.subarray(o, o + 32)));
-  const packs: IndexedPack[] = [];
+  const packs: IndexedPackView[] = [];
   for (let i = 0; i < packCount; i++) {
     need(36);
     const packId = Buffer.from(plain.subarray(o, o + 32));
     const n = plain.readUInt32LE(o + 32);
     o += 36;
     need(n * MIN_ENTRY);
-    const entries: PackEntry[] = [];
-    for (let j = 0; j < n; j++) {
-      const type = plain[o];
-      if (type < BlobType.chunk || type > BlobType.deltaChunk) bad(`unknown blob type ${type}`);
-      const { entry, next } = readEntry(plain, o, bad);
-      entries.push(entry);
-      o = next;
-    }
-    packs.push({ packId, entries });
+    const at = o;
+    for (let j = 0; j < n; j++) o = checkEntry(plain, o, bad);
+    packs.push({ packId, count: n, plain, at });
   }
   if (o !== plain.length) bad(`${plain.length - o} trailing bytes`);
   return { supersedes, packs };
+}
+
+/** Checks the entry at `o` as readEntry would, without making it; returns the position after it. */
+function checkEntry(plain: Buffer, o: number, bad: (why: string) => never): number {
+  if (o + MIN_ENTRY > plain.length) bad(`truncated entry at byte ${o}`);
+  const type = plain[o];
+  if (type < BlobType.chunk || type > BlobType.deltaChunk) bad(`unknown blob type ${type}`);
+  if (type !== BlobType.deltaChunk) return o + MIN_ENTRY;
+  if (o + MIN_ENTRY + 32 > plain.length) bad(`truncated entry at byte ${o}`);
+  if (plain.compare(plain, o + MIN_ENTRY, o + MIN_ENTRY + 32, o + 1, o + 33) === 0) {
+    bad(`delta chunk ${plain.toString('hex', o + 1, o + 33)} names itself as its base`);
+  }
+  return o + MIN_ENTRY + 32;
 }

@@ -16,7 +16,7 @@ import type { BlobStore } from '../store/store.ts';
 import { readOneBlob } from './blob-batch.ts';
 import { BlobIndex, type BlobLocation, entryLocation } from './blob-index.ts';
 import { BlobType, type BlobTypeValue, type CodecKeys, decodeBlob, encodeBlob, nameId } from './codec.ts';
-import { decodeIndexFile, encodeIndexFile, indexFileId, type IndexedPack } from './index-file.ts';
+import { decodeIndexFileViews, encodeIndexFile, indexFileId, viewEntries, type IndexedPack } from './index-file.ts';
 import {
   type KeySlot, type MasterKey, generateMasterKey, generateRecoveryKey, looksLikeRecoveryKey,
   parseKeySlot, parseRecoveryKey, unwrapMasterKey, wrapMasterKey,
@@ -370,7 +370,7 @@ export class Repository {
     let vanished = false;
     const loaded = await mapLimit(names, 8, async (name) => {
       try {
-        return { name, content: decodeIndexFile(this.keys, name, await this.store.read(name)) };
+        return { name, content: decodeIndexFileViews(this.keys, name, await this.store.read(name)) };
       } catch (err) {
         if ((err as TresorError).code === 'blob-not-found') {
           vanished = true; // superseded and deleted meanwhile
@@ -385,7 +385,7 @@ export class Repository {
     for (const l of loaded) for (const s of l?.content.supersedes ?? []) superseded.add(`index/${s.toString('hex')}`);
     this.damagedIndexFiles.splice(0, this.damagedIndexFiles.length, ...this.damagedIndexFiles.filter((d) => !superseded.has(d.name)));
     let total = 0;
-    for (const l of loaded) if (l && !superseded.has(l.name)) for (const p of l.content.packs) total += p.entries.length;
+    for (const l of loaded) if (l && !superseded.has(l.name)) for (const p of l.content.packs) total += p.count;
     const index = new BlobIndex(Math.ceil(total / 0.6));
     // Recorded damaged copies go in last, so any other copy of the same blob wins.
     const deferred: IndexedPack[] = [];
@@ -393,7 +393,11 @@ export class Repository {
     for (const l of loaded) {
       if (!l || superseded.has(l.name)) continue;
       this.indexFiles.add(l.name);
-      for (const p of l.content.packs) add(p);
+      for (const p of l.content.packs) {
+        // Read in place unless a damaged copy may be among them (they must be set aside).
+        if (exclusions.damaged.size === 0) index.addPackEntries(p);
+        else add({ packId: p.packId, entries: viewEntries(p) });
+      }
     }
     if (this.damagedIndexFiles.length > 0) await this.#indexUnindexedPacks(index, add);
     for (const p of deferred) addPack(index, p);
