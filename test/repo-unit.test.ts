@@ -6,10 +6,11 @@ import { join } from 'node:path';
 import zlib from 'node:zlib';
 import { LocalStore } from '../src/store/local.ts';
 import { Repository } from '../src/repo/repository.ts';
-import { BlobIndex } from '../src/repo/blob-index.ts';
+import { BlobIndex, entryLocation } from '../src/repo/blob-index.ts';
+import { decodeIndexFile, decodeIndexFileViews, encodeIndexFile } from '../src/repo/index-file.ts';
 import { BlobType, ZERO_ID, computeId, decodeBlob, encodeBlob, dictionaryCandidate, encodeChunk, frameContentSize, type CodecKeys } from '../src/repo/codec.ts';
 import { CodecPool } from '../src/repo/codec-pool.ts';
-import { decodePackHeader, encodePackHeader } from '../src/repo/pack.ts';
+import { decodePackHeader, encodePackHeader, type PackEntry } from '../src/repo/pack.ts';
 import { formatRecoveryKey, generateMasterKey, parseRecoveryKey } from '../src/repo/keys.ts';
 import { RepositoryLock, RepositoryLockedError } from '../src/repo/lock.ts';
 import { parseSnapshotName, snapshotName, validateSourceId } from '../src/repo/manifest.ts';
@@ -294,6 +295,35 @@ describe('blob index', () => {
     index.add(Buffer.from(first, 'hex'), { packId: pack, type: BlobType.chunk, offset: 0, length: 1, rawLength: 1 }, true);
     assert.equal(index.get(Buffer.from(first, 'hex'))!.base, undefined);
     assert.equal([...index.deltaBases()].length, bases.size - 1);
+  });
+
+  it('index files read in place give the same index as their entry objects; damage is named', () => {
+    const keys: CodecKeys = { master: generateMasterKey(), compressionLevel: 1 };
+    const entry = (i: number, base?: Buffer): PackEntry => ({
+      type: base ? BlobType.deltaChunk : i % 3 === 0 ? BlobType.indexPiece : BlobType.chunk, id: randomBytes(32), offset: i * 100, length: 90 + (i % 7), rawLength: 65536 + i,
+      ...(base ? { base } : {}),
+    });
+    const packs = Array.from({ length: 40 }, (_, p) => ({
+      packId: randomBytes(32), entries: Array.from({ length: 300 }, (_, i) => entry(p * 300 + i, i % 4 === 1 ? randomBytes(32) : undefined)),
+    }));
+    // The same blob in two packs: the first location is kept either way.
+    packs[7].entries[5] = { ...packs[3].entries[9], offset: 123_456 };
+    const file = encodeIndexFile(keys, { supersedes: [randomBytes(32)], packs });
+    const views = decodeIndexFileViews(keys, file.name, file.data);
+    const inPlace = new BlobIndex(16);
+    for (const v of views.packs) inPlace.addPackEntries(v);
+    const objects = new BlobIndex(16);
+    for (const p of decodeIndexFile(keys, file.name, file.data).packs) for (const e of p.entries) objects.add(e.id, entryLocation(p.packId, e));
+    assert.equal(inPlace.size, 40 * 300 - 1);
+    assert.equal(objects.size, inPlace.size);
+    for (const [id, loc] of objects.entries()) assert.deepEqual(inPlace.get(id), loc);
+    assert.equal(inPlace.get(packs[3].entries[9].id)!.offset, packs[3].entries[9].offset);
+    assert.equal([...inPlace.deltaBases()].length, [...objects.deltaBases()].length);
+    // A delta entry naming itself as its base is refused when the file is read.
+    const selfish = { packId: randomBytes(32), entries: [entry(1)] };
+    selfish.entries[0] = { ...selfish.entries[0], type: BlobType.deltaChunk, base: selfish.entries[0].id };
+    const bad = encodeIndexFile(keys, { supersedes: [], packs: [selfish] });
+    assert.throws(() => decodeIndexFileViews(keys, bad.name, bad.data), (err: unknown) => err instanceof DamageError && /names itself as its base/.test(err.message));
   });
 });
 
