@@ -593,9 +593,16 @@ export class Repository {
   }
 }
 
-/** Oldest first; snapshots of the same time by name. */
+/**
+ * Oldest first; snapshots of the same time by name. Plain code-unit order: times are ISO 8601 in
+ * UTC, names ASCII, and a locale-aware compare would load ICU's collator (14 ms) at every start.
+ */
 function bySnapshotTime(a: { time: string; name: string }, b: { time: string; name: string }): number {
-  return a.time.localeCompare(b.time) || a.name.localeCompare(b.name);
+  return compareText(a.time, b.time) || compareText(a.name, b.name);
+}
+
+function compareText(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
 }
 
 /** Adds a pack's entries; copies recorded as damaged are set aside in `deferred` instead. */

@@ -128,7 +128,7 @@ export class SnapshotCatalog {
   /** Writes the catalog if it changed; a failure to write only costs the next listing time. */
   async save(): Promise<void> {
     if (!this.#changed) return;
-    const entries = Object.fromEntries([...this.#entries].sort(([a], [b]) => a.localeCompare(b)));
+    const entries = Object.fromEntries([...this.#entries].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
     const file: CatalogFile = { format: FORMAT, version: VERSION, repository: this.#repositoryId, entries, mac: this.#mac(entries).toString('hex') };
     const tmp = `${this.path}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
     try {
