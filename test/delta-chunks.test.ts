@@ -35,6 +35,35 @@ import { BLOCK, BackupHistory, BitmapSource, Prng, assertBaseOk, deltaEntries, t
 import { tempDir } from './helpers/tmp.ts';
 
 const PASS = 'delta chunk test passphrase';
+
+/** A BitmapSource that records which 64 KiB blocks were read; `lie`: unchanged blocks read as garbage. */
+class RecordingSource extends BitmapSource {
+  readonly #read = new Set<number>();
+  readonly #changed: Set<number>;
+  readonly #lie: boolean;
+
+  constructor(data: Buffer, dirty: Set<number>, lie: boolean) {
+    super(data, dirty);
+    this.#changed = dirty;
+    this.#lie = lie;
+  }
+
+  override async read(offset: number, length: number): Promise<Buffer> {
+    const out = await super.read(offset, length);
+    for (let b = Math.floor(offset / BLOCK); b * BLOCK < offset + length; b++) {
+      this.#read.add(b);
+      if (this.#lie && !this.#changed.has(b)) {
+        const from = Math.max(b * BLOCK, offset) - offset;
+        out.fill(0xee, from, Math.min((b + 1) * BLOCK, offset + length) - offset);
+      }
+    }
+    return out;
+  }
+
+  blocksRead(): number[] {
+    return [...this.#read].sort((a, b) => a - b);
+  }
+}
 const CHUNK = 128 << 10;
 const SLOTS = 48;
 const SIZE = SLOTS * CHUNK;
@@ -244,6 +273,53 @@ describe('delta chunks', { timeout: 180_000 }, () => {
     snaps.push(made);
     disks.push(change.data);
   });
+  it('reads only the changed blocks of a partly changed chunk: the rest comes from the parent\'s chunk, or from the source when that cannot be read', async () => {
+    const dir = await tempDir('tresor-trim-');
+    const trimStore = await LocalStore.open(join(dir.path, 'repo'), { create: true });
+    try {
+      const { repo: r } = await Repository.init(trimStore, { encryption: 'aes-256-gcm', passphrase: PASS, scrypt: { N: 1024, r: 8, p: 1 }, dictionaryBytes: 0 });
+      const h = new BackupHistory('trim');
+      const prng = new Prng(21);
+      const d0 = Buffer.alloc(SIZE);
+      for (let s = 0; s < SLOTS; s++) (s % 2 === 0 ? text(prng, CHUNK) : randomBytes(CHUNK)).copy(d0, s * CHUNK);
+      await h.backup(r, new BitmapSource(d0), undefined);
+      // Changed: 4 KiB in the second block of slot 3; blocks 41..44 (slot 20's second half
+      // through slot 22's first half), one run whose ends are unchanged halves.
+      const d1 = Buffer.from(d0);
+      randomBytes(4096).copy(d1, 3 * CHUNK + 70_000);
+      randomBytes(4 * BLOCK).copy(d1, 41 * BLOCK);
+      const dirty1 = new Set([7, 41, 42, 43, 44]);
+      // A source that answers garbage for unchanged blocks: reading one would show in the restore.
+      const lying = new RecordingSource(d1, dirty1, true);
+      await h.backup(r, lying, h.snaps[0]);
+      assert.deepEqual(lying.blocksRead(), [7, 41, 42, 43, 44], 'only the changed blocks were read');
+      assert.equal(h.stats[1].trimmedBytes, 3 * BLOCK, 'three unchanged halves came from the parent\'s chunks');
+      assert.equal(h.stats[1].bytesRead, 5 * BLOCK);
+      assert.equal(h.stats[1].deltaChunks, 3);
+      await restoresAs(r, h.snaps[1].name, d1);
+
+      // The parent's chunk of slot 3 damaged: its unchanged block is read from the source instead.
+      const index = await r.index();
+      const map = await DiskMapReader.open(r, h.snaps[1].name, h.snaps[1].disks[0]);
+      const loc = index.get((await map.ids(3, 1)).subarray(0, 32))!;
+      const path = join(dir.path, 'repo', packName(loc.packId));
+      const bytes = readFileSync(path);
+      bytes[loc.offset + Math.floor(loc.length / 2)] ^= 0x40;
+      writeFileSync(path, bytes);
+      const d2 = Buffer.from(d1);
+      randomBytes(4096).copy(d2, 3 * CHUNK + 80_000);
+      const honest = new RecordingSource(d2, new Set([7]), false);
+      await h.backup(r, honest, h.snaps[1]);
+      assert.deepEqual(honest.blocksRead(), [6, 7], 'the unchanged block whose base is damaged was read from the source');
+      assert.equal(h.stats[2].trimmedBytes, 0);
+      assert.equal(h.stats[2].deltaChunks, 0, 'without a readable base the chunk is stored whole');
+      await restoresAs(r, h.snaps[2].name, d2);
+    } finally {
+      await trimStore.close();
+      await dir.cleanup();
+    }
+  });
+
   it('a damaged base is named, with every delta it breaks and the snapshots they hold', async () => {
     const victim = (await deltaEntries(repo)).find((d) => d.baseLoc?.type === BlobType.chunk)!;
     const baseLoc = victim.baseLoc!;

@@ -11,7 +11,8 @@
  * With a parent, a chunk the source marks changed only in part (a dirty bitmap is 64 KiB, a chunk
  * larger) is encoded as a delta against the parent's chunk in that slot: the unchanged part costs
  * almost nothing to store (docs/repository-format.md §4). A base is a plain chunk, or in a
- * version-3 repository a delta chunk whose base is plain (two levels, never more).
+ * version-3 repository a delta chunk whose base is plain (two levels, never more). The unchanged
+ * ends of a run of such slots are not even read from the source: its base holds them (runTrim).
  *
  * With compression dictionaries configured (§4), a compressible new chunk without a parent base
  * is a delta against the disk's current dictionary: a piece of a chunk of this disk that compressed well,
@@ -26,7 +27,8 @@ import type { PackWriter } from '../repo/pack-writer.ts';
 import type { Repository } from '../repo/repository.ts';
 import type { DiskSource, Extent } from '../image/disk.ts';
 import { TresorError } from '../util/errors.ts';
-import { ByteBudget } from '../util/concurrency.ts';
+import { ByteBudget, allSettledOrThrow } from '../util/concurrency.ts';
+import { copyBytes } from '../util/bytes.ts';
 import { GarbageCollector, exposeGc } from '../util/gc.ts';
 
 export interface DiskBackupStats {
@@ -41,10 +43,12 @@ export interface DiskBackupStats {
   dictionaryChunks: number;
   /** Compression dictionaries used (stored with their first delta, or already in the repository). */
   dictionaries: number;
+  /** Unchanged bytes of partly changed slots taken from the parent's chunks instead of the source (runTrim). */
+  trimmedBytes: number;
 }
 
 export function emptyDiskBackupStats(): DiskBackupStats {
-  return { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0, deltaChunks: 0, dictionaryChunks: 0, dictionaries: 0 };
+  return { bytesRead: 0, newChunks: 0, reusedChunks: 0, holeChunks: 0, unchangedChunks: 0, deltaChunks: 0, dictionaryChunks: 0, dictionaries: 0, trimmedBytes: 0 };
 }
 
 export function addDiskBackupStats(into: DiskBackupStats, s: DiskBackupStats): void {
@@ -76,6 +80,14 @@ export interface DiskBackupOptions {
 }
 
 type SlotPlan = 'hole' | 'parent' | 'read';
+
+/** Bytes at a run's start and end not read from the source (runTrim). */
+interface RunTrim {
+  head: number;
+  tail: number;
+}
+
+const NO_TRIM: RunTrim = { head: 0, tail: 0 };
 
 export async function backupDisk(
   repo: Repository, pool: CodecPool, writer: PackWriter, source: DiskSource, opts: DiskBackupOptions = {},
@@ -119,7 +131,7 @@ export async function backupDisk(
   let done = 0;
 
   const processBatch = async (first: number, count: number): Promise<void> => {
-    const { plans, partial } = await planSlots(source, parent !== undefined, chunkSize, first, count);
+    const { plans, partial, unchanged } = await planSlots(source, parent !== undefined, chunkSize, first, count);
     const reads: Array<Promise<void>> = [];
     for (let i = 0; i < count;) {
       const plan = plans[i];
@@ -131,7 +143,8 @@ export async function backupDisk(
       } else if (plan === 'parent') {
         await reuseParentSlots(first + i, j - i, reads);
       } else {
-        reads.push(readRun(first + i, j - i, deltas ? await parentBaseIds(first + i, partial.subarray(i, j)) : undefined));
+        const baseIds = deltas ? await parentBaseIds(first + i, partial.subarray(i, j)) : undefined;
+        reads.push(readRun(first + i, j - i, baseIds, baseIds !== undefined ? runTrim(first + i, j - i, baseIds, unchanged) : NO_TRIM));
       }
       i = j;
     }
@@ -169,15 +182,77 @@ export async function backupDisk(
     if (rereadFrom >= 0) reads.push(readRun(rereadFrom, end - rereadFrom));
   };
 
-  /** `baseIds`: per slot of the run, the parent's chunk to make a delta against, if any (parentBaseIds). */
-  const readRun = async (firstSlot: number, count: number, baseIds?: Array<Buffer | null>): Promise<void> => {
+  /**
+   * `baseIds`: per slot of the run, the parent's chunk to make a delta against, if any
+   * (parentBaseIds); `trim`: unchanged bytes at its ends that those chunks hold (runTrim).
+   */
+  const readRun = async (firstSlot: number, count: number, baseIds?: Array<Buffer | null>, trim: RunTrim = NO_TRIM): Promise<void> => {
     const offset = firstSlot * chunkSize;
     const length = Math.min(count * chunkSize, source.size - offset);
     await readBudget.acquire(length);
     try {
-      await readAndStore(firstSlot, count, offset, length, baseIds);
+      await readAndStore(firstSlot, count, offset, length, baseIds, trim);
     } finally {
       readBudget.release(length);
+    }
+  };
+
+  /**
+   * Unchanged bytes at the start of a run's first slot and at the end of its last slot that need
+   * not come from the source: the parent's chunk in that slot holds them, and it is read for the
+   * slot's delta anyway. Reading them costs a fifth more of an incremental's reads (2 % rewrite
+   * of the reference disk: 98.5 MiB read for 81.9 MiB dirty; the dirty bitmap's clusters are
+   * half a chunk). The dirty bitmap vouches for them exactly as it does for a slot left wholly
+   * unchanged, whose chunk is taken from the parent as is.
+   */
+  const runTrim = (firstSlot: number, count: number, baseIds: Array<Buffer | null>, unchanged: UnchangedRanges): RunTrim => {
+    const start = firstSlot * chunkSize;
+    const end = Math.min(source.size, (firstSlot + count) * chunkSize);
+    const lastStart = (firstSlot + count - 1) * chunkSize;
+    const head = baseIds[0] ? unchanged.after(start, Math.min(start + chunkSize, end)) : 0;
+    const tail = baseIds[count - 1] ? unchanged.before(end, lastStart) : 0;
+    // A slot changed only in its middle, with both ends trimmed, still has bytes to read.
+    return head + tail < end - start ? { head, tail } : NO_TRIM;
+  };
+
+  /** Reads source bytes [from, to) of a batch at `offset` into the same place of `target`. */
+  const readRange = async (offset: number, target: Buffer, from: number, to: number): Promise<void> => {
+    if (source.readTo !== undefined) await source.readTo(offset + from, to - from, target.subarray(from, to));
+    else copyBytes(target, from, await source.read(offset + from, to - from));
+    stats.bytesRead += to - from;
+  };
+
+  /**
+   * A run's bytes with its trimmed ends taken from their slots' bases (`read`: the bases
+   * being read, readDeltaBases), the rest from the source. An end whose base cannot be read
+   * or has another length is read from the source after all.
+   */
+  const readTrimmed = async (firstSlot: number, count: number, offset: number, length: number, trim: RunTrim, baseIds: Array<Buffer | null>, bases: Promise<Map<string, DeltaBase | Error>>): Promise<Buffer> => {
+    const target = source.readTo !== undefined ? pool.batchBuffer(length) : Buffer.allocUnsafe(length);
+    try {
+      // Neither may still be writing into the target when a failure gives it back.
+      const middle = readRange(offset, target, trim.head, length - trim.tail);
+      await allSettledOrThrow([middle, bases]);
+      const read = await bases;
+      const fromBase = async (k: number, from: number, to: number, baseFrom: number): Promise<void> => {
+        const id = baseIds[k];
+        const base = id ? read.get(id.toString('hex')) : undefined;
+        if (base === undefined || base instanceof Error || base.plain.length !== slotLength(firstSlot + k)) {
+          await readRange(offset, target, from, to);
+          return;
+        }
+        copyBytes(target, from, base.plain.subarray(baseFrom, baseFrom + to - from));
+        stats.trimmedBytes += to - from;
+      };
+      const lastLength = slotLength(firstSlot + count - 1);
+      await allSettledOrThrow([
+        trim.head > 0 ? fromBase(0, 0, trim.head, 0) : Promise.resolve(),
+        trim.tail > 0 ? fromBase(count - 1, length - trim.tail, length, lastLength - trim.tail) : Promise.resolve(),
+      ]);
+      return target;
+    } catch (err) {
+      if (source.readTo !== undefined) pool.discardBatchBuffer(target);
+      throw err;
     }
   };
 
@@ -220,16 +295,18 @@ export async function backupDisk(
 
   // Bases read once: the bases of two-level deltas (mostly the disk's dictionary) serve many runs.
   const baseCache = newBaseCache();
+  const readBases = (ids: Buffer[]): Promise<Map<string, DeltaBase | Error>> =>
+    readDeltaBases(repo, ids, (id) => `chunk ${id.toString('hex')} of the parent snapshot`, { trustAead: true, cache: baseCache });
 
   /**
    * Bases for the new chunks `which` (batch positions) from the run's `baseIds`: the plaintext,
    * or null where there is none or it cannot be read (the chunk is then stored whole; a damaged
    * parent chunk is verify's to report).
    */
-  const deltaBases = async (which: number[], baseIds: Array<Buffer | null>): Promise<Array<DeltaBase | null> | undefined> => {
+  const deltaBases = async (which: number[], baseIds: Array<Buffer | null>, early?: Promise<Map<string, DeltaBase | Error>>): Promise<Array<DeltaBase | null> | undefined> => {
     const wanted = which.map((k) => baseIds[k] ?? null);
     if (wanted.every((b) => b === null)) return undefined;
-    const read = await readDeltaBases(repo, wanted.filter((b): b is Buffer => b !== null), (id) => `chunk ${id.toString('hex')} of the parent snapshot`, { trustAead: true, cache: baseCache });
+    const read = await (early ?? readBases(wanted.filter((b): b is Buffer => b !== null)));
     return wanted.map((b) => {
       const got = b === null ? undefined : read.get(b.toString('hex'));
       return got === undefined || got instanceof Error ? null : got;
@@ -249,9 +326,19 @@ export async function backupDisk(
       && index.get(loc.base)?.type === BlobType.chunk && !repo.avoids(loc.base);
   };
 
-  const readAndStore = async (firstSlot: number, count: number, offset: number, length: number, baseIds?: Array<Buffer | null>): Promise<void> => {
-    const data = await readBatch(offset, length);
-    stats.bytesRead += length;
+  const readAndStore = async (firstSlot: number, count: number, offset: number, length: number, baseIds: Array<Buffer | null> | undefined, trim: RunTrim): Promise<void> => {
+    // A trimmed run needs its ends' bases before it can be hashed: they are read at once, while
+    // the source is read; other runs read bases only for the chunks that turn out new.
+    const trimmed = baseIds !== undefined && (trim.head > 0 || trim.tail > 0);
+    const early = trimmed ? readBases(baseIds.filter((b): b is Buffer => b !== null)) : undefined;
+    early?.catch(() => undefined); // awaited below; a failed source read drops it
+    let data: Buffer;
+    if (trimmed) {
+      data = await readTrimmed(firstSlot, count, offset, length, trim, baseIds, early!);
+    } else {
+      data = await readBatch(offset, length);
+      stats.bytesRead += length;
+    }
     collector.note(length);
     const hashed: HashedBatch = await pool.hash(data, chunkSize);
     const encodeWhich: number[] = [];
@@ -268,7 +355,7 @@ export async function backupDisk(
     }
     let bases: Array<DeltaBase | null> | undefined;
     try {
-      bases = baseIds !== undefined && encodeWhich.length > 0 ? await deltaBases(encodeWhich, baseIds) : undefined;
+      bases = baseIds !== undefined && encodeWhich.length > 0 ? await deltaBases(encodeWhich, baseIds, early) : undefined;
     } catch (err) {
       await pool.drop(hashed).catch(() => undefined); // the error that matters is `err`
       throw err;
@@ -342,12 +429,16 @@ export async function backupDisk(
  * Decides per slot of [first, first+count) whether it is a hole, a parent copy, or a read; and
  * which reads are partial (with a parent: changed data or zeros next to unchanged data in one slot).
  */
-async function planSlots(source: DiskSource, hasParent: boolean, chunkSize: number, first: number, count: number): Promise<{ plans: SlotPlan[]; partial: Uint8Array }> {
+async function planSlots(source: DiskSource, hasParent: boolean, chunkSize: number, first: number, count: number): Promise<{ plans: SlotPlan[]; partial: Uint8Array; unchanged: UnchangedRanges }> {
   const start = first * chunkSize;
   const end = Math.min(source.size, (first + count) * chunkSize);
   // Per slot: bit 1 = has data, bit 2 = has zero, bit 4 = has unchanged.
   const kinds = new Uint8Array(count);
-  for await (const e of source.extents(start, end - start)) markExtent(kinds, e, start, chunkSize, end);
+  const unchanged = new UnchangedRanges();
+  for await (const e of source.extents(start, end - start)) {
+    markExtent(kinds, e, start, chunkSize, end);
+    if (e.kind === 'unchanged') unchanged.add(Math.max(e.offset, start), Math.min(e.offset + e.length, end));
+  }
   const plans = new Array<SlotPlan>(count);
   const partial = new Uint8Array(count);
   for (let i = 0; i < count; i++) {
@@ -359,7 +450,31 @@ async function planSlots(source: DiskSource, hasParent: boolean, chunkSize: numb
     else if (k === 0) throw new TresorError('extent-gap', `${source.description}: extents do not cover bytes at ${start + i * chunkSize}`, { hint: 'this is a bug in the disk reader' });
     else plans[i] = 'read';
   }
-  return { plans, partial };
+  return { plans, partial, unchanged };
+}
+
+/** The unchanged byte ranges of a batch (extents arrive in order; touching ones merge). */
+class UnchangedRanges {
+  readonly #ranges: Array<[number, number]> = [];
+
+  add(from: number, to: number): void {
+    if (to <= from) return;
+    const last = this.#ranges.at(-1);
+    if (last !== undefined && from <= last[1]) last[1] = Math.max(last[1], to);
+    else this.#ranges.push([from, to]);
+  }
+
+  /** Unchanged bytes from `at` forward, up to `limit`. */
+  after(at: number, limit: number): number {
+    const r = this.#ranges.find(([a, b]) => a <= at && at < b);
+    return r === undefined ? 0 : Math.min(r[1], limit) - at;
+  }
+
+  /** Unchanged bytes before `at` backward, down to `limit`. */
+  before(at: number, limit: number): number {
+    const r = this.#ranges.find(([a, b]) => a < at && at <= b);
+    return r === undefined ? 0 : at - Math.max(r[0], limit);
+  }
 }
 
 function markExtent(kinds: Uint8Array, e: Extent, start: number, chunkSize: number, end: number): void {

@@ -438,7 +438,7 @@ async function readDisks(c: Common, plan: IncrementalPlan, job: BackupJob): Prom
       const r = await backupOneDisk(c, d, source, bucket, (done) => c.opts.progress?.(before + done, total));
       records.push(r.record);
       addDiskBackupStats(stats, r.stats);
-      c.say(`disk ${d.disk.target}: ${incremental ? 'incremental' : 'full'} read of ${r.stats.bytesRead} bytes; ${newChunksText(r.stats)}, ${r.stats.reusedChunks} reused, ${r.stats.unchangedChunks} unchanged, ${r.stats.holeChunks} holes`);
+      c.say(`disk ${d.disk.target}: ${incremental ? 'incremental' : 'full'} read of ${r.stats.bytesRead} bytes${r.stats.trimmedBytes > 0 ? ` (${r.stats.trimmedBytes} unchanged bytes of partly changed chunks taken from the parent's)` : ''}; ${newChunksText(r.stats)}, ${r.stats.reusedChunks} reused, ${r.stats.unchangedChunks} unchanged, ${r.stats.holeChunks} holes`);
     } finally {
       await source.close();
     }
