@@ -295,8 +295,8 @@ export async function backupDisk(
 
   // Bases read once: the bases of two-level deltas (mostly the disk's dictionary) serve many runs.
   const baseCache = newBaseCache();
-  const readBases = (ids: Buffer[]): Promise<Map<string, DeltaBase | Error>> =>
-    readDeltaBases(repo, ids, (id) => `chunk ${id.toString('hex')} of the parent snapshot`, { trustAead: true, cache: baseCache });
+  const readBases = (ids: Array<Buffer | null>): Promise<Map<string, DeltaBase | Error>> =>
+    readDeltaBases(repo, ids.filter((b): b is Buffer => b !== null), (id) => `chunk ${id.toString('hex')} of the parent snapshot`, { trustAead: true, cache: baseCache });
 
   /**
    * Bases for the new chunks `which` (batch positions) from the run's `baseIds`: the plaintext,
@@ -306,7 +306,7 @@ export async function backupDisk(
   const deltaBases = async (which: number[], baseIds: Array<Buffer | null>, early?: Promise<Map<string, DeltaBase | Error>>): Promise<Array<DeltaBase | null> | undefined> => {
     const wanted = which.map((k) => baseIds[k] ?? null);
     if (wanted.every((b) => b === null)) return undefined;
-    const read = await (early ?? readBases(wanted.filter((b): b is Buffer => b !== null)));
+    const read = await (early ?? readBases(wanted));
     return wanted.map((b) => {
       const got = b === null ? undefined : read.get(b.toString('hex'));
       return got === undefined || got instanceof Error ? null : got;
@@ -330,7 +330,7 @@ export async function backupDisk(
     // A trimmed run needs its ends' bases before it can be hashed: they are read at once, while
     // the source is read; other runs read bases only for the chunks that turn out new.
     const trimmed = baseIds !== undefined && (trim.head > 0 || trim.tail > 0);
-    const early = trimmed ? readBases(baseIds.filter((b): b is Buffer => b !== null)) : undefined;
+    const early = trimmed ? readBases(baseIds) : undefined;
     early?.catch(() => undefined); // awaited below; a failed source read drops it
     let data: Buffer;
     if (trimmed) {

@@ -158,24 +158,33 @@ export class BlobIndex {
 
   /** Adds a location; when the id is already present the first location is kept unless `replace`. */
   add(id: Uint8Array, loc: BlobLocation, replace = false): void {
-    if ((this.#count + 1) * 10 > this.#cap * 7) this.#grow();
-    const s = this.#find(id);
-    let slot: number;
-    if (s >= 0) {
-      if (!replace) return;
-      slot = s;
-    } else {
-      slot = -s - 1;
-      this.#count++;
-      const b = slot * 8;
-      for (let w = 0; w < 8; w++) this.#ids[b + w] = readU32(id, w * 4);
-    }
-    this.#pack[slot] = this.#packNumber(loc.packId) + 1;
-    this.#off[slot] = loc.offset;
-    this.#len[slot] = loc.length;
-    this.#raw[slot] = loc.rawLength;
-    this.#type[slot] = loc.type;
+    const slot = this.#slotFor(id, 0, replace);
+    if (slot < 0) return;
+    this.#fill(slot, this.#packNumber(loc.packId) + 1, loc.offset, loc.length, loc.rawLength, loc.type);
     this.#setBase(slot, loc.base);
+  }
+
+  /**
+   * The slot to fill for the id at `o` in `b`: a new one (the id written and counted), the one
+   * holding it when `replace`, else -1.
+   */
+  #slotFor(b: Uint8Array, o: number, replace: boolean): number {
+    if ((this.#count + 1) * 10 > this.#cap * 7) this.#grow();
+    const s = this.#findAt(b, o);
+    if (s >= 0) return replace ? s : -1;
+    const slot = -s - 1;
+    this.#count++;
+    for (let w = 0; w < 8; w++) this.#ids[slot * 8 + w] = readU32(b, o + w * 4);
+    return slot;
+  }
+
+  /** `pack`: the pack's number + 1. */
+  #fill(slot: number, pack: number, offset: number, length: number, rawLength: number, type: number): void {
+    this.#pack[slot] = pack;
+    this.#off[slot] = offset;
+    this.#len[slot] = length;
+    this.#raw[slot] = rawLength;
+    this.#type[slot] = type;
   }
 
   /**
@@ -186,20 +195,11 @@ export class BlobIndex {
     const { plain, count } = view;
     const pack = this.#packNumber(view.packId) + 1;
     for (let j = 0, o = view.at; j < count; j++) {
-      if ((this.#count + 1) * 10 > this.#cap * 7) this.#grow();
       const type = plain[o];
       const next = o + (type === BlobType.deltaChunk ? DELTA_ENTRY_BYTES : ENTRY_BYTES);
-      const s = this.#findAt(plain, o + 1);
-      if (s < 0) {
-        const slot = -s - 1;
-        this.#count++;
-        const b = slot * 8;
-        for (let w = 0; w < 8; w++) this.#ids[b + w] = readU32(plain, o + 1 + w * 4);
-        this.#pack[slot] = pack;
-        this.#off[slot] = readU32(plain, o + 33);
-        this.#len[slot] = readU32(plain, o + 37);
-        this.#raw[slot] = readU32(plain, o + 41);
-        this.#type[slot] = type;
+      const slot = this.#slotFor(plain, o + 1, false);
+      if (slot >= 0) {
+        this.#fill(slot, pack, readU32(plain, o + 33), readU32(plain, o + 37), readU32(plain, o + 41), type);
         if (type === BlobType.deltaChunk) this.#setBaseAt(slot, plain, o + ENTRY_BYTES);
         else if (this.#baseRef !== undefined) this.#baseRef[slot] = 0;
       }

@@ -164,9 +164,7 @@ async function sweepDaily(dir: string, own: string): Promise<void> {
   const marker = join(dir, SWEPT_MARKER);
   const last = await stat(marker).then((st) => st.mtimeMs, () => 0);
   if (Date.now() - last < SWEEP_EVERY_MS) return;
-  await writeFile(marker, '', { mode: 0o600 });
-  const now = Date.now() / 1000;
-  await utimes(marker, now, now);
+  await writeFile(marker, '', { mode: 0o600 }); // (truncating it sets its time)
   await removeStaleCatalogs(dir, own);
 }
 
