@@ -21,6 +21,7 @@ import { copyBytes } from '../src/util/bytes.ts';
 import { PackWriter } from '../src/repo/pack-writer.ts';
 import { readOneBlob } from '../src/repo/blob-batch.ts';
 import type { BlobStore } from '../src/store/store.ts';
+import { CONTEXT_MAX_INPUT, ZstdContext, ZstdContexts } from '../src/repo/zstd-context.ts';
 
 const FAST_SCRYPT = { N: 1024, r: 8, p: 1 };
 
@@ -383,6 +384,65 @@ describe('repository config', () => {
     } finally {
       await tmp.cleanup();
     }
+  });
+});
+
+describe('zstd contexts kept across calls', () => {
+  const C = zlib.constants;
+  const text = (seed: number, n: number): Buffer => {
+    const words = ['alpha', 'beta', 'gamma', 'delta', 'error', 'warn', 'info', String(seed)];
+    let out = '';
+    for (let i = 0; out.length < n; i++) out += `${words[(i * 7 + seed) % words.length]} ${i % 97} `;
+    return Buffer.from(out.slice(0, n));
+  };
+  const params = { [C.ZSTD_c_compressionLevel]: 1, [C.ZSTD_c_strategy]: 2, [C.ZSTD_c_hashLog]: 14, [C.ZSTD_c_chainLog]: 14, [C.ZSTD_c_checksumFlag]: 0, [C.ZSTD_c_contentSizeFlag]: 1 };
+  const reference = (data: Buffer, dictionary?: Buffer): Buffer => zlib.zstdCompressSync(data, {
+    ...(dictionary ? { dictionary } : {}), chunkSize: data.length + 64, pledgedSrcSize: data.length, params,
+  });
+  const inputs = [text(1, 131072), randomBytes(131072), text(2, 4096), Buffer.alloc(0), Buffer.alloc(70000), Buffer.concat([randomBytes(60000), text(3, 71072)]), text(4, 131072)];
+
+  for (const withDictionary of [false, true]) {
+    it(`writes the same frames as zstdCompressSync with pledgedSrcSize, call after call (${withDictionary ? 'dictionary' : 'no dictionary'})`, () => {
+      const dictionary = withDictionary ? text(9, 32768) : undefined;
+      const context = new ZstdContext(params, dictionary);
+      for (let round = 0; round < 3; round++) {
+        for (const input of inputs) {
+          const frame = Buffer.from(context.compress(input));
+          assert.deepEqual(frame, reference(input, dictionary), `round ${round}, ${input.length} bytes`);
+          assert.deepEqual(zlib.zstdDecompressSync(frame, dictionary ? { dictionary } : {}), input);
+          if (input.length > 0) assert.equal(frameContentSize(frame), input.length, 'the frame declares its size');
+        }
+      }
+      context.close();
+    });
+  }
+
+  it('returns a view of one output buffer, and a buffer of its own for inputs above the limit', () => {
+    const context = new ZstdContext(params);
+    const a = context.compress(text(5, 131072));
+    const b = context.compress(text(6, 131072));
+    assert.equal(a.buffer, b.buffer, 'one output buffer for both');
+    const big = text(7, CONTEXT_MAX_INPUT + 1);
+    const c = context.compress(big);
+    assert.notEqual(c.buffer, b.buffer);
+    assert.deepEqual(zlib.zstdDecompressSync(c), big);
+    context.close();
+  });
+
+  it('keeps a context per parameters and replaces it when the dictionary changes', () => {
+    const contexts = new ZstdContexts(2);
+    const d1 = text(11, 32768);
+    const d2 = text(12, 32768);
+    const input = text(13, 131072);
+    const f1 = Buffer.from(contexts.compress(input, params, { key: 'd1', bytes: d1 }));
+    const f2 = Buffer.from(contexts.compress(input, params, { key: 'd2', bytes: d2 }));
+    assert.deepEqual(f1, reference(input, d1));
+    assert.deepEqual(f2, reference(input, d2));
+    assert.deepEqual(Buffer.from(contexts.compress(input, params)), reference(input));
+    // A third parameter set evicts the oldest; every frame stays right.
+    const level3 = { ...params, [C.ZSTD_c_compressionLevel]: 3, [C.ZSTD_c_strategy]: 4 };
+    assert.deepEqual(zlib.zstdDecompressSync(contexts.compress(input, level3)), input);
+    assert.deepEqual(Buffer.from(contexts.compress(input, params, { key: 'd1', bytes: d1 })), f1);
   });
 });
 
