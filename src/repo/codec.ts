@@ -177,6 +177,10 @@ function dictionaryView(d: Uint8Array): Buffer {
  */
 function looksIncompressible(plaintext: Uint8Array): boolean {
   if (plaintext.length < 4 * SAMPLE) return false;
+  // Disk data comes in runs of one kind, and a worker encodes neighbouring chunks: after a chunk
+  // that compressed, the next most likely does too, and its samples would only cost (~1/10 of
+  // compressing it at level 1). A wrong guess costs one compression that is not kept.
+  if (lastChunkCompressed) return false;
   const mid = (plaintext.length >> 1) - (SAMPLE >> 1);
   sampleScratch.set(plaintext.subarray(0, SAMPLE), 0);
   sampleScratch.set(plaintext.subarray(mid, mid + SAMPLE), SAMPLE);
@@ -201,6 +205,9 @@ function nextNonce(): Buffer {
   nonceAt += 12;
   return nonce;
 }
+
+/** Whether the last chunk this thread encoded was stored compressed (looksIncompressible). */
+let lastChunkCompressed = false;
 
 /** The samples of looksIncompressible (one per thread: the codec runs synchronously). */
 const sampleScratch = Buffer.alloc(3 * SAMPLE);
@@ -234,6 +241,14 @@ export function encodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint
  */
 export function encodeChunk(
   keys: CodecKeys, id: Uint8Array, plaintext: Uint8Array, base: DeltaBase | undefined, level?: number, dictionary?: DeltaBase,
+): { type: BlobTypeValue; blob: Buffer; base?: Uint8Array; ratio?: number } {
+  const encoded = encodeChunkOnce(keys, id, plaintext, base, level, dictionary);
+  if (base === undefined) lastChunkCompressed = encoded.ratio !== undefined;
+  return encoded;
+}
+
+function encodeChunkOnce(
+  keys: CodecKeys, id: Uint8Array, plaintext: Uint8Array, base: DeltaBase | undefined, level: number | undefined, dictionary: DeltaBase | undefined,
 ): { type: BlobTypeValue; blob: Buffer; base?: Uint8Array; ratio?: number } {
   // Another level than the repository's (incremental backups, repository-format.md §2): that
   // level alone, without the repository's strategy and search tuning.
