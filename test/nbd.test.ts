@@ -732,8 +732,18 @@ describe('reply reassembly (scripted)', () => {
         const at = offset;
         offset += length + 4096;
         if (i % 2 === 0) return client.read(at, length).then((got) => ({ at, got }));
-        const target = Buffer.alloc(length);
-        return client.readInto(at, length, target).then(() => ({ at, got: target }));
+        if (i % 4 === 1) {
+          const target = Buffer.alloc(length);
+          return client.readInto(at, length, target).then(() => ({ at, got: target }));
+        }
+        // A range of shared memory between guard bytes (the codec pool's arena): payloads land
+        // there in place, and not one byte beyond the range.
+        const arena = Buffer.from(new SharedArrayBuffer(length + 8192)).fill(0xab);
+        const target = arena.subarray(4096, 4096 + length);
+        return client.readInto(at, length, target).then(() => {
+          assert.ok(arena.subarray(0, 4096).every((b) => b === 0xab) && arena.subarray(4096 + length).every((b) => b === 0xab), `read at ${at} wrote outside its target`);
+          return { at, got: target };
+        });
       });
       const results = await Promise.all(reads);
       for (const { at, got } of results) assert.ok(got.equals(content(at, got.length)), `read at ${at} (${got.length} bytes) returned other bytes`);
