@@ -162,8 +162,9 @@ export class CodecExecutor {
           transfer.push(proposal.id.buffer as ArrayBuffer, proposal.plain.buffer as ArrayBuffer, proposal.blob.buffer as ArrayBuffer);
         }
         this.#finish(b);
-        // Garbage: the blobs, and as much again as the chunks encoded (each zstd call's output
-        // buffer is sized to its input, and a dictionary is copied into every call's context).
+        // Garbage: the blobs, and as much again as the chunks encoded. Most zstd outputs now live in
+        // contexts kept across calls (zstd-context.ts), but counting only the blobs changed no wall
+        // time and raised the peak RSS (docs/performance.md, twelfth session).
         return { message, transfer, garbage: total + msg.which.length * b.chunkSize };
       }
       case 'drop': {

@@ -21,7 +21,7 @@
 import { createCipheriv, createDecipheriv, createHash, createHmac, createSecretKey, randomBytes, type KeyObject } from 'node:crypto';
 import * as zlib from 'node:zlib';
 import { releaseBuffer } from '../util/bytes.ts';
-import { ZstdContexts } from './zstd-context.ts';
+import { ZstdContexts, zstdFrameOnce } from './zstd-context.ts';
 import { DamageError } from '../util/errors.ts';
 import type { MasterKey } from './keys.ts';
 
@@ -153,15 +153,8 @@ function zstdWith(data: Uint8Array, params: Record<number, number>, dictionary?:
   const frameParams = { ...params, [zlib.constants.ZSTD_c_checksumFlag]: 0, [zlib.constants.ZSTD_c_contentSizeFlag]: 1 };
   if (dictionary === undefined) return zstdContexts.compress(data, frameParams);
   if (dictionary.key !== undefined) return zstdContexts.compress(data, frameParams, { key: dictionary.key, bytes: dictionary.bytes });
-  return zlib.zstdCompressSync(data, {
-    // A raw-content dictionary (no dictionary id in the frame): the base of a delta chunk.
-    dictionary: dictionaryView(dictionary.bytes),
-    // One output buffer big enough for the whole frame: the default 16 KiB pieces would have to
-    // be concatenated (a copy of every compressed byte).
-    chunkSize: Math.max(64, data.length + 64),
-    pledgedSrcSize: data.length,
-    params: frameParams,
-  });
+  // A raw-content dictionary (no dictionary id in the frame): the base of a delta chunk.
+  return zstdFrameOnce(data, frameParams, dictionary.bytes);
 }
 
 function dictionaryView(d: Uint8Array): Buffer {

@@ -40,7 +40,8 @@ function frameBound(n: number): number {
   return n + (n >> 8) + (n < 128 * 1024 ? (128 * 1024 - n) >> 11 : 0) + 64;
 }
 
-function oneOff(data: Uint8Array, params: Record<number, number>, dictionary: Uint8Array | undefined): Buffer {
+/** One frame from a context of its own (a buffer of its own, too): for a one-off dictionary. */
+export function zstdFrameOnce(data: Uint8Array, params: Record<number, number>, dictionary: Uint8Array | undefined): Buffer {
   return zlib.zstdCompressSync(data, {
     ...(dictionary !== undefined ? { dictionary: Buffer.from(dictionary.buffer, dictionary.byteOffset, dictionary.byteLength) } : {}),
     // One output buffer big enough for the whole frame (no concatenation of 16 KiB pieces).
@@ -67,21 +68,22 @@ export class ZstdContext {
   }
 
   compress(data: Uint8Array): Buffer {
-    if (data.length > CONTEXT_MAX_INPUT) return oneOff(data, this.#params, this.#dictionary);
+    if (data.length > CONTEXT_MAX_INPUT) return zstdFrameOnce(data, this.#params, this.#dictionary);
     const stream = this.#open();
     const handle = stream?._handle;
     const state = stream?._writeState;
-    if (stream === undefined || handle == null || state === undefined) return oneOff(data, this.#params, this.#dictionary);
+    if (stream === undefined || handle == null || state === undefined) return zstdFrameOnce(data, this.#params, this.#dictionary);
     const bound = frameBound(data.length);
     if (this.#out.length < bound) this.#out = Buffer.allocUnsafeSlow(Math.max(bound, frameBound(128 * 1024)));
     this.#failure = undefined;
     handle.writeSync(zlib.constants.ZSTD_e_end, data, 0, data.length, this.#out, 0, this.#out.length);
-    const [availOut, availIn] = [state[0] as number, state[1] as number];
+    const availOut = state[0] as number;
+    const availIn = state[1] as number;
     if (this.#failure !== undefined || availIn !== 0 || availOut === 0) {
       // Not a whole frame (cannot happen within the bound) or zstd failed: this context is in an
       // unknown state. Drop it and give this input the one-off path, which reports any error.
       this.close();
-      return oneOff(data, this.#params, this.#dictionary);
+      return zstdFrameOnce(data, this.#params, this.#dictionary);
     }
     return this.#out.subarray(0, this.#out.length - availOut);
   }
