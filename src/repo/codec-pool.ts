@@ -15,7 +15,7 @@ import { Worker } from 'node:worker_threads';
 import { availableParallelism } from 'node:os';
 import { exposeGc } from '../util/gc.ts';
 import { TresorError } from '../util/errors.ts';
-import { copyBytes, releaseBuffer } from '../util/bytes.ts';
+import { bufferView, copyBytes, releaseBuffer } from '../util/bytes.ts';
 import { SharedArena, SharedBufferPool } from '../util/concurrency.ts';
 import type { CodecKeys, BlobTypeValue, DeltaBase } from './codec.ts';
 import type { CodecRequest, DecodeItem, DecodeResult } from './codec-ops.ts';
@@ -295,7 +295,7 @@ export class CodecPool {
     return {
       blobs,
       types: r.types,
-      ...(r.proposal !== undefined ? { proposal: { id: view(r.proposal.id), plain: view(r.proposal.plain), blob: view(r.proposal.blob) } } : {}),
+      ...(r.proposal !== undefined ? { proposal: { id: bufferView(r.proposal.id), plain: bufferView(r.proposal.plain), blob: bufferView(r.proposal.blob) } } : {}),
       release: () => {
         if (released) return;
         released = true;
@@ -361,8 +361,4 @@ function compactIds(items: DecodeItem[]): DecodeItem[] {
 export function transferable(data: Uint8Array): ArrayBuffer[] {
   const ab = data.buffer;
   return ab instanceof ArrayBuffer && data.byteOffset === 0 && data.byteLength === ab.byteLength ? [ab] : [];
-}
-
-function view(u: Uint8Array): Buffer {
-  return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 }

@@ -20,7 +20,7 @@
  */
 import { createCipheriv, createDecipheriv, createHash, createHmac, createSecretKey, randomBytes, type KeyObject } from 'node:crypto';
 import * as zlib from 'node:zlib';
-import { releaseBuffer } from '../util/bytes.ts';
+import { bufferView, releaseBuffer } from '../util/bytes.ts';
 import { ZstdContexts, zstdFrameOnce } from './zstd-context.ts';
 import { DamageError } from '../util/errors.ts';
 import type { MasterKey } from './keys.ts';
@@ -157,10 +157,6 @@ function zstdWith(data: Uint8Array, params: Record<number, number>, dictionary?:
   return zstdFrameOnce(data, frameParams, dictionary.bytes);
 }
 
-function dictionaryView(d: Uint8Array): Buffer {
-  return Buffer.from(d.buffer, d.byteOffset, d.byteLength);
-}
-
 /**
  * Disk images are largely either compressible (text, binaries, metadata) or not at all (media,
  * encrypted or already compressed data). Three 4 KiB samples (start, middle, end) compressed
@@ -263,7 +259,7 @@ function encodeChunkOnce(
     && plaintext.length !== dictionary.plain.length && !looksIncompressible(plaintext)) {
     // The dictionary serves many chunks: its context (and the dictionary digested in it) is kept.
     const out = zstdWith(plaintext, level !== undefined ? { [zlib.constants.ZSTD_c_compressionLevel]: keys.compressionLevel } : DICTIONARY_PARAMS,
-      { key: Buffer.from(dictionary.id.buffer, dictionary.id.byteOffset, dictionary.id.byteLength).toString('hex'), bytes: dictionary.plain });
+      { key: bufferView(dictionary.id).toString('hex'), bytes: dictionary.plain });
     if (out.length < plaintext.length - (plaintext.length >> 5)) {
       const ratio = out.length / plaintext.length;
       return { type: BlobType.deltaChunk, blob: seal(keys, BlobType.deltaChunk, deltaContext(id, dictionary.id), out, true), base: dictionary.id, ratio };
@@ -437,7 +433,7 @@ export function decodeBlob(keys: CodecKeys, type: BlobTypeValue, contextId: Uint
       const size = Math.min(expect.maxLength, frameContentSize(payload) ?? 1 << 20);
       plain = zlib.zstdDecompressSync(payload, {
         maxOutputLength: Math.max(1, expect.maxLength), chunkSize: Math.max(64, size),
-        ...(delta ? { dictionary: dictionaryView(base!.plain) } : {}),
+        ...(delta ? { dictionary: bufferView(base!.plain) } : {}),
       });
     } catch (err) {
       fail(`zstd decompression failed (${err instanceof Error ? err.message : String(err)})`);

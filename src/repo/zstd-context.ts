@@ -20,6 +20,7 @@
  * Contexts are per thread (module state); the codec runs synchronously, so one call at a time.
  */
 import * as zlib from 'node:zlib';
+import { bufferView } from '../util/bytes.ts';
 
 /** Inputs above this go through a one-off call: the context's output buffer stays small. */
 export const CONTEXT_MAX_INPUT = 1 << 20;
@@ -43,7 +44,7 @@ function frameBound(n: number): number {
 /** One frame from a context of its own (a buffer of its own, too): for a one-off dictionary. */
 export function zstdFrameOnce(data: Uint8Array, params: Record<number, number>, dictionary: Uint8Array | undefined): Buffer {
   return zlib.zstdCompressSync(data, {
-    ...(dictionary !== undefined ? { dictionary: Buffer.from(dictionary.buffer, dictionary.byteOffset, dictionary.byteLength) } : {}),
+    ...(dictionary !== undefined ? { dictionary: bufferView(dictionary) } : {}),
     // One output buffer big enough for the whole frame (no concatenation of 16 KiB pieces).
     chunkSize: Math.max(64, data.length + 64),
     pledgedSrcSize: data.length,
@@ -96,7 +97,7 @@ export class ZstdContext {
   #open(): ZstdStreamInternals | undefined {
     if (this.#stream !== undefined) return this.#stream;
     const stream = zlib.createZstdCompress({
-      ...(this.#dictionary !== undefined ? { dictionary: Buffer.from(this.#dictionary.buffer, this.#dictionary.byteOffset, this.#dictionary.byteLength) } : {}),
+      ...(this.#dictionary !== undefined ? { dictionary: bufferView(this.#dictionary) } : {}),
       params: this.#params,
     }) as unknown as ZstdStreamInternals;
     const handle = stream._handle;
