@@ -10,6 +10,7 @@ import { BlobIndex, entryLocation } from '../src/repo/blob-index.ts';
 import { decodeIndexFile, decodeIndexFileViews, encodeIndexFile } from '../src/repo/index-file.ts';
 import { BlobType, ZERO_ID, computeId, decodeBlob, encodeBlob, dictionaryCandidate, encodeChunk, frameContentSize, type CodecKeys } from '../src/repo/codec.ts';
 import { CodecPool } from '../src/repo/codec-pool.ts';
+import { BASE_UNREADABLE, CodecExecutor, type DecodeItem, type DecodeResult, type StoredBase } from '../src/repo/codec-ops.ts';
 import { decodePackHeader, encodePackHeader, type PackEntry } from '../src/repo/pack.ts';
 import { formatRecoveryKey, generateMasterKey, parseRecoveryKey } from '../src/repo/keys.ts';
 import { RepositoryLock, RepositoryLockedError } from '../src/repo/lock.ts';
@@ -526,6 +527,64 @@ describe('delta chunks (codec)', () => {
       const like = Buffer.from(magic);
       like[100_000] ^= 1;
       assert.equal(encodeChunk(keys, computeId(keys, like), like, { id: computeId(keys, magic), plain: magic }).type, BlobType.chunk);
+    });
+  }
+});
+
+describe('delta chunks with stored bases (codec executor)', () => {
+  // Three levels of data: a dictionary-like plain chunk, a base that is a delta of it (two
+  // levels), and a chunk that is a delta of that base.
+  const inner = randomBytes(128 << 10);
+  const base = Buffer.from(inner);
+  randomBytes(8192).copy(base, 20_000);
+  const chunk = Buffer.from(base);
+  randomBytes(4096).copy(chunk, 90_000);
+  const label = (what: string) => () => ({ what, context: {} });
+  for (const encrypted of [true, false]) {
+    it(`decode a delta's stored base in the worker (plain or two-level), shared by a request's items; a damaged base fails only its deltas (${encrypted ? 'encrypted' : 'unencrypted'})`, () => {
+      const keys: CodecKeys = { master: encrypted ? generateMasterKey() : undefined, compressionLevel: 3 };
+      const innerId = computeId(keys, inner);
+      const baseId = computeId(keys, base);
+      const id = computeId(keys, chunk);
+      const baseBlob = encodeChunk(keys, baseId, base, { id: innerId, plain: inner });
+      assert.equal(baseBlob.type, BlobType.deltaChunk);
+      const deltaBlob = encodeChunk(keys, id, chunk, { id: baseId, plain: base });
+      assert.equal(deltaBlob.type, BlobType.deltaChunk);
+      const innerBlob = encodeBlob(keys, BlobType.chunk, innerId, inner);
+      const storedBase = (stored: Uint8Array, type = baseBlob.type, withInner = true): StoredBase => ({
+        id: baseId, type, stored, rawLength: base.length, label: `chunk ${baseId.toString('hex')} in data/xx`, ...(withInner ? { base: { id: innerId, plain: inner } } : {}),
+      });
+      const item = (sb: StoredBase): DecodeItem => ({ type: deltaBlob.type, id, stored: Buffer.from(deltaBlob.blob), rawLength: chunk.length, label: 'delta chunk x', storedBase: sb });
+      const exec = new CodecExecutor(keys);
+      const decode = (items: DecodeItem[], flags: { trustBaseAead?: boolean } = {}) => exec.handle({ op: 'decode', req: 1, items, ...flags }).message.results as DecodeResult[];
+      // Two items share one stored base (as a message would carry them: one object).
+      const shared = storedBase(Buffer.from(baseBlob.blob));
+      const [a, b] = decode([item(shared), item(shared)]);
+      assert.ok(a.ok && Buffer.from(a.plain).equals(chunk) && b.ok && Buffer.from(b.plain).equals(chunk));
+      // A plain base (one level) decodes too.
+      const plainBase = encodeBlob(keys, BlobType.chunk, baseId, base);
+      const [c] = decode([item(storedBase(plainBase, BlobType.chunk, false))]);
+      assert.ok(c.ok && Buffer.from(c.plain).equals(chunk));
+      // Damaged: named by the base's label, with its own code, and the other items unharmed.
+      const bad = Buffer.from(baseBlob.blob);
+      bad[Math.floor(bad.length / 2)] ^= 0x10;
+      const [d, e] = decode([item(storedBase(bad)), { type: BlobType.chunk, id: innerId, stored: Buffer.from(innerBlob), rawLength: inner.length, label: 'chunk y' }]);
+      assert.ok(!d.ok && d.code === BASE_UNREADABLE && /^its base cannot be read: .*chunk [0-9a-f]{64} in data\/xx/.test(d.message), JSON.stringify(d));
+      assert.ok(e.ok && Buffer.from(e.plain).equals(inner));
+      // A two-level base without its own base cannot be decoded.
+      const [f] = decode([item(storedBase(Buffer.from(baseBlob.blob), baseBlob.type, false))]);
+      assert.ok(!f.ok && f.code === BASE_UNREADABLE);
+      // trustBaseAead: a base sealed under its id but holding other bytes (a writer's bug, not
+      // damage) passes as a base only where the AES-GCM tag is trusted for it; it never passes
+      // unencrypted, and the delta's own identity check still catches the wrong result.
+      const liar = encodeChunk(keys, baseId, inner, undefined);
+      // (Each request gets bytes of its own: the executor frees what a request brought.)
+      const trusting = decode([item(storedBase(Buffer.from(liar.blob), liar.type, false))], { trustBaseAead: true })[0];
+      const checking = decode([item(storedBase(Buffer.from(liar.blob), liar.type, false))])[0];
+      assert.ok(!checking.ok && checking.code === BASE_UNREADABLE && /does not match its identifier/.test(checking.message), JSON.stringify(checking));
+      assert.ok(!trusting.ok, 'the delta decoded against the wrong bytes fails its own check');
+      if (encrypted) assert.notEqual(trusting.code, BASE_UNREADABLE, 'with trustBaseAead the base itself was accepted');
+      else assert.equal(trusting.code, BASE_UNREADABLE, 'unencrypted there is no tag to trust');
     });
   }
 });

@@ -9,9 +9,9 @@
  * output stays sparse. Two units are in flight to keep storage and both cores busy.
  */
 import { ZERO_ID, isChunkType } from '../repo/codec.ts';
-import { deltaBasesOf, newBaseCache } from '../repo/blob-batch.ts';
+import { baseFields, baseUses, basesForWorker, newBaseCache } from '../repo/blob-batch.ts';
 import { type CodecPool, transferable } from '../repo/codec-pool.ts';
-import type { DecodeItem } from '../repo/codec-ops.ts';
+import { BASE_UNREADABLE, type DecodeItem } from '../repo/codec-ops.ts';
 import { DiskMapReader, slotLength, unitPieces } from '../repo/disk-map.ts';
 import type { DiskRecord } from '../repo/manifest.ts';
 import { packName } from '../repo/pack.ts';
@@ -103,10 +103,13 @@ export async function restoreDisk(
   const restoreRun = async (run: ReadRun, slab: SharedArrayBuffer): Promise<void> => {
     const pack = packName(run.packId);
     // Delta chunks decode against their bases (plain chunks, mostly in other packs), read at the
-    // same time as the run itself.
-    const [data, baseOf] = await Promise.all([
+    // same time as the run itself: a base several of them share (a compression dictionary) is
+    // decoded here once and kept, the others go as stored to the worker that decodes the run.
+    const uses = baseUses(run.blobs.map((w) => w.loc));
+    const shared = (id: Buffer): boolean => baseCache.has(id.toString('hex')) || (uses.get(id.toString('hex')) ?? 0) > 1;
+    const [data, { baseOf, transfer }] = await Promise.all([
       repo.store.read(pack, { offset: run.offset, length: run.length }),
-      deltaBasesOf(repo, run.blobs.map((w) => w.loc), (id) => `chunk ${id.toString('hex')} (the base of a delta chunk of snapshot ${snapshot})`, { trustAead: true, cache: baseCache, onFetch: (n) => { stats.bytesFetched += n; } }),
+      basesForWorker(repo, run.blobs.map((w) => w.loc), (id) => `chunk ${id.toString('hex')} (the base of a delta chunk of snapshot ${snapshot})`, shared, { trustAead: true, cache: baseCache, onFetch: (n) => { stats.bytesFetched += n; } }),
     ]);
     stats.bytesFetched += data.length;
     let at = 0;
@@ -118,7 +121,7 @@ export async function restoreDisk(
         });
       }
       const item = {
-        type: w.loc.type, id: w.id, rawLength: w.loc.rawLength, at, base,
+        type: w.loc.type, id: w.id, rawLength: w.loc.rawLength, at, ...baseFields(base),
         stored: data.subarray(w.loc.offset - run.offset, w.loc.offset - run.offset + w.loc.length),
         label: `chunk ${w.id.toString('hex')} in ${pack}`,
       };
@@ -126,14 +129,15 @@ export async function restoreDisk(
       return item;
     });
     // The range moves to the worker (no copy); it is detached here from now on.
-    const results = await pool.decodeInto(items, slab, transferable(data), { trustAead: true });
+    const results = await pool.decodeInto(items, slab, [...transferable(data), ...transfer], { trustAead: true });
     const placed: Array<{ slot: number; plain: Buffer }> = [];
     for (let n = 0; n < results.length; n++) {
       const r = results[n];
       const w = run.blobs[n];
       if (!r.ok) {
         const offsets = w.slots.map((s) => s * disk.chunkSize);
-        throw new DamageError('damaged-chunk', `snapshot ${snapshot} cannot be restored: ${r.message}; it holds disk ${disk.name} at offset${offsets.length > 1 ? 's' : ''} ${offsets.slice(0, 8).join(', ')}${offsets.length > 8 ? ', …' : ''}`, {
+        const why = r.code === BASE_UNREADABLE ? `delta chunk ${w.id.toString('hex')} of disk ${disk.name} cannot be decoded: ${r.message}` : r.message;
+        throw new DamageError('damaged-chunk', `snapshot ${snapshot} cannot be restored: ${why}; it holds disk ${disk.name} at offset${offsets.length > 1 ? 's' : ''} ${offsets.slice(0, 8).join(', ')}${offsets.length > 8 ? ', …' : ''}`, {
           context: { snapshot, disk: disk.name, chunk: w.id.toString('hex'), pack, offsets: offsets.slice(0, 64) },
         });
       }

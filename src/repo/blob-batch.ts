@@ -13,6 +13,7 @@ import { mapLimit } from '../util/concurrency.ts';
 import { LruMap } from '../util/lru.ts';
 import type { BlobLocation } from './blob-index.ts';
 import { BLOB_TYPE_NAMES, BlobType, type BlobTypeValue, type DeltaBase, decodeBlob } from './codec.ts';
+import type { StoredBase } from './codec-ops.ts';
 import { packName } from './pack.ts';
 import type { Repository } from './repository.ts';
 
@@ -117,6 +118,104 @@ async function readBases(
   return bases;
 }
 
+/**
+ * The bases of delta chunks as stored, not decoded, for a worker to decode with the deltas that
+ * need them (codec-ops.ts DecodeItem.storedBase): their decryption, decompression and the copies
+ * of their plaintext stay off this thread. A base that is a delta chunk (two levels) comes with
+ * its own base's plaintext, read here as readDeltaBases does (through `cache`: it is mostly the
+ * disk's compression dictionary). `transfer`: the ranged reads under the stored views, for the
+ * request that carries them (they are detached here once posted, so the result serves one
+ * request).
+ */
+export async function fetchDeltaBases(repo: Repository, baseIds: Iterable<Buffer>, what: (id: Buffer) => string, opts: BatchOptions & { cache?: BaseCache } = {}): Promise<{ bases: Map<string, StoredBase | Error>; transfer: ArrayBuffer[] }> {
+  const index = opts.locate ? undefined : await repo.index();
+  const locate = opts.locate ?? ((id: Buffer) => index!.get(id));
+  const bases = new Map<string, StoredBase | Error>();
+  const outer: Array<{ id: Buffer; loc: BlobLocation | undefined }> = [];
+  for (const id of baseIds) {
+    const hex = id.toString('hex');
+    if (bases.has(hex)) continue;
+    bases.set(hex, new Error('not read'));
+    outer.push({ id, loc: locate(id) });
+  }
+  const innerIds = outer.flatMap(({ loc }) => (loc?.type === BlobType.deltaChunk && loc.base !== undefined ? [loc.base] : []));
+  const inner = innerIds.length === 0 ? new Map<string, DeltaBase | Error>() : await readBases(repo, innerIds, (id) => `${what(id)} (the base of a base)`, () => undefined, opts);
+  const items: BatchItem[] = [];
+  for (const { id, loc } of outer) {
+    const innerId = loc?.type === BlobType.deltaChunk ? loc.base : undefined;
+    if (innerId === undefined) {
+      items.push({ id, type: BlobType.chunk, what: () => what(id) });
+      continue;
+    }
+    const base = inner.get(innerId.toString('hex'));
+    if (base === undefined || base instanceof Error) {
+      bases.set(id.toString('hex'), new Error(`${what(id)} is a delta chunk whose base ${innerId.toString('hex')} cannot be read: ${base?.message ?? 'not read'}`));
+      continue;
+    }
+    items.push({ id, type: BlobType.deltaChunk, what: () => what(id), base });
+  }
+  const transfer = new Set<ArrayBuffer>();
+  await fetchBlobBatch(repo, items, (item, fetched) => {
+    const hex = item.id.toString('hex');
+    if (fetched.stored === undefined) {
+      bases.set(hex, fetched.error instanceof Error ? fetched.error : new Error(String(fetched.error)));
+      return;
+    }
+    // A range that is not its own ArrayBuffer (a small read from Node's pool) cannot move; a
+    // message would copy all of the pool under it, so the base gets a copy of its own.
+    const range = fetched.range.buffer;
+    const whole = range instanceof ArrayBuffer && fetched.range.byteOffset === 0 && fetched.range.byteLength === range.byteLength;
+    if (whole) transfer.add(range);
+    bases.set(hex, {
+      id: item.id, type: item.type, stored: whole ? fetched.stored : new Uint8Array(fetched.stored), rawLength: fetched.loc.rawLength,
+      label: `${item.what()} (${BLOB_TYPE_NAMES[item.type]} ${hex} in ${fetched.pack})`, ...(item.base !== undefined ? { base: item.base } : {}),
+    });
+  }, opts);
+  return { bases, transfer: [...transfer] };
+}
+
+/** A delta chunk's base for a worker's decode: its plaintext, or as stored (decoded there), or the error stopping it. */
+export type WorkerBase = DeltaBase | StoredBase | Error;
+
+/**
+ * The bases of the delta chunks among `locs`, for a decode on the codec pool: a base `shared`
+ * by many deltas (a compression dictionary) read and decoded here once, through `cache`
+ * (readDeltaBases); every other one fetched as stored (fetchDeltaBases) for the worker to
+ * decode, so this thread only reads. `transfer` goes with the request that carries the bases.
+ */
+export async function basesForWorker(
+  repo: Repository, locs: Array<{ base?: Buffer }>, what: (id: Buffer) => string, shared: (baseId: Buffer) => boolean, opts: BatchOptions & { cache?: BaseCache } = {},
+): Promise<{ baseOf: (loc: { base?: Buffer }) => WorkerBase | undefined; transfer: ArrayBuffer[] }> {
+  const ids = locs.flatMap((l) => (l.base !== undefined ? [l.base] : []));
+  const here = ids.filter(shared);
+  const there = ids.filter((id) => !shared(id));
+  const [decoded, stored] = await Promise.all([
+    here.length === 0 ? new Map<string, DeltaBase | Error>() : readDeltaBases(repo, here, what, opts),
+    there.length === 0 ? { bases: new Map<string, StoredBase | Error>(), transfer: [] } : fetchDeltaBases(repo, there, what, opts),
+  ]);
+  return {
+    baseOf: (loc) => (loc.base === undefined ? undefined : decoded.get(loc.base.toString('hex')) ?? stored.bases.get(loc.base.toString('hex'))),
+    transfer: stored.transfer,
+  };
+}
+
+/** How many of `locs` are deltas against each base (by id, hex): what basesForWorker's `shared` is decided on. */
+export function baseUses(locs: Iterable<{ base?: Buffer }>): Map<string, number> {
+  const uses = new Map<string, number>();
+  for (const { base } of locs) {
+    if (base === undefined) continue;
+    const hex = base.toString('hex');
+    uses.set(hex, (uses.get(hex) ?? 0) + 1);
+  }
+  return uses;
+}
+
+/** The fields of a DecodeItem (codec-ops.ts) that give it `base`: none for no base or an error. */
+export function baseFields(base: WorkerBase | undefined): { base?: DeltaBase; storedBase?: StoredBase } {
+  if (base === undefined || base instanceof Error) return {};
+  return 'stored' in base ? { storedBase: base } : { base };
+}
+
 /** For a location (index entry or pack entry): its base's plaintext, the error stopping it, or undefined for a plain blob. */
 export type DeltaBaseLookup = (loc: { base?: Buffer }) => DeltaBase | Error | undefined;
 
@@ -138,6 +237,35 @@ export function readOneBlob(repo: Repository, item: BatchItem, opts: BatchOption
 }
 
 export async function readBlobBatch<T extends BatchItem>(repo: Repository, items: T[], each: (item: T, outcome: BatchOutcome) => void, opts: BatchOptions = {}): Promise<void> {
+  await fetchBlobBatch(repo, items, (item, fetched) => {
+    if (fetched.stored === undefined) {
+      each(item, { error: fetched.error });
+      return;
+    }
+    let outcome: BatchOutcome;
+    try {
+      const { stored, loc, pack } = fetched;
+      const plain = decodeBlob(repo.keys, item.type, item.id, stored, { id: item.id, maxLength: loc.rawLength, exactLength: true, trustAead: opts.trustAead },
+        () => ({ what: `${item.what()} (${BLOB_TYPE_NAMES[item.type]} ${item.id.toString('hex')} in ${pack})`, context: { blob: item.id.toString('hex'), pack } }), item.base);
+      outcome = { plain };
+    } catch (err) {
+      outcome = { error: err };
+    }
+    each(item, outcome);
+  }, opts);
+}
+
+/** A blob's stored bytes as fetched (not decoded), with where they came from. */
+export type FetchOutcome =
+  | { stored: Buffer; loc: BlobLocation; pack: string; range: Buffer; error?: undefined }
+  | { stored?: undefined; error: unknown };
+
+/**
+ * The grouping and ranged reads of readBlobBatch without the decoding: each item's stored bytes
+ * (a view into `range`, the ranged read that fetched it, which several items may share), after
+ * the index checks of its type and length. Callers that decode elsewhere (a worker) use this.
+ */
+export async function fetchBlobBatch<T extends BatchItem>(repo: Repository, items: T[], each: (item: T, outcome: FetchOutcome) => void, opts: BatchOptions = {}): Promise<void> {
   const gap = opts.gap ?? 16 << 10;
   const maxRead = opts.maxRead ?? 1 << 20;
   const index = opts.locate ? undefined : await repo.index();
@@ -179,17 +307,6 @@ export async function readBlobBatch<T extends BatchItem>(repo: Repository, items
       return;
     }
     opts.onFetch?.(data.length);
-    for (const { item, loc } of run) {
-      let outcome: BatchOutcome;
-      try {
-        const stored = data.subarray(loc.offset - from, loc.offset - from + loc.length);
-        const plain = decodeBlob(repo.keys, item.type, item.id, stored, { id: item.id, maxLength: loc.rawLength, exactLength: true, trustAead: opts.trustAead },
-          () => ({ what: `${item.what()} (${BLOB_TYPE_NAMES[item.type]} ${item.id.toString('hex')} in ${pack})`, context: { blob: item.id.toString('hex'), pack } }), item.base);
-        outcome = { plain };
-      } catch (err) {
-        outcome = { error: err };
-      }
-      each(item, outcome);
-    }
+    for (const { item, loc } of run) each(item, { stored: data.subarray(loc.offset - from, loc.offset - from + loc.length), loc, pack, range: data });
   });
 }

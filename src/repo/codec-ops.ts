@@ -18,9 +18,9 @@
  *    blobs one after another in `into` (a SharedArrayBuffer the caller reuses) when they fit,
  *    else in one buffer of the reply; forget the batch.
  *  - drop {batch}: forget the batch.
- *  - decode {items[], into?}: decode stored blobs (verifying ids; a delta chunk against its item's
- *    `base`); reply plaintexts or error
- *    messages. With `into` (a SharedArrayBuffer the caller reuses) each plaintext is copied to
+ *  - decode {items[], trustAead?, trustBaseAead?, into?}: decode stored blobs (verifying ids; a
+ *    delta chunk against its item's `base`, or against its `storedBase` decoded here first, once
+ *    per request however many items share it); reply plaintexts or error messages. With `into` (a SharedArrayBuffer the caller reuses) each plaintext is copied to
  *    its item's `at` and only verdicts travel back: no buffer is allocated per chunk that
  *    outlives the request, which keeps malloc's per-thread arenas from fragmenting.
  * The executor owns every buffer a request brings (they arrived by message: copied or
@@ -37,7 +37,7 @@ export type CodecRequest =
     dictionary?: DeltaBase; dictionaryId?: Uint8Array; propose?: number; into?: SharedArrayBuffer;
   }
   | { op: 'drop'; req: number; batch: number }
-  | { op: 'decode'; req: number; items: DecodeItem[]; checkOnly?: boolean; trustAead?: boolean; into?: SharedArrayBuffer };
+  | { op: 'decode'; req: number; items: DecodeItem[]; checkOnly?: boolean; trustAead?: boolean; trustBaseAead?: boolean; into?: SharedArrayBuffer };
 
 export interface DecodeItem {
   type: BlobTypeValue;
@@ -49,7 +49,29 @@ export interface DecodeItem {
   at?: number;
   /** A delta chunk's base (its plaintext, fetched and checked by the caller). */
   base?: DeltaBase;
+  /** Instead of `base`: the base as stored, decoded by the executor (blob-batch.ts fetchDeltaBases). */
+  storedBase?: StoredBase;
 }
+
+/**
+ * A delta chunk's base as fetched, not decoded: a plain chunk, or a delta chunk (two levels,
+ * repository-format.md §4) with its own base's plaintext in `base`.
+ */
+export interface StoredBase {
+  id: Uint8Array;
+  type: BlobTypeValue;
+  stored: Uint8Array;
+  rawLength: number;
+  /** Names the base in errors, e.g. "chunk 1a2b… in data/ab/ab12…". */
+  label: string;
+  base?: DeltaBase;
+}
+
+/** DecodeResult code of an item whose stored base could not be decoded. */
+export const BASE_UNREADABLE = 'base-unreadable';
+
+/** The stored bases one decode request has decoded, by id (hex): plaintext or the error. */
+type StoredBases = Map<string, { stored: Uint8Array; base: DeltaBase | Error }>;
 
 export type DecodeResult = { ok: true; plain: Uint8Array } | { ok: false; message: string; code: string };
 
@@ -174,10 +196,12 @@ export class CodecExecutor {
       }
       case 'decode': {
         const transfer: ArrayBuffer[] = [];
+        const bases: StoredBases = new Map();
         const results: DecodeResult[] = msg.items.map((it) => {
           try {
+            const base = it.storedBase !== undefined ? this.#storedBase(it.storedBase, bases, msg.trustBaseAead === true || msg.trustAead === true) : it.base;
             const decoded = decodeBlob(this.#keys, it.type, it.id, it.stored, { id: it.id, maxLength: it.rawLength, exactLength: true, trustAead: msg.trustAead === true && !msg.checkOnly },
-              () => ({ what: it.label, context: {} }), it.base);
+              () => ({ what: it.label, context: {} }), base);
             // Verification only needs the verdict: do not ship plaintext back.
             if (msg.checkOnly) {
               if (decoded.buffer !== it.stored.buffer) releaseBuffer(decoded, 'arraybuffer');
@@ -204,8 +228,37 @@ export class CodecExecutor {
           garbage += it.stored.length + it.rawLength;
           releaseBuffer(it.stored, 'arraybuffer');
         }
+        for (const { stored, base } of bases.values()) {
+          if (!(base instanceof Error) && base.plain.buffer !== stored.buffer) {
+            garbage += base.plain.length;
+            releaseBuffer(base.plain, 'arraybuffer');
+          }
+          garbage += stored.length;
+          releaseBuffer(stored, 'arraybuffer');
+        }
         return { message: { req: msg.req, results }, transfer, garbage };
       }
     }
+  }
+
+  /**
+   * A stored base's plaintext, decoded once per request (`bases`, by id). With `trustAead` the
+   * AES-GCM tag stands for its identity (codec.ts DecodeExpect): callers set it where the base
+   * is checked fully elsewhere (verify reads every base as a chunk of its own too).
+   */
+  #storedBase(sb: StoredBase, bases: StoredBases, trustAead: boolean): DeltaBase {
+    const hex = Buffer.from(sb.id).toString('hex');
+    let decoded = bases.get(hex);
+    if (decoded === undefined) {
+      let base: DeltaBase | Error;
+      try {
+        base = { id: sb.id, plain: decodeBlob(this.#keys, sb.type, sb.id, sb.stored, { id: sb.id, maxLength: sb.rawLength, exactLength: true, trustAead }, () => ({ what: sb.label, context: {} }), sb.base) };
+      } catch (err) {
+        base = err instanceof Error ? err : new Error(String(err));
+      }
+      bases.set(hex, (decoded = { stored: sb.stored, base }));
+    }
+    if (decoded.base instanceof Error) throw Object.assign(new Error(`its base cannot be read: ${decoded.base.message}`), { code: BASE_UNREADABLE });
+    return decoded.base;
   }
 }

@@ -333,9 +333,13 @@ export class CodecPool {
     return r.results;
   }
 
-  /** Like decode, but returns only the verdicts (no plaintext travels back): for verification. */
-  async check(items: DecodeItem[], transfer: ArrayBuffer[] = []): Promise<DecodeResult[]> {
-    const r = await this.#executors[this.#pick()].call<{ results: DecodeResult[] }>({ op: 'decode', req: this.#nextReq++, items: compactIds(items), checkOnly: true }, transfer);
+  /**
+   * Like decode, but returns only the verdicts (no plaintext travels back): for verification.
+   * `trustBaseAead`: items' stored bases are decoded with codec.ts DecodeExpect.trustAead (for
+   * callers that check every base as a blob of its own too).
+   */
+  async check(items: DecodeItem[], transfer: ArrayBuffer[] = [], opts: { trustBaseAead?: boolean } = {}): Promise<DecodeResult[]> {
+    const r = await this.#executors[this.#pick()].call<{ results: DecodeResult[] }>({ op: 'decode', req: this.#nextReq++, items: compactIds(items), checkOnly: true, trustBaseAead: opts.trustBaseAead }, transfer);
     return r.results;
   }
 

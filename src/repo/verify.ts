@@ -15,7 +15,7 @@
 import { ZERO_ID, BlobType, BLOB_TYPE_NAMES, type BlobTypeValue } from './codec.ts';
 import { type CodecPool, transferable } from './codec-pool.ts';
 import type { DecodeItem } from './codec-ops.ts';
-import { type BatchItem, deltaBasesOf, newBaseCache, readBlobBatch } from './blob-batch.ts';
+import { type BatchItem, baseFields, baseUses, basesForWorker, newBaseCache, readBlobBatch } from './blob-batch.ts';
 import { DiskMapReader } from './disk-map.ts';
 import type { SnapshotManifest } from './manifest.ts';
 import { packIdFromName, packName } from './pack.ts';
@@ -57,6 +57,9 @@ export interface VerifyOptions {
   readData?: boolean;
   progress?: (doneBlobs: number, totalBlobs: number) => void;
 }
+
+/** Deltas per base from which a base is read once on this thread and kept, not sent stored with each delta. */
+const SHARED_BASE_USES = 4;
 
 interface Ref {
   type: BlobTypeValue;
@@ -196,9 +199,15 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
       list.push({ hex, loc: r.loc });
     }
     const total = [...byPack.values()].reduce((n, l) => n + l.length, 0);
-    // A base is checked when first read; a compression dictionary is then not read again for
-    // each of its thousands of deltas.
+    // A base that many deltas share (a compression dictionary, thousands) is read and decoded
+    // here once and kept. The others (an incremental's parent chunks, one delta each) travel
+    // as stored to the worker that checks their deltas, which decodes them there: decoding them
+    // on this thread made it the bottleneck of verification (docs/performance.md, thirteenth
+    // session). Every base is a chunk verified on its own too, so as a base its AES-GCM tag
+    // stands for its identity (trustBaseAead).
     const baseCache = newBaseCache();
+    const uses = baseUses([...byPack.values()].flatMap((list) => list.map((b) => b.loc)));
+    const sharedBase = (id: Buffer): boolean => baseCache.has(id.toString('hex')) || (uses.get(id.toString('hex')) ?? 0) >= SHARED_BASE_USES;
     await mapLimit([...byPack.values()], 2, async (list) => {
       list.sort((a, b) => a.loc.offset - b.loc.offset);
       const pack = packName(list[0].loc.packId);
@@ -218,18 +227,15 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
         }
         bytesRead += data.length;
         const slice = list.slice(i, j);
-        // Delta chunks are checked against their bases, read (and identity-checked) here.
-        const baseOf = await deltaBasesOf(repo, slice.map((b) => b.loc), (id) => `chunk ${id.toString('hex')}`, { cache: baseCache, onFetch: (n) => { bytesRead += n; } });
-        const items: DecodeItem[] = slice.map((b) => {
-          const base = baseOf(b.loc);
-          return {
-            type: b.loc.type, id: Buffer.from(b.hex, 'hex'), rawLength: b.loc.rawLength,
-            stored: data.subarray(b.loc.offset - from, b.loc.offset - from + b.loc.length), label: `${BLOB_TYPE_NAMES[b.loc.type]} ${b.hex} in ${pack}`,
-            base: base instanceof Error ? undefined : base,
-          };
-        });
-        // The range moves to the worker (detached here): no copy, and freed there once checked.
-        const results = await pool.check(items, transferable(data));
+        // Delta chunks are checked against their bases: shared ones read here, the others by the worker.
+        const { baseOf, transfer } = await basesForWorker(repo, slice.map((b) => b.loc), (id) => `chunk ${id.toString('hex')}`, sharedBase, { cache: baseCache, onFetch: (n) => { bytesRead += n; } });
+        const items: DecodeItem[] = slice.map((b) => ({
+          type: b.loc.type, id: Buffer.from(b.hex, 'hex'), rawLength: b.loc.rawLength,
+          stored: data.subarray(b.loc.offset - from, b.loc.offset - from + b.loc.length), label: `${BLOB_TYPE_NAMES[b.loc.type]} ${b.hex} in ${pack}`,
+          ...baseFields(baseOf(b.loc)),
+        }));
+        // The ranges move to the worker (detached here): no copy, and freed there once checked.
+        const results = await pool.check(items, [...transferable(data), ...transfer], { trustBaseAead: true });
         results.forEach((r, n) => {
           const b = slice[n];
           const base = baseOf(b.loc);

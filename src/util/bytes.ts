@@ -1,12 +1,12 @@
 /** Small helpers for binary data. */
 const ZERO_BLOCK = new Uint8Array(1 << 20);
 
-/** True when every byte is zero. Uses memcmp against a zero block (much faster than a JS loop). */
 /** A Buffer over the same memory as `u` (no copy), for APIs that want a Buffer. */
 export function bufferView(u: Uint8Array): Buffer {
   return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 }
 
+/** True when every byte is zero. Uses memcmp against a zero block (much faster than a JS loop). */
 export function isAllZero(buf: Uint8Array): boolean {
   for (let off = 0; off < buf.length; off += ZERO_BLOCK.length) {
     const n = Math.min(ZERO_BLOCK.length, buf.length - off);

@@ -22,6 +22,11 @@ export class LruMap<K, V> {
     while (this.map.size > this.capacity) this.map.delete(this.map.keys().next().value as K);
   }
 
+  /** Whether the key is held (without making it recent). */
+  has(key: K): boolean {
+    return this.map.has(key);
+  }
+
   delete(key: K): boolean {
     return this.map.delete(key);
   }
