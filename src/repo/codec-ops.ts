@@ -20,9 +20,10 @@
  *  - drop {batch}: forget the batch.
  *  - decode {items[], trustAead?, trustBaseAead?, into?}: decode stored blobs (verifying ids; a
  *    delta chunk against its item's `base`, or against its `storedBase` decoded here first, once
- *    per request however many items share it); reply plaintexts or error messages. With `into` (a SharedArrayBuffer the caller reuses) each plaintext is copied to
- *    its item's `at` and only verdicts travel back: no buffer is allocated per chunk that
- *    outlives the request, which keeps malloc's per-thread arenas from fragmenting.
+ *    per request however many items share it); reply plaintexts or error messages. With `into`
+ *    (a SharedArrayBuffer the caller reuses) each plaintext is copied to its item's `at` and only
+ *    verdicts travel back: no buffer is allocated per chunk that outlives the request, which
+ *    keeps malloc's per-thread arenas from fragmenting.
  * The executor owns every buffer a request brings (they arrived by message: copied or
  * transferred) and frees large ones when done. Replies own their ArrayBuffers whole, so they
  * are transferred rather than copied.
