@@ -22,6 +22,12 @@ export interface FuzzOptions {
   /** The pristine image. */
   device: BlockDevice;
   budgetMs: number;
+  /**
+   * Mutations tried even when they take longer than the budget: the budget bounds the time on a
+   * fast machine, this the coverage on a slow or busy one (a fuzz that ran out of time after
+   * three runs tested too little, and the test's verdict must not depend on the machine's speed).
+   */
+  minRuns?: number;
   /** Reads longer than this in the clean walk are file data and are not mutated. */
   maxTargetLength?: number;
   /** Extra byte patches that re-seal checksums after mutating byte `at` (reads see the mutation). */
@@ -64,7 +70,7 @@ export async function fuzzFilesystem(options: FuzzOptions): Promise<FuzzResult> 
   };
   const deadline = Date.now() + options.budgetMs;
   const result: FuzzResult = { runs: 0, failures: 0 };
-  while (Date.now() < deadline) {
+  while (result.runs < (options.minRuns ?? 0) || Date.now() < deadline) {
     const patches = new Map<number, number>();
     for (let i = 0, n = 1 + random(6); i < n; i++) {
       const target = targets[random(targets.length)];
