@@ -402,9 +402,9 @@ describe('ext4 reader on hostile images', { timeout: 60_000 }, () => {
 describe('ext4 reader mutation fuzz', { timeout: 60_000 }, () => {
   /**
    * Mutates bytes the reader actually parsed in a clean walk (metadata, not file contents) and
-   * walks the whole tree again. Every failure must be a TresorError; every walk must end.
+   * walks the whole tree again. Every failure must be a TresorError; every walk must end. At
+   * least `minRuns` mutations, more while `budgetMs` lasts (helpers/fs-fuzz.ts FuzzOptions.minRuns).
    */
-  /** At least `minRuns` mutations, and more while `budgetMs` lasts (see FuzzOptions.minRuns in helpers/fs-fuzz.ts). */
   async function fuzz(image: string, budgetMs: number, minRuns: number): Promise<{ runs: number; failures: number }> {
     const pristine = readFileSync(image);
     const recorder = recordingDevice(memoryDevice(pristine));
