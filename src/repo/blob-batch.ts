@@ -14,6 +14,7 @@ import { LruMap } from '../util/lru.ts';
 import type { BlobLocation } from './blob-index.ts';
 import { BLOB_TYPE_NAMES, BlobType, type BlobTypeValue, type DeltaBase, decodeBlob } from './codec.ts';
 import type { StoredBase } from './codec-ops.ts';
+import { transferable } from './codec-pool.ts';
 import { packName } from './pack.ts';
 import type { Repository } from './repository.ts';
 
@@ -63,23 +64,31 @@ export function newBaseCache(): BaseCache {
  * names a base for errors.
  */
 export async function readDeltaBases(repo: Repository, baseIds: Iterable<Buffer>, what: (id: Buffer) => string, opts: BatchOptions & { cache?: BaseCache } = {}): Promise<Map<string, DeltaBase | Error>> {
+  const ids = [...baseIds];
+  return readBases(repo, ids, what, await innerBases(repo, ids, what, opts), opts);
+}
+
+/**
+ * For bases that are delta chunks (two levels): their own bases, which must be plain chunks,
+ * read first. Returns the lookup from a base's id to its own base's plaintext, the error that
+ * stops it, or undefined for a plain chunk.
+ */
+async function innerBases(repo: Repository, ids: Buffer[], what: (id: Buffer) => string, opts: BatchOptions & { cache?: BaseCache }): Promise<(id: Buffer) => DeltaBase | Error | undefined> {
   const index = opts.locate ? undefined : await repo.index();
   const locate = opts.locate ?? ((id: Buffer) => index!.get(id));
-  const ids = [...baseIds];
-  // Bases that are delta chunks: their own bases first, which must be plain chunks.
   const innerIds = ids.flatMap((id) => {
     const loc = locate(id);
     return loc?.type === BlobType.deltaChunk && loc.base !== undefined ? [loc.base] : [];
   });
   const inner = innerIds.length === 0 ? new Map<string, DeltaBase | Error>() : await readBases(repo, innerIds, (id) => `${what(id)} (the base of a base)`, () => undefined, opts);
-  return readBases(repo, ids, what, (id) => {
+  return (id) => {
     const loc = locate(id);
     if (loc?.type !== BlobType.deltaChunk || loc.base === undefined) return undefined;
     const base = inner.get(loc.base.toString('hex'));
     return base instanceof Error || base === undefined
       ? new Error(`${what(id)} is a delta chunk whose base ${loc.base.toString('hex')} cannot be read: ${base?.message ?? 'not read'}`)
       : base;
-  }, opts);
+  };
 }
 
 /**
@@ -128,31 +137,19 @@ async function readBases(
  * request).
  */
 export async function fetchDeltaBases(repo: Repository, baseIds: Iterable<Buffer>, what: (id: Buffer) => string, opts: BatchOptions & { cache?: BaseCache } = {}): Promise<{ bases: Map<string, StoredBase | Error>; transfer: ArrayBuffer[] }> {
-  const index = opts.locate ? undefined : await repo.index();
-  const locate = opts.locate ?? ((id: Buffer) => index!.get(id));
   const bases = new Map<string, StoredBase | Error>();
-  const outer: Array<{ id: Buffer; loc: BlobLocation | undefined }> = [];
+  const ids: Buffer[] = [];
   for (const id of baseIds) {
-    const hex = id.toString('hex');
-    if (bases.has(hex)) continue;
-    bases.set(hex, new Error('not read'));
-    outer.push({ id, loc: locate(id) });
+    if (bases.has(id.toString('hex'))) continue;
+    bases.set(id.toString('hex'), new Error('not read'));
+    ids.push(id);
   }
-  const innerIds = outer.flatMap(({ loc }) => (loc?.type === BlobType.deltaChunk && loc.base !== undefined ? [loc.base] : []));
-  const inner = innerIds.length === 0 ? new Map<string, DeltaBase | Error>() : await readBases(repo, innerIds, (id) => `${what(id)} (the base of a base)`, () => undefined, opts);
+  const innerOf = await innerBases(repo, ids, what, opts);
   const items: BatchItem[] = [];
-  for (const { id, loc } of outer) {
-    const innerId = loc?.type === BlobType.deltaChunk ? loc.base : undefined;
-    if (innerId === undefined) {
-      items.push({ id, type: BlobType.chunk, what: () => what(id) });
-      continue;
-    }
-    const base = inner.get(innerId.toString('hex'));
-    if (base === undefined || base instanceof Error) {
-      bases.set(id.toString('hex'), new Error(`${what(id)} is a delta chunk whose base ${innerId.toString('hex')} cannot be read: ${base?.message ?? 'not read'}`));
-      continue;
-    }
-    items.push({ id, type: BlobType.deltaChunk, what: () => what(id), base });
+  for (const id of ids) {
+    const base = innerOf(id);
+    if (base instanceof Error) bases.set(id.toString('hex'), base);
+    else items.push({ id, type: base === undefined ? BlobType.chunk : BlobType.deltaChunk, what: () => what(id), ...(base !== undefined ? { base } : {}) });
   }
   const transfer = new Set<ArrayBuffer>();
   await fetchBlobBatch(repo, items, (item, fetched) => {
@@ -163,11 +160,10 @@ export async function fetchDeltaBases(repo: Repository, baseIds: Iterable<Buffer
     }
     // A range that is not its own ArrayBuffer (a small read from Node's pool) cannot move; a
     // message would copy all of the pool under it, so the base gets a copy of its own.
-    const range = fetched.range.buffer;
-    const whole = range instanceof ArrayBuffer && fetched.range.byteOffset === 0 && fetched.range.byteLength === range.byteLength;
-    if (whole) transfer.add(range);
+    const movable = transferable(fetched.range);
+    for (const ab of movable) transfer.add(ab);
     bases.set(hex, {
-      id: item.id, type: item.type, stored: whole ? fetched.stored : new Uint8Array(fetched.stored), rawLength: fetched.loc.rawLength,
+      id: item.id, type: item.type, stored: movable.length > 0 ? fetched.stored : new Uint8Array(fetched.stored), rawLength: fetched.loc.rawLength,
       label: `${item.what()} (${BLOB_TYPE_NAMES[item.type]} ${hex} in ${fetched.pack})`, ...(item.base !== undefined ? { base: item.base } : {}),
     });
   }, opts);
@@ -186,9 +182,9 @@ export type WorkerBase = DeltaBase | StoredBase | Error;
 export async function basesForWorker(
   repo: Repository, locs: Array<{ base?: Buffer }>, what: (id: Buffer) => string, shared: (baseId: Buffer) => boolean, opts: BatchOptions & { cache?: BaseCache } = {},
 ): Promise<{ baseOf: (loc: { base?: Buffer }) => WorkerBase | undefined; transfer: ArrayBuffer[] }> {
-  const ids = locs.flatMap((l) => (l.base !== undefined ? [l.base] : []));
-  const here = ids.filter(shared);
-  const there = ids.filter((id) => !shared(id));
+  const here: Buffer[] = [];
+  const there: Buffer[] = [];
+  for (const { base } of locs) if (base !== undefined) (shared(base) ? here : there).push(base);
   const [decoded, stored] = await Promise.all([
     here.length === 0 ? new Map<string, DeltaBase | Error>() : readDeltaBases(repo, here, what, opts),
     there.length === 0 ? { bases: new Map<string, StoredBase | Error>(), transfer: [] } : fetchDeltaBases(repo, there, what, opts),
