@@ -65,8 +65,12 @@ export function labDir(): string {
  *   tresor.writer=0|1      run the writer (default 0)
  *   tresor.interval_ms=MS  writer pause between lines (default 200; 0 = as fast as possible)
  *   tresor.writer_both=1   the writer appends each line to /data/log and /data2/log, then syncs
- * Every whole disk that mounts as ext4 is mounted in name order (sd* before vd*): the first on
- * /data, the next on /data2, /data3... Progress goes to the serial console as `tresor-guest: ...`.
+ * Every whole disk that mounts as ext4 is mounted in the order of its address (SCSI disks by
+ * host:channel:target:lun, then virtio disks by their virtio device): the first on /data, the next
+ * on /data2, /data3... That is libvirt's target order (sda is unit 0, sdb unit 1). The guest's own
+ * names are not: the kernel probes SCSI disks asynchronously and names them in the order the probes
+ * finish, so its sdb may be libvirt's sdc. Progress goes to the serial console as
+ * `tresor-guest: ...`.
  */
 const INIT_SCRIPT = `#!/bin/sh
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
@@ -94,10 +98,19 @@ done
 count_disks() { ls /sys/block | grep -cE '^(sd|vd)[a-z]+$'; }
 tries=0
 while [ "$(count_disks)" -lt "$disks" ] && [ $tries -lt 100 ]; do usleep 100000; tries=$((tries + 1)); done
-say "disks: $(ls /sys/block | grep -E '^(sd|vd)[a-z]+$' | tr '\\n' ' ')"
+# "ADDRESS NAME" per disk, in address order: 0:0:0:1 sdc (sd), virtio3 vda (vd).
+disks_by_address() {
+  for dev in $(ls /sys/block | grep -E '^sd[a-z]+$'); do
+    echo "$(basename "$(readlink /sys/block/$dev/device)") $dev"
+  done | sort -t: -k1,1n -k2,2n -k3,3n -k4,4n
+  for dev in $(ls /sys/block | grep -E '^vd[a-z]+$'); do
+    echo "$(basename "$(readlink /sys/block/$dev/device)") $dev"
+  done | sort -k1.7n
+}
+say "disks: $(disks_by_address | tr '\\n' ' ')"
 
 n=0
-for dev in $(ls /sys/block | grep -E '^(sd|vd)[a-z]+$'); do
+for dev in $(disks_by_address | cut -d ' ' -f 2); do
   if [ $n -eq 0 ]; then mountpoint=/data; else mountpoint=/data$((n + 1)); fi
   mkdir -p $mountpoint
   if mount -t ext4 -o noatime /dev/$dev $mountpoint 2>/dev/null; then
