@@ -23,6 +23,10 @@ import { verifyRepository } from '../src/repo/verify.ts';
 import { backupImage } from '../src/engine/image-backup.ts';
 import { restoreImage } from '../src/engine/image-restore.ts';
 import { tresorOk } from './helpers/cli.ts';
+import { BLOCK, BackupHistory, BitmapSource } from './helpers/bitmap-disk.ts';
+import { backupDisk } from '../src/engine/disk-backup.ts';
+import { SnapshotSession } from '../src/engine/snapshot-writer.ts';
+import { writeDamageRecord } from '../src/repo/damage-records.ts';
 import { tempDir } from './helpers/tmp.ts';
 
 const PASS = 'disk-map test passphrase';
@@ -207,5 +211,119 @@ describe('two-level disk maps', { timeout: 120_000 }, () => {
       await lock.release();
     }
     assert.equal((await verify()).ok, true);
+  });
+});
+
+describe('an incremental\'s disk map', { timeout: 120_000 }, () => {
+  // 4 KiB chunks, 4 slots per piece: a 64 KiB dirty block (BitmapSource) is 16 slots, 4 pieces.
+  const slots = 256;
+  let tmp: { path: string; cleanup(): Promise<void> };
+  let store: LocalStore;
+  let repo: Repository;
+  const history = new BackupHistory('reuse');
+  let disk: Buffer;
+
+  before(async () => {
+    tmp = await tempDir('tresor-map-reuse-');
+    store = await LocalStore.open(join(tmp.path, 'repo'), { create: true });
+    ({ repo } = await Repository.init(store, { encryption: 'aes-256-gcm', passphrase: PASS, scrypt: { N: 1024, r: 8, p: 1 }, chunkSize: CHUNK, pieceSlots: 4, nodeIds: 16 }));
+    // Random slots with a hole every seventh slot.
+    disk = Buffer.alloc(slots * CHUNK);
+    for (let s = 0; s < slots; s++) if (s % 7 !== 3) randomBytes(CHUNK).copy(disk, s * CHUNK);
+    await history.backup(repo, new BitmapSource(disk), undefined);
+  });
+  after(async () => {
+    await store?.close();
+    await tmp?.cleanup();
+  });
+
+  /** An incremental from the last snapshot; returns its manifest and how many pieces it took by id. */
+  const incremental = async (data: Buffer, dirtyBlocks: number[]): Promise<{ manifest: SnapshotManifest; reusedPieces: number }> => {
+    const parent = history.snaps.at(-1)!;
+    const session = await SnapshotSession.start(repo, 'map reuse test');
+    try {
+      const parentMap = await DiskMapReader.open(repo, parent.name, parent.disks[0]);
+      const made = await backupDisk(repo, session.pool, session.writer, new BitmapSource(data, new Set(dirtyBlocks)), { parent: parentMap });
+      const record = { name: 'disk0', sourceFormat: 'raw', ...(await made.map.finish()) };
+      const manifest = await session.commit({ type: 'image', id: 'reuse', source: { kind: 'image-file', path: 'memory', format: 'raw' } },
+        new Date(Date.now() + history.snaps.length * 1000), [record], parent.name, made.stats);
+      history.snaps.push(manifest);
+      return { manifest, reusedPieces: made.map.reusedPieces };
+    } finally {
+      await session.close();
+    }
+  };
+
+  const pieceList = async (m: SnapshotManifest): Promise<string[]> => {
+    const lock = await repo.lock('shared', 'test');
+    try {
+      return await pieceIds(repo, m.name, m.disks[0]);
+    } finally {
+      await lock.release();
+    }
+  };
+
+  const restoresAs = async (m: SnapshotManifest, expected: Buffer): Promise<void> => {
+    const out = join(tmp.path, `restored-${Math.random().toString(36).slice(2)}.raw`);
+    await restoreImage(repo, m.name, out, { format: 'raw' });
+    assert.ok(readFileSync(out).equals(expected), `${m.name} restores byte-identical`);
+  };
+
+  it('takes every piece its change did not touch from the parent by id, without storing it', async () => {
+    const parent = history.snaps.at(-1)!;
+    const changed = Buffer.from(disk);
+    randomBytes(1000).copy(changed, 2 * BLOCK + 5 * CHUNK + 17); // block 2: slots 32-47, pieces 8-11; slot 37 (piece 9) changes
+    const { manifest, reusedPieces } = await incremental(changed, [2]);
+    const before = await pieceList(parent);
+    const now = await pieceList(manifest);
+    assert.equal(now.length, slots / 4);
+    // Pieces 8-11 were read again (their block is dirty) and hashed; only piece 9 differs.
+    assert.equal(reusedPieces, slots / 4 - 4);
+    assert.deepEqual(now.map((id, p) => id === before[p] ? '=' : p), before.map((_, p) => p === 9 ? 9 : '='));
+    assert.equal(manifest.disks[0].dataChunks, parent.disks[0].dataChunks);
+    assert.equal(manifest.disks[0].dataBytes, parent.disks[0].dataBytes);
+    await restoresAs(manifest, changed);
+    disk = changed;
+  });
+
+  it('does not take a piece that holds a chunk it may not reuse, nor one whose own blob it may not reuse', async () => {
+    const parent = history.snaps.at(-1)!;
+    const before = await pieceList(parent);
+    const lock = await repo.lock('shared', 'test');
+    const chunkInPiece20 = Buffer.alloc(32);
+    const piece40 = Buffer.from(before[40], 'hex');
+    const damagedPack = new Map<string, string>();
+    try {
+      const index = await repo.index();
+      const map = await DiskMapReader.open(repo, parent.name, parent.disks[0]);
+      (await map.ids(81, 1)).copy(chunkInPiece20); // slot 81: piece 20
+      // As verify records a damaged copy: neither copy may be reused by a backup from now on.
+      const copies = [chunkInPiece20, piece40].map((id) => {
+        const loc = index.get(id)!;
+        damagedPack.set(id.toString('hex'), loc.packId.toString('hex'));
+        return { type: loc.type, id: id.toString('hex'), pack: loc.packId.toString('hex'), error: 'test: said to be damaged' };
+      });
+      await writeDamageRecord(repo.store, repo.keys, copies);
+    } finally {
+      await lock.release();
+    }
+    repo.invalidateIndex();
+    const { manifest, reusedPieces } = await incremental(disk, []);
+    // Slot 81 is read again (same bytes, same chunk: piece 20 is then the same piece, found in
+    // the index); piece 40 is stored again. Every other piece is the parent's, taken by id.
+    assert.equal(reusedPieces, slots / 4 - 2);
+    assert.deepEqual(await pieceList(manifest), before);
+    const lock2 = await repo.lock('shared', 'test');
+    try {
+      repo.invalidateIndex();
+      const index = await repo.index();
+      // A copy other than the damaged one now exists (the index prefers it).
+      for (const id of [chunkInPiece20, piece40]) {
+        assert.notEqual(index.get(id)!.packId.toString('hex'), damagedPack.get(id.toString('hex')), `${id.toString('hex')} was stored again`);
+      }
+    } finally {
+      await lock2.release();
+    }
+    await restoresAs(manifest, disk);
   });
 });

@@ -81,6 +81,29 @@ describe('codec', () => {
   });
 });
 
+describe('codec: disk-map pieces and nodes', () => {
+  it('are stored compressed where an id repeats the one before it (holes), as they are where every id differs', () => {
+    const keys: CodecKeys = { master: generateMasterKey(), compressionLevel: 3 };
+    const compressed = (blob: Buffer) => (blob[3]! & 1) === 1; // header flags bit 0
+    const random = randomBytes(64 * 32);
+    const holes = Buffer.concat([randomBytes(32 * 32), Buffer.alloc(32 * 32)]);
+    // A node: piece ids, with the all-hole piece's id repeated.
+    const hole = randomBytes(32);
+    const node = Buffer.concat([randomBytes(8 * 32), ...Array.from({ length: 24 }, () => hole)]);
+    for (const type of [BlobType.indexPiece, BlobType.mapNode]) {
+      for (const [plain, expect] of [[random, false], [holes, true], [node, true]] as const) {
+        const id = computeId(keys, plain);
+        const enc = encodeBlob(keys, type, id, plain);
+        assert.equal(compressed(enc), expect, `type ${type}, ${plain === random ? 'random ids' : 'repeated ids'}`);
+        assert.deepEqual(decodeBlob(keys, type, id, enc, { id, maxLength: plain.length, exactLength: true }, () => ({ what: 'piece', context: {} })), plain);
+      }
+    }
+    // Other metadata is still tried (and compresses).
+    const text = Buffer.from('x'.repeat(4096));
+    assert.equal(compressed(encodeBlob(keys, BlobType.manifest, ZERO_ID, text)), true);
+  });
+});
+
 describe('codec pool', () => {
   it('reads batches in place from the arena it shares with its workers, reuses a range once the batch is encoded or dropped, and transfers what does not fit', async () => {
     const keys: CodecKeys = { master: generateMasterKey(), compressionLevel: 1 };

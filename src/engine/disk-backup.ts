@@ -100,7 +100,7 @@ export async function backupDisk(
     });
   }
   const index = await repo.index();
-  const map = new DiskMapWriter(repo, writer, source.size, chunkSize, repo.config.pieceSlots);
+  const map = new DiskMapWriter(repo, writer, source.size, chunkSize, repo.config.pieceSlots, parent);
   const stats = emptyDiskBackupStats();
   // An incremental stores its new chunks at the repository's incremental level, if it sets one;
   // at level 0 (no compression) there are no deltas, so no base is read for them.
@@ -158,26 +158,34 @@ export async function backupDisk(
   const reuseParentSlots = async (firstSlot: number, count: number, reads: Array<Promise<void>>): Promise<void> => {
     // Piece by piece, slot by slot without awaiting each: an incremental passes every slot of
     // the disk through here (32 768 per 4 GiB), and a promise per slot cost more than the rest.
+    // Reusable slots go to the map a run at a time (copyFromParent), so that a piece taken from
+    // the parent whole is recognised as such and not stored again.
     const pieceSlots = parent!.disk.pieceSlots;
     const end = firstSlot + count;
     let rereadFrom = -1;
     for (let s = firstSlot; s < end;) {
       const p = Math.floor(s / pieceSlots);
       const ids = await parent!.piece(p);
-      for (const pieceEnd = Math.min(end, (p + 1) * pieceSlots); s < pieceEnd; s++) {
-        const at = (s - p * pieceSlots) * 32;
-        const id = ids.subarray(at, at + 32);
+      const pieceStart = p * pieceSlots;
+      let copyFrom = s;
+      const copy = (to: number): void => {
+        if (to > copyFrom) map.copyFromParent(copyFrom, ids.subarray((copyFrom - pieceStart) * 32, (to - pieceStart) * 32));
+      };
+      for (const pieceEnd = Math.min(end, pieceStart + pieceSlots); s < pieceEnd; s++) {
+        const id = ids.subarray((s - pieceStart) * 32, (s - pieceStart) * 32 + 32);
         if (ZERO_ID.equals(id) || (index.has(id) && !repo.avoids(id))) {
-          map.set(s, id);
           stats.unchangedChunks++;
           if (rereadFrom >= 0) {
             reads.push(readRun(rereadFrom, s - rereadFrom));
             rereadFrom = -1;
+            copyFrom = s;
           }
         } else if (rereadFrom < 0) {
+          copy(s);
           rereadFrom = s;
         }
       }
+      if (rereadFrom < 0) copy(s);
     }
     if (rereadFrom >= 0) reads.push(readRun(rereadFrom, end - rereadFrom));
   };

@@ -320,10 +320,22 @@ function deltaContext(id: Uint8Array, baseId: Uint8Array): Uint8Array {
 }
 
 function encodeWith(keys: CodecKeys, type: BlobTypeValue, contextId: Uint8Array, plaintext: Uint8Array): Buffer {
-  // Only disk data is sampled first: metadata is small, and a disk-map piece is random ids
-  // with runs of zero ids (holes) that samples can miss.
-  const compressed = compress(plaintext, keys, type === BlobType.chunk);
+  // Only disk data is sampled first: metadata is small. A disk-map piece or node is a list of
+  // keyed ids, random bytes, that compresses only where the list repeats itself (runs of zero
+  // ids for holes, of the all-hole piece's id in a node): without such a run zstd is not tried.
+  const idList = type === BlobType.indexPiece || type === BlobType.mapNode;
+  const compressed = idList && !repeatsAnId(plaintext) ? undefined : compress(plaintext, keys, type === BlobType.chunk);
   return seal(keys, type, contextId, compressed ?? plaintext, compressed !== undefined);
+}
+
+/** Whether some 32-byte entry of the id list `list` equals the one before it. */
+function repeatsAnId(list: Uint8Array): boolean {
+  for (let at = 32; at + 32 <= list.length; at += 32) {
+    let same = true;
+    for (let k = 0; k < 32 && same; k++) same = list[at + k] === list[at - 32 + k];
+    if (same) return true;
+  }
+  return false;
 }
 
 /** Header, then the payload under CRC32 or AES-256-GCM (copied: `payload` may be reused after). */

@@ -25,6 +25,12 @@ import type { Repository } from './repository.ts';
 /** Piece ids per node when the repository configuration does not say. */
 export const DEFAULT_NODE_IDS = 1024;
 
+/** Whether the 32 bytes at `at` of `ids` are ZERO_ID (a hole). */
+function isZeroId(ids: Uint8Array, at: number): boolean {
+  for (let k = at; k < at + 32; k++) if (ids[k] !== 0) return false;
+  return true;
+}
+
 export function slotCount(size: number, chunkSize: number): number {
   return Math.ceil(size / chunkSize);
 }
@@ -33,21 +39,33 @@ export function slotLength(size: number, chunkSize: number, slot: number): numbe
   return Math.min(chunkSize, size - slot * chunkSize);
 }
 
-/** Builds a disk map as slots are filled in any order; pieces are stored as they complete. */
+/**
+ * Builds a disk map as slots are filled in any order; pieces are stored as they complete.
+ *
+ * With a parent map (an incremental), slots copied from the parent's map at the same positions
+ * are set with `copyFromParent`. A piece whose every slot came that way is byte for byte the
+ * parent's piece, so the parent's piece id is taken as it is: nothing is hashed, compared or
+ * stored for it. That keeps an incremental's map work proportional to what changed, not to the
+ * disk's size (it was ~0.2 s of main-thread time per incremental of a 4 GiB disk).
+ */
 export class DiskMapWriter {
   readonly size: number;
   readonly chunkSize: number;
   readonly pieceSlots: number;
   readonly #slots: number;
   readonly #pieces: string[];
-  readonly #open = new Map<number, { buf: Buffer; filled: number }>();
+  readonly #open = new Map<number, { buf: Buffer; filled: number; fromParent: number }>();
   readonly #repo: Repository;
   readonly #writer: PackWriter;
+  readonly #parent: DiskMapReader | undefined;
   readonly #stores: Promise<void>[] = [];
   dataChunks = 0;
   dataBytes = 0;
+  /** Pieces taken from the parent's map by id (diagnostics and tests). */
+  reusedPieces = 0;
 
-  constructor(repo: Repository, writer: PackWriter, size: number, chunkSize: number, pieceSlots: number) {
+  /** `parent`: the map `copyFromParent` copies from; its pieces must have the same slots. */
+  constructor(repo: Repository, writer: PackWriter, size: number, chunkSize: number, pieceSlots: number, parent?: DiskMapReader) {
     this.#repo = repo;
     this.#writer = writer;
     this.size = size;
@@ -55,36 +73,83 @@ export class DiskMapWriter {
     this.pieceSlots = pieceSlots;
     this.#slots = slotCount(size, chunkSize);
     this.#pieces = new Array<string>(Math.ceil(this.#slots / pieceSlots));
+    if (parent !== undefined && (parent.disk.size !== size || parent.disk.chunkSize !== chunkSize)) {
+      throw new Error(`bug: a parent disk map of ${parent.disk.size} bytes in chunks of ${parent.disk.chunkSize} for a map of ${size} in chunks of ${chunkSize}`);
+    }
+    // Pieces of another size never equal the parent's: copies then count as plain sets.
+    this.#parent = parent?.disk.pieceSlots === pieceSlots ? parent : undefined;
   }
 
   #pieceLength(p: number): number {
     return Math.min(this.pieceSlots, this.#slots - p * this.pieceSlots);
   }
 
+  #openPiece(p: number): { buf: Buffer; filled: number; fromParent: number } {
+    let piece = this.#open.get(p);
+    if (!piece) {
+      piece = { buf: Buffer.alloc(this.#pieceLength(p) * 32), filled: 0, fromParent: 0 };
+      this.#open.set(p, piece);
+    }
+    return piece;
+  }
+
   /** Sets slot `i` to chunk `id` (ZERO_ID for a hole). Each slot must be set exactly once. */
   set(i: number, id: Uint8Array): void {
     const p = Math.floor(i / this.pieceSlots);
-    let piece = this.#open.get(p);
-    if (!piece) {
-      piece = { buf: Buffer.alloc(this.#pieceLength(p) * 32), filled: 0 };
-      this.#open.set(p, piece);
-    }
+    const piece = this.#openPiece(p);
     piece.buf.set(id, (i - p * this.pieceSlots) * 32);
     piece.filled++;
     if (!ZERO_ID.equals(id)) {
       this.dataChunks++;
       this.dataBytes += slotLength(this.size, this.chunkSize, i);
     }
-    if (piece.filled === this.#pieceLength(p)) {
-      this.#open.delete(p);
-      const stored = this.#storePiece(p, piece.buf);
-      // Failures surface in finish(); until then they must not count as unhandled.
-      stored.catch(() => undefined);
-      this.#stores.push(stored);
-    }
+    if (piece.filled === this.#pieceLength(p)) this.#complete(p, piece);
   }
 
-  async #storePiece(p: number, plain: Buffer): Promise<void> {
+  /**
+   * Sets the `ids.length / 32` slots from `first` (within one piece) to the ids the parent map
+   * holds in the same slots: `ids` must be that part of the parent's piece, as `piece()` gave it.
+   */
+  copyFromParent(first: number, ids: Uint8Array): void {
+    const count = ids.length / 32;
+    const p = Math.floor(first / this.pieceSlots);
+    if (!Number.isInteger(count) || count < 1 || Math.floor((first + count - 1) / this.pieceSlots) !== p) {
+      throw new Error(`bug: copyFromParent of ${ids.length} bytes at slot ${first} does not stay within piece ${p}`);
+    }
+    const piece = this.#openPiece(p);
+    piece.buf.set(ids, (first - p * this.pieceSlots) * 32);
+    piece.filled += count;
+    piece.fromParent += count;
+    for (let k = 0; k < count; k++) {
+      if (isZeroId(ids, k * 32)) continue;
+      this.dataChunks++;
+      this.dataBytes += slotLength(this.size, this.chunkSize, first + k);
+    }
+    if (piece.filled === this.#pieceLength(p)) this.#complete(p, piece);
+  }
+
+  #complete(p: number, piece: { buf: Buffer; filled: number; fromParent: number }): void {
+    this.#open.delete(p);
+    const parentId = piece.fromParent === piece.filled ? this.#parent?.pieceId(p) : undefined;
+    const stored = this.#storePiece(p, piece.buf, parentId);
+    // Failures surface in finish(); until then they must not count as unhandled.
+    stored.catch(() => undefined);
+    this.#stores.push(stored);
+  }
+
+  /** `parentId`: the parent's id of this very piece, when every slot came from there. */
+  async #storePiece(p: number, plain: Buffer, parentId: string | undefined): Promise<void> {
+    if (parentId !== undefined) {
+      // Reused like any blob: while the index has it and no pending collection condemns it.
+      // Otherwise it is stored again, as any new piece.
+      const raw = Buffer.from(parentId, 'hex');
+      const index = await this.#repo.index();
+      if (index.has(raw) && !this.#repo.avoids(raw)) {
+        this.#pieces[p] = parentId;
+        this.reusedPieces++;
+        return;
+      }
+    }
     this.#pieces[p] = (await storeMapBlob(this.#repo, this.#writer, BlobType.indexPiece, plain)).toString('hex');
   }
 
