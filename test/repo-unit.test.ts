@@ -315,6 +315,17 @@ describe('blob index', () => {
     const listed = new Map([...index.deltaBases()].map(([id, base]) => [id.toString('hex'), base]));
     assert.deepEqual(listed, bases);
     for (const [hex, base] of bases) assert.deepEqual(index.get(Buffer.from(hex, 'hex'))!.base, base);
+    // Slot-level access (verify) gives the same as get().
+    for (const [hex, base] of [...bases].slice(0, 50)) {
+      const id = Buffer.from(hex, 'hex');
+      const slot = index.slotOf(id);
+      assert.ok(slot >= 0);
+      assert.deepEqual(index.idAt(slot), id);
+      assert.deepEqual(index.baseIdAt(slot), base);
+      assert.deepEqual(index.locationAt(slot), index.get(id));
+      assert.equal(index.packNumberAt(slot), 0);
+    }
+    assert.equal(index.slotOf(randomBytes(32)), -1);
     // Replaced by a plain copy: no base any more.
     const [first] = bases.keys();
     index.add(Buffer.from(first, 'hex'), { packId: pack, type: BlobType.chunk, offset: 0, length: 1, rawLength: 1 }, true);

@@ -146,14 +146,44 @@ export class BlobIndex {
 
   get(id: Uint8Array): BlobLocation | undefined {
     const s = this.#find(id);
-    if (s < 0) return undefined;
-    const base = this.#baseAt(s);
+    return s < 0 ? undefined : this.locationAt(s);
+  }
+
+  // Slot-level access, for passes over many blobs that keep slot numbers (4 bytes) instead of
+  // ids or location objects (verify). A slot number stays valid until the next add.
+
+  /** The slot holding `id`, or -1. */
+  slotOf(id: Uint8Array): number {
+    const s = this.#find(id);
+    return s < 0 ? -1 : s;
+  }
+
+  /** The location held in `slot` (a slot from slotOf). */
+  locationAt(slot: number): BlobLocation {
+    const base = this.#baseAt(slot);
     return {
-      packId: this.#packIds[this.#pack[s] - 1],
-      type: this.#type[s] as BlobTypeValue,
-      offset: this.#off[s], length: this.#len[s], rawLength: this.#raw[s],
+      packId: this.#packIds[this.#pack[slot] - 1],
+      type: this.#type[slot] as BlobTypeValue,
+      offset: this.#off[slot], length: this.#len[slot], rawLength: this.#raw[slot],
       ...(base !== undefined ? { base } : {}),
     };
+  }
+
+  /** The id held in `slot`. */
+  idAt(slot: number): Buffer {
+    const id = Buffer.allocUnsafe(32);
+    for (let w = 0; w < 8; w++) id.writeUInt32LE(this.#ids[slot * 8 + w], w * 4);
+    return id;
+  }
+
+  /** The number (0 … packCount-1, in order of first appearance) of the pack of `slot`. */
+  packNumberAt(slot: number): number {
+    return this.#pack[slot] - 1;
+  }
+
+  /** The base id of the delta chunk in `slot`, or undefined for any other blob. */
+  baseIdAt(slot: number): Buffer | undefined {
+    return this.#baseAt(slot);
   }
 
   /** Adds a location; when the id is already present the first location is kept unless `replace`. */

@@ -15,12 +15,12 @@
 import { ZERO_ID, BlobType, BLOB_TYPE_NAMES, type BlobTypeValue } from './codec.ts';
 import { type CodecPool, transferable } from './codec-pool.ts';
 import type { DecodeItem } from './codec-ops.ts';
-import { type BatchItem, baseFields, baseUses, basesForWorker, newBaseCache, readBlobBatch } from './blob-batch.ts';
+import { type BatchItem, baseFields, basesForWorker, newBaseCache, readBlobBatch } from './blob-batch.ts';
+import { IdSet } from './id-set.ts';
 import { DiskMapReader } from './disk-map.ts';
 import type { SnapshotManifest } from './manifest.ts';
 import { packIdFromName, packName } from './pack.ts';
 import type { Repository } from './repository.ts';
-import type { BlobLocation } from './blob-index.ts';
 import { mapLimit } from '../util/concurrency.ts';
 import type { TresorError } from '../util/errors.ts';
 
@@ -61,11 +61,6 @@ export interface VerifyOptions {
 /** Deltas per base from which a base is read once on this thread and kept, not sent stored with each delta. */
 const SHARED_BASE_USES = 4;
 
-interface Ref {
-  type: BlobTypeValue;
-  loc: BlobLocation | undefined;
-}
-
 export async function verifyRepository(repo: Repository, pool: CodecPool, opts: VerifyOptions = {}): Promise<VerifyReport> {
   const damage: Damage[] = [];
   const index = await repo.index();
@@ -97,35 +92,47 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
   let unindexedPacks = 0;
   for (const p of packSizes.keys()) if (!indexedPacks.has(p)) unindexedPacks++;
 
-  // Collect referenced blobs: pieces first (they must be read to know the chunks).
-  const refs = new Map<string, Ref>();
+  // Collect referenced blobs: pieces first (they must be read to know the chunks). A repository
+  // has millions: they are held compactly, `seen` by id and the chunks to read as index slots
+  // (a Map of objects per blob took 500-800 bytes each).
+  const seen = new IdSet();
+  const chunks = new SlotList();
+  let mapBlobs = 0;
   const bad = new Map<string, Damage>();
   const noteBlob = (id: Buffer, type: BlobTypeValue): void => {
-    const hex = id.toString('hex');
-    if (refs.has(hex)) return;
-    const loc = index.get(id);
-    refs.set(hex, { type, loc });
-    if (!loc) {
+    if (!seen.add(id)) return;
+    if (type === BlobType.indexPiece || type === BlobType.mapNode) mapBlobs++;
+    const slot = index.slotOf(id);
+    if (slot < 0) {
+      const hex = id.toString('hex');
       bad.set(hex, { kind: 'missing-blob', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: 'not in any index (its pack is missing or unindexed)', affects: [] });
-    } else {
-      const size = packSizes.get(loc.packId.toString('hex'));
-      const copy = { id: hex, type, pack: loc.packId.toString('hex') };
-      if (size === undefined) {
-        bad.set(hex, { kind: 'missing-pack', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `its pack ${packName(loc.packId)} does not exist`, affects: [], copy });
-      } else if (loc.offset + loc.length > size) {
-        bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `its pack ${packName(loc.packId)} is truncated (${size} bytes, blob ends at ${loc.offset + loc.length})`, affects: [], copy });
-      } else if (loc.type !== type && !(type === BlobType.chunk && loc.type === BlobType.deltaChunk)) {
-        bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[type]} ${hex}`, error: `the index says it is a ${BLOB_TYPE_NAMES[loc.type]}`, affects: [], copy });
-      } else if (loc.base !== undefined) {
-        // A delta chunk needs its base, checked like any chunk: a plain chunk, or a delta chunk
-        // whose own base is a plain chunk (two levels at most, §4).
-        noteBlob(loc.base, BlobType.chunk);
-        const base = refs.get(loc.base.toString('hex'))!;
-        const inner = base.loc?.type === BlobType.deltaChunk && base.loc.base !== undefined ? index.get(base.loc.base) : undefined;
-        if (inner?.type === BlobType.deltaChunk) {
-          bad.set(hex, { kind: 'chunk', object: `${BLOB_TYPE_NAMES[loc.type]} ${hex}`, error: `its base ${loc.base.toString('hex')} is a delta chunk whose own base is a delta chunk too (at most two levels)`, affects: [], copy: { ...copy, type: loc.type } });
-        }
+      return;
+    }
+    const loc = index.locationAt(slot);
+    const size = packSizes.get(loc.packId.toString('hex'));
+    const damaged = (kind: Damage['kind'], error: string, copyType: BlobTypeValue = type): void => {
+      const hex = id.toString('hex');
+      bad.set(hex, { kind, object: `${BLOB_TYPE_NAMES[copyType]} ${hex}`, error, affects: [], copy: { id: hex, type: copyType, pack: loc.packId.toString('hex') } });
+    };
+    if (size === undefined) {
+      damaged('missing-pack', `its pack ${packName(loc.packId)} does not exist`);
+    } else if (loc.offset + loc.length > size) {
+      damaged('chunk', `its pack ${packName(loc.packId)} is truncated (${size} bytes, blob ends at ${loc.offset + loc.length})`);
+    } else if (loc.type !== type && !(type === BlobType.chunk && loc.type === BlobType.deltaChunk)) {
+      damaged('chunk', `the index says it is a ${BLOB_TYPE_NAMES[loc.type]}`);
+    } else if (loc.base !== undefined) {
+      // A delta chunk needs its base, checked like any chunk: a plain chunk, or a delta chunk
+      // whose own base is a plain chunk (two levels at most, §4).
+      noteBlob(loc.base, BlobType.chunk);
+      const base = index.get(loc.base);
+      const inner = base?.type === BlobType.deltaChunk && base.base !== undefined ? index.get(base.base) : undefined;
+      if (inner?.type === BlobType.deltaChunk) {
+        damaged('chunk', `its base ${loc.base.toString('hex')} is a delta chunk whose own base is a delta chunk too (at most two levels)`, loc.type);
+      } else {
+        chunks.push(slot);
       }
+    } else if (type === BlobType.chunk) {
+      chunks.push(slot);
     }
   };
 
@@ -147,7 +154,7 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
       if (node && bad.has(node)) {
         bad.get(node)!.affects.push(affects);
       } else if (node) {
-        const loc = refs.get(node)?.loc;
+        const loc = index.get(Buffer.from(node, 'hex'));
         bad.set(node, { kind: 'disk-map', object: `disk-map node ${node}`, error: (err as Error).message, affects: [affects], copy: loc && { id: node, type: BlobType.mapNode, pack: loc.packId.toString('hex') } });
       } else {
         damage.push({ kind: 'disk-map', object: `disk ${disk.name} of ${m.name}`, error: (err as Error).message, affects: [affects] });
@@ -182,7 +189,7 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
     }
   });
   for (const [pid, error] of pieceErrors) {
-    const loc = refs.get(pid)?.loc;
+    const loc = index.get(Buffer.from(pid, 'hex'));
     bad.set(pid, { kind: 'index-piece', object: `index piece ${pid}`, error, affects: [], copy: loc && { id: pid, type: BlobType.indexPiece, pack: loc.packId.toString('hex') } });
   }
 
@@ -190,15 +197,8 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
   let blobsChecked = 0;
   let bytesRead = 0;
   if (opts.readData !== false) {
-    const byPack = new Map<string, Array<{ hex: string; loc: BlobLocation }>>();
-    for (const [hex, r] of refs) {
-      if (r.type !== BlobType.chunk || !r.loc || bad.has(hex)) continue; // (delta chunks are noted as chunks)
-      const k = r.loc.packId.toString('hex');
-      let list = byPack.get(k);
-      if (!list) byPack.set(k, (list = []));
-      list.push({ hex, loc: r.loc });
-    }
-    const total = [...byPack.values()].reduce((n, l) => n + l.length, 0);
+    const byPack = chunks.groupBy((slot) => index.packNumberAt(slot), index.packCount);
+    const total = chunks.length;
     // A base that many deltas share (a compression dictionary, thousands) is read and decoded
     // here once and kept. The others (an incremental's parent chunks, one delta each) travel
     // as stored to the worker that checks their deltas, which decodes them there: decoding them
@@ -206,9 +206,15 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
     // session). Every base is a chunk verified on its own too, so as a base its AES-GCM tag
     // stands for its identity (trustBaseAead).
     const baseCache = newBaseCache();
-    const uses = baseUses([...byPack.values()].flatMap((list) => list.map((b) => b.loc)));
-    const sharedBase = (id: Buffer): boolean => baseCache.has(id.toString('hex')) || (uses.get(id.toString('hex')) ?? 0) >= SHARED_BASE_USES;
-    await mapLimit([...byPack.values()], 2, async (list) => {
+    const sharedBases = new SharedBaseCounter(SHARED_BASE_USES);
+    for (const slot of chunks) {
+      const base = index.baseIdAt(slot);
+      if (base !== undefined) sharedBases.add(base);
+    }
+    const sharedBase = (id: Buffer): boolean => baseCache.has(id.toString('hex')) || sharedBases.shared(id);
+    await mapLimit(byPack, 2, async (slots) => {
+      // Location objects for one pack at a time.
+      const list = Array.from(slots, (slot) => ({ hex: index.idAt(slot).toString('hex'), loc: index.locationAt(slot) }));
       list.sort((a, b) => a.loc.offset - b.loc.offset);
       const pack = packName(list[0].loc.packId);
       for (let i = 0; i < list.length;) {
@@ -249,7 +255,7 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
     });
   }
   // Pieces were decoded while collecting.
-  blobsChecked += [...refs.values()].filter((r) => r.type === BlobType.indexPiece || r.type === BlobType.mapNode).length;
+  blobsChecked += mapBlobs;
 
   // Map damaged blobs back to the snapshots, disks and offsets that use them.
   if (bad.size > 0) {
@@ -283,6 +289,63 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
     indexFiles: repo.indexFiles.size + repo.damagedIndexFiles.length,
     blobsChecked, bytesRead, damage, unindexedPacks,
   };
+}
+
+/** Index slots in a growable typed array (4 bytes each). */
+class SlotList {
+  #slots = new Uint32Array(1024);
+  length = 0;
+
+  push(slot: number): void {
+    if (this.length === this.#slots.length) {
+      const grown = new Uint32Array(this.#slots.length * 2);
+      grown.set(this.#slots);
+      this.#slots = grown;
+    }
+    this.#slots[this.length++] = slot;
+  }
+
+  [Symbol.iterator](): Iterator<number> {
+    return this.#slots.subarray(0, this.length)[Symbol.iterator]();
+  }
+
+  /** The slots grouped by `key` (0 … keys-1), each group in the order pushed; empty groups left out. */
+  groupBy(key: (slot: number) => number, keys: number): Uint32Array[] {
+    const starts = new Uint32Array(keys + 1);
+    for (let i = 0; i < this.length; i++) starts[key(this.#slots[i]) + 1]++;
+    for (let k = 0; k < keys; k++) starts[k + 1] += starts[k];
+    const next = starts.slice(0, keys);
+    const grouped = new Uint32Array(this.length);
+    for (let i = 0; i < this.length; i++) grouped[next[key(this.#slots[i])]++] = this.#slots[i];
+    const groups: Uint32Array[] = [];
+    for (let k = 0; k < keys; k++) if (starts[k + 1] > starts[k]) groups.push(grouped.subarray(starts[k], starts[k + 1]));
+    return groups;
+  }
+}
+
+/**
+ * Whether a base is used by at least `threshold` deltas. Most bases serve one delta (an
+ * incremental's parent chunks): they are held in a compact set; only bases seen twice get a
+ * counter (dictionaries, few).
+ */
+class SharedBaseCounter {
+  readonly #once = new IdSet();
+  readonly #repeated = new Map<string, number>();
+  readonly #threshold: number;
+
+  constructor(threshold: number) {
+    this.#threshold = threshold;
+  }
+
+  add(base: Buffer): void {
+    if (this.#once.add(base)) return;
+    const hex = base.toString('hex');
+    this.#repeated.set(hex, (this.#repeated.get(hex) ?? 1) + 1);
+  }
+
+  shared(base: Buffer): boolean {
+    return (this.#repeated.get(base.toString('hex')) ?? 1) >= this.#threshold;
+  }
 }
 
 function addHit(hits: Map<string, number[]>, hex: string, offset: number): void {
