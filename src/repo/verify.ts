@@ -344,7 +344,8 @@ class SharedBaseCounter {
   }
 
   shared(base: Buffer): boolean {
-    return (this.#repeated.get(base.toString('hex')) ?? 1) >= this.#threshold;
+    const uses = this.#repeated.get(base.toString('hex')) ?? (this.#once.has(base) ? 1 : 0);
+    return uses >= this.#threshold;
   }
 }
 
