@@ -88,7 +88,11 @@ export class NbdDiskSource implements DiskSource {
     const end = offset + length;
     let pending: Extent | undefined;
     for (let index = Math.floor(offset / this.statusWindow); index * this.statusWindow < end; index++) {
-      for (const extent of await this.windowExtents(index)) {
+      const extents = await this.windowExtents(index);
+      // The window's extents are in order and touch: start at the one holding `offset` (a
+      // backup asks for 2 MiB at a time from a window of thousands), stop past `end`.
+      for (let i = firstEndingAfter(extents, offset); i < extents.length && extents[i].offset < end; i++) {
+        const extent = extents[i];
         const from = Math.max(extent.offset, offset);
         const to = Math.min(extent.offset + extent.length, end);
         if (to <= from) continue;
@@ -155,6 +159,18 @@ export class NbdDiskSource implements DiskSource {
     }
     return extents;
   }
+}
+
+/** Index of the first of `extents` (in order) that ends after `offset`; extents.length if none. */
+function firstEndingAfter(extents: Extent[], offset: number): number {
+  let lo = 0;
+  let hi = extents.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (extents[mid].offset + extents[mid].length <= offset) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
 function allocationKind(flags: number): ExtentKind {
