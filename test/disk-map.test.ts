@@ -27,6 +27,8 @@ import { BLOCK, BackupHistory, BitmapSource } from './helpers/bitmap-disk.ts';
 import { backupDisk } from '../src/engine/disk-backup.ts';
 import { SnapshotSession } from '../src/engine/snapshot-writer.ts';
 import { writeDamageRecord } from '../src/repo/damage-records.ts';
+import { forgetSnapshots } from '../src/repo/prune.ts';
+import { collectGarbage } from '../src/repo/gc.ts';
 import { tempDir } from './helpers/tmp.ts';
 
 const PASS = 'disk-map test passphrase';
@@ -325,5 +327,43 @@ describe('an incremental\'s disk map', { timeout: 120_000 }, () => {
       await lock2.release();
     }
     await restoresAs(manifest, disk);
+  });
+
+  it('a garbage collection planned while the incremental runs keeps the parent\'s pieces it took by id', async () => {
+    const parent = history.snaps.at(-1)!;
+    const session = await SnapshotSession.start(repo, 'map reuse test (gc race)');
+    const pool = new CodecPool(repo.keys, 1);
+    let made: SnapshotManifest;
+    try {
+      const parentMap = await DiskMapReader.open(repo, parent.name, parent.disks[0]);
+      const r = await backupDisk(repo, session.pool, session.writer, new BitmapSource(disk, new Set()), { parent: parentMap });
+      assert.equal(r.map.reusedPieces, slots / 4, 'every piece taken by id');
+      const record = { name: 'disk0', sourceFormat: 'raw', ...(await r.map.finish()) };
+      // Meanwhile every earlier snapshot is forgotten and a collection plans: nothing committed
+      // references the pieces any more.
+      await forgetSnapshots(repo, history.snaps.map((m) => m.name));
+      const pending = await collectGarbage(repo, { pool, maxWaitMs: 0, pollMs: 10, repackThreshold: 0.01 });
+      assert.equal(pending.complete, false, 'the collection waits for the running backup');
+      made = await session.commit({ type: 'image', id: 'reuse', source: { kind: 'image-file', path: 'memory', format: 'raw' } },
+        new Date(Date.now() + 60_000), [record], parent.name, r.stats);
+    } finally {
+      await session.close();
+    }
+    try {
+      const done = await collectGarbage(repo, { pool, maxWaitMs: 5000, pollMs: 10 });
+      assert.equal(done.complete, true);
+      assert.ok(done.rescuedBlobs >= slots / 4, `the pieces are rescued (${done.rescuedBlobs} rescued)`);
+      await restoresAs(made, disk);
+      const lock = await repo.lock('shared', 'test verify');
+      try {
+        repo.invalidateIndex();
+        const report = await verifyRepository(repo, pool);
+        assert.equal(report.ok, true, JSON.stringify(report.damage));
+      } finally {
+        await lock.release();
+      }
+    } finally {
+      await pool.close();
+    }
   });
 });
