@@ -69,8 +69,8 @@ export function labDir(): string {
  * host:channel:target:lun, then virtio disks by their virtio device): the first on /data, the next
  * on /data2, /data3... That is libvirt's target order (sda is unit 0, sdb unit 1). The guest's own
  * names are not: the kernel probes SCSI disks asynchronously and names them in the order the probes
- * finish, so its sdb may be libvirt's sdc. Progress goes to the serial console as
- * `tresor-guest: ...`.
+ * finish, which nothing guarantees (in the boots watched, LUN 1 was the guest's sdc). Progress
+ * goes to the serial console as `tresor-guest: ...`.
  */
 const INIT_SCRIPT = `#!/bin/sh
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
