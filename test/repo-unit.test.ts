@@ -17,7 +17,7 @@ import { RepositoryLock, RepositoryLockedError } from '../src/repo/lock.ts';
 import { parseSnapshotName, snapshotName, validateSourceId } from '../src/repo/manifest.ts';
 import { DamageError, TresorError } from '../src/util/errors.ts';
 import { tempDir } from './helpers/tmp.ts';
-import { SharedArena, allSettledOrThrow } from '../src/util/concurrency.ts';
+import { SharedArena, allSettledOrThrow, mapLimit } from '../src/util/concurrency.ts';
 import { copyBytes } from '../src/util/bytes.ts';
 import { PackWriter } from '../src/repo/pack-writer.ts';
 import { readOneBlob } from '../src/repo/blob-batch.ts';
@@ -225,6 +225,45 @@ describe('allSettledOrThrow', () => {
     await assert.rejects(allSettledOrThrow([late, early, second]), /first/);
     assert.equal(lateDone, true, 'waited for the slow one');
     await allSettledOrThrow([Promise.resolve(1), late]);
+  });
+});
+
+describe('mapLimit', () => {
+  it('keeps order and the limit; after a failure starts nothing more, waits for what runs, then throws the first failure', async () => {
+    let running = 0;
+    let most = 0;
+    const tick = () => new Promise((r) => setTimeout(r, 5));
+    const doubled = await mapLimit([1, 2, 3, 4, 5, 6, 7], 3, async (x) => {
+      most = Math.max(most, ++running);
+      await tick();
+      running--;
+      return x * 2;
+    });
+    assert.deepEqual(doubled, [2, 4, 6, 8, 10, 12, 14]);
+    assert.equal(most, 3);
+
+    const started: number[] = [];
+    const finished: number[] = [];
+    const failing = mapLimit([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], 3, async (x) => {
+      started.push(x);
+      if (x === 1) throw new Error('first');
+      if (x === 2) {
+        await tick();
+        throw new Error('second');
+      }
+      await tick();
+      await tick();
+      finished.push(x);
+      return x;
+    });
+    await assert.rejects(failing, /first/);
+    // 0 and 2 were in flight when 1 failed: both settled before the call did; nothing after 2 started.
+    assert.deepEqual(started, [0, 1, 2]);
+    assert.deepEqual(finished, [0]);
+    await tick();
+    await tick();
+    await tick();
+    assert.deepEqual(started, [0, 1, 2], 'nothing starts after the call has settled');
   });
 });
 

@@ -1,16 +1,30 @@
 /** Concurrency helpers. */
 
-/** Runs `fn` over `items` with at most `limit` at once, preserving result order. */
+/**
+ * Runs `fn` over `items` with at most `limit` at once, preserving result order.
+ *
+ * After the first failure no further item starts; the ones in flight are waited for, then that
+ * first failure is thrown. So when the promise settles, none of the work is still running: a
+ * caller that fails can release its lock, close its worker pool or delete its output without
+ * deletes, reads or writes of this call still going on behind it (before, the other runners went
+ * on through every remaining item after the call had already rejected).
+ */
 export async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (item: T, i: number) => Promise<R>): Promise<R[]> {
   const out = new Array<R>(items.length);
   let next = 0;
+  let failure: { error: unknown } | undefined;
   const run = async () => {
-    while (next < items.length) {
+    while (failure === undefined && next < items.length) {
       const i = next++;
-      out[i] = await fn(items[i], i);
+      try {
+        out[i] = await fn(items[i], i);
+      } catch (error) {
+        failure ??= { error };
+      }
     }
   };
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, run));
+  if (failure !== undefined) throw failure.error;
   return out;
 }
 
