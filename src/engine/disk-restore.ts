@@ -106,7 +106,7 @@ export async function restoreDisk(
     // same time as the run itself: a base several of them share (a compression dictionary) is
     // decoded here once and kept, the others go as stored to the worker that decodes the run.
     const uses = baseUses(run.blobs.map((w) => w.loc));
-    const shared = (id: Buffer): boolean => baseCache.has(id.toString('hex')) || (uses.get(id.toString('hex')) ?? 0) > 1;
+    const shared = (id: Buffer): boolean => baseCache.has(id.toString('hex')) || uses.count(id) > 1;
     const [data, { baseOf, transfer }] = await Promise.all([
       repo.store.read(pack, { offset: run.offset, length: run.length }),
       basesForWorker(repo, run.blobs.map((w) => w.loc), (id) => `chunk ${id.toString('hex')} (the base of a delta chunk of snapshot ${snapshot})`, shared, { trustAead: true, cache: baseCache, onFetch: (n) => { stats.bytesFetched += n; } }),

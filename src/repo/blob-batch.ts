@@ -12,6 +12,7 @@ import { DamageError } from '../util/errors.ts';
 import { mapLimit } from '../util/concurrency.ts';
 import { LruMap } from '../util/lru.ts';
 import type { BlobLocation } from './blob-index.ts';
+import { IdSet } from './id-set.ts';
 import { BLOB_TYPE_NAMES, BlobType, type BlobTypeValue, type DeltaBase, decodeBlob } from './codec.ts';
 import type { StoredBase } from './codec-ops.ts';
 import { transferable } from './codec-pool.ts';
@@ -196,13 +197,29 @@ export async function basesForWorker(
 }
 
 /** How many of `locs` are deltas against each base (by id, hex): what basesForWorker's `shared` is decided on. */
-export function baseUses(locs: Iterable<{ base?: Buffer }>): Map<string, number> {
-  const uses = new Map<string, number>();
-  for (const { base } of locs) {
-    if (base === undefined) continue;
+/**
+ * How many deltas use each base. Most bases serve one delta (an incremental's parent chunks):
+ * they are held in a compact id set, and only bases seen again get a counter (compression
+ * dictionaries, few), so counting the bases of a whole repository (verify) stays small.
+ */
+export class BaseUses {
+  readonly #once = new IdSet();
+  readonly #repeated = new Map<string, number>();
+
+  add(base: Buffer): void {
+    if (this.#once.add(base)) return;
     const hex = base.toString('hex');
-    uses.set(hex, (uses.get(hex) ?? 0) + 1);
+    this.#repeated.set(hex, (this.#repeated.get(hex) ?? 1) + 1);
   }
+
+  count(base: Buffer): number {
+    return this.#repeated.get(base.toString('hex')) ?? (this.#once.has(base) ? 1 : 0);
+  }
+}
+
+export function baseUses(locs: Iterable<{ base?: Buffer }>): BaseUses {
+  const uses = new BaseUses();
+  for (const { base } of locs) if (base !== undefined) uses.add(base);
   return uses;
 }
 

@@ -16,6 +16,7 @@
  */
 import { createHash } from 'node:crypto';
 import { DamageError } from '../util/errors.ts';
+import { isAllZero } from '../util/bytes.ts';
 import { type BatchOptions, readBlobBatch, readOneBlob } from './blob-batch.ts';
 import { BlobType, ZERO_ID, computeId, encodeBlob } from './codec.ts';
 import type { DiskRecord } from './manifest.ts';
@@ -24,12 +25,6 @@ import type { Repository } from './repository.ts';
 
 /** Piece ids per node when the repository configuration does not say. */
 export const DEFAULT_NODE_IDS = 1024;
-
-/** Whether the 32 bytes at `at` of `ids` are ZERO_ID (a hole). */
-function isZeroId(ids: Uint8Array, at: number): boolean {
-  for (let k = at; k < at + 32; k++) if (ids[k] !== 0) return false;
-  return true;
-}
 
 export function slotCount(size: number, chunkSize: number): number {
   return Math.ceil(size / chunkSize);
@@ -121,7 +116,7 @@ export class DiskMapWriter {
     piece.filled += count;
     piece.fromParent += count;
     for (let k = 0; k < count; k++) {
-      if (isZeroId(ids, k * 32)) continue;
+      if (isAllZero(ids.subarray(k * 32, k * 32 + 32))) continue;
       this.dataChunks++;
       this.dataBytes += slotLength(this.size, this.chunkSize, first + k);
     }

@@ -15,7 +15,7 @@
 import { ZERO_ID, BlobType, BLOB_TYPE_NAMES, type BlobTypeValue } from './codec.ts';
 import { type CodecPool, transferable } from './codec-pool.ts';
 import type { DecodeItem } from './codec-ops.ts';
-import { type BatchItem, baseFields, basesForWorker, newBaseCache, readBlobBatch } from './blob-batch.ts';
+import { type BatchItem, BaseUses, baseFields, basesForWorker, newBaseCache, readBlobBatch } from './blob-batch.ts';
 import { IdSet } from './id-set.ts';
 import { DiskMapReader } from './disk-map.ts';
 import type { SnapshotManifest } from './manifest.ts';
@@ -206,12 +206,12 @@ export async function verifyRepository(repo: Repository, pool: CodecPool, opts: 
     // session). Every base is a chunk verified on its own too, so as a base its AES-GCM tag
     // stands for its identity (trustBaseAead).
     const baseCache = newBaseCache();
-    const sharedBases = new SharedBaseCounter(SHARED_BASE_USES);
+    const uses = new BaseUses();
     for (const slot of chunks) {
       const base = index.baseIdAt(slot);
-      if (base !== undefined) sharedBases.add(base);
+      if (base !== undefined) uses.add(base);
     }
-    const sharedBase = (id: Buffer): boolean => baseCache.has(id.toString('hex')) || sharedBases.shared(id);
+    const sharedBase = (id: Buffer): boolean => baseCache.has(id.toString('hex')) || uses.count(id) >= SHARED_BASE_USES;
     await mapLimit(byPack, 2, async (slots) => {
       // Location objects for one pack at a time.
       const list = Array.from(slots, (slot) => ({ hex: index.idAt(slot).toString('hex'), loc: index.locationAt(slot) }));
@@ -320,32 +320,6 @@ class SlotList {
     const groups: Uint32Array[] = [];
     for (let k = 0; k < keys; k++) if (starts[k + 1] > starts[k]) groups.push(grouped.subarray(starts[k], starts[k + 1]));
     return groups;
-  }
-}
-
-/**
- * Whether a base is used by at least `threshold` deltas. Most bases serve one delta (an
- * incremental's parent chunks): they are held in a compact set; only bases seen twice get a
- * counter (dictionaries, few).
- */
-class SharedBaseCounter {
-  readonly #once = new IdSet();
-  readonly #repeated = new Map<string, number>();
-  readonly #threshold: number;
-
-  constructor(threshold: number) {
-    this.#threshold = threshold;
-  }
-
-  add(base: Buffer): void {
-    if (this.#once.add(base)) return;
-    const hex = base.toString('hex');
-    this.#repeated.set(hex, (this.#repeated.get(hex) ?? 1) + 1);
-  }
-
-  shared(base: Buffer): boolean {
-    const uses = this.#repeated.get(base.toString('hex')) ?? (this.#once.has(base) ? 1 : 0);
-    return uses >= this.#threshold;
   }
 }
 
