@@ -753,3 +753,30 @@ describe('snapshot names', () => {
     for (const bad of ['', '../x', 'a/b', 'a:b', '.hidden', 'x'.repeat(129)]) assert.throws(() => validateSourceId(bad), TresorError, bad);
   });
 });
+
+describe('garbage collection on demand (util/gc.ts)', () => {
+  it('gives every thread gc() and leaves --expose-gc cleared, also for workers starting together', async () => {
+    // In a process of its own: V8's flags are the process's.
+    const gcModule = new URL('../src/util/gc.ts', import.meta.url).href;
+    const script = `
+      import { Worker } from 'node:worker_threads';
+      import { runInNewContext } from 'node:vm';
+      import { exposeGc } from ${JSON.stringify(gcModule)};
+      const results = { main: typeof exposeGc() };
+      results.workers = await Promise.all(Array.from({ length: 4 }, () => new Promise((resolve, reject) => {
+        const w = new Worker(\`import { exposeGc } from ${JSON.stringify(gcModule)};
+          import { parentPort } from 'node:worker_threads';
+          const gc = exposeGc();
+          gc?.({ type: 'minor', execution: 'sync' });
+          parentPort.postMessage(typeof gc);\`, { eval: true });
+        w.once('message', (m) => { resolve(m); void w.terminate(); });
+        w.once('error', reject);
+      })));
+      results.flagLeftSet = runInNewContext('typeof gc') !== 'undefined';
+      console.log(JSON.stringify(results));
+    `;
+    const { execFileSync } = await import('node:child_process');
+    const out = JSON.parse(execFileSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' }));
+    assert.deepEqual(out, { main: 'function', workers: ['function', 'function', 'function', 'function'], flagLeftSet: false });
+  });
+});

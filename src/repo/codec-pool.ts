@@ -13,7 +13,6 @@
  */
 import { Worker } from 'node:worker_threads';
 import { availableParallelism } from 'node:os';
-import { exposeGc } from '../util/gc.ts';
 import { TresorError } from '../util/errors.ts';
 import { bufferView, copyBytes, releaseBuffer } from '../util/bytes.ts';
 import { SharedArena, SharedBufferPool } from '../util/concurrency.ts';
@@ -141,8 +140,6 @@ export class CodecPool {
 
   /** `size` workers (default: one per core, up to 8). */
   constructor(keys: CodecKeys, size = Math.max(1, Math.min(availableParallelism(), 8))) {
-    // Worker isolates get `gc()` (util/gc.ts explains why); it must be exposed before they start.
-    exposeGc();
     this.#arena = new SharedArena((size + ARENA_EXTRA_EXECUTORS) * ARENA_BYTES_PER_EXECUTOR);
     this.#executors = Array.from({ length: size }, () => new WorkerExecutor(keys, this.#arena.buffer));
     this.#dictionaries = this.#executors.map(() => undefined);

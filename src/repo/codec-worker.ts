@@ -2,7 +2,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import type { CodecKeys, CompressionTuning } from './codec.ts';
 import { CodecExecutor, type CodecRequest } from './codec-ops.ts';
-import { GarbageCollector, type GcFunction } from '../util/gc.ts';
+import { GarbageCollector, exposeGc } from '../util/gc.ts';
 
 interface WorkerInit {
   encKey?: Uint8Array;
@@ -21,8 +21,7 @@ const keys: CodecKeys = {
   compressionTuning: init.compressionTuning,
 };
 const executor = new CodecExecutor(keys, init.arena);
-// `gc` is global here because the pool exposed it before creating this worker (util/gc.ts).
-const collector = new GarbageCollector((globalThis as { gc?: GcFunction }).gc);
+const collector = new GarbageCollector(exposeGc());
 
 parentPort!.on('message', (msg: CodecRequest) => {
   try {
