@@ -488,7 +488,7 @@ function suiteBody(fx: LifecycleFixture, part: 'main' | 'crash'): void {
       const repo = await Repository.open(store, async () => PASS);
       const index = await repo.index();
       const [id, l] = [...index.entries()].find(([, x]) => packName(x.packId) === big.name)!;
-      await repo.writeIndexFile([{ packId: l.packId, entries: [{ id, type: l.type, offset: l.offset + 1, length: l.length, rawLength: l.rawLength }] }]);
+      await repo.writeIndexFile([{ packId: l.packId, entries: [{ id, type: l.type, offset: l.offset + 1, length: l.length, rawLength: l.rawLength, ...(l.base !== undefined ? { base: l.base } : {}) }] }]);
     } finally {
       await store.close();
     }

@@ -92,7 +92,7 @@ function promptHidden(question: string): Promise<string> {
   });
 }
 
-/** Tresor's per-user cache ($TRESOR_CACHE_DIR, else ~/.cache/tresor): compile cache, snapshot catalogs. */
+/** Tresor's per-user cache ($TRESOR_CACHE_DIR, else ~/.cache/tresor): compile cache, snapshot catalogs, index caches. */
 export function cacheDir(): string {
   return process.env.TRESOR_CACHE_DIR ?? join(homedir(), '.cache', 'tresor');
 }
@@ -101,5 +101,6 @@ export async function openRepository(opts: GlobalOptions): Promise<Repository> {
   const store = await openStore(opts);
   const repo = await Repository.open(store, () => readPassphrase(opts, `open the repository at ${store.location}`));
   await repo.useSnapshotCatalog(join(cacheDir(), 'snapshots'));
+  repo.useIndexCache(join(cacheDir(), 'index'));
   return repo;
 }

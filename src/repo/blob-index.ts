@@ -43,7 +43,7 @@ export class BlobIndex {
   #type = new Uint8Array(0);
   // Delta chunks' base ids, few against all blobs: a slot's number + 1 into #bases (8 words
   // each), 0 for none. Allocated with the first delta.
-  #baseRef: Uint32Array | undefined;
+  #baseRef: Uint32Array<ArrayBuffer> | undefined;
   #bases = new Uint32Array(0);
   #baseCount = 0;
   readonly #packIds: Buffer[] = [];
@@ -284,6 +284,76 @@ export class BlobIndex {
   packIds(): Buffer[] {
     return [...this.#packIds];
   }
+
+  /**
+   * The index as its arrays, for the local index cache (index-cache.ts): views of this index's
+   * own arrays, valid until the next add.
+   */
+  state(): BlobIndexState {
+    return {
+      capacity: this.#cap, count: this.#count, packIds: this.#packIds,
+      ids: this.#ids, pack: this.#pack, offset: this.#off, length: this.#len, rawLength: this.#raw, type: this.#type,
+      ...(this.#baseRef !== undefined ? { baseRef: this.#baseRef } : {}), bases: this.#bases.subarray(0, this.#baseCount * 8),
+    };
+  }
+
+  /**
+   * An index made of the arrays `state()` gave (it takes them; the caller must not change them).
+   * Checks that they fit together, so a cache written by a buggy or other version of this code
+   * is refused rather than misread; the bytes themselves the cache authenticates.
+   */
+  static fromState(s: BlobIndexState): BlobIndex {
+    const cap = s.capacity;
+    const fits = Number.isInteger(cap) && cap >= MIN_CAPACITY && nextPow2(cap) === cap
+      && s.ids.length === cap * 8 && s.pack.length === cap && s.offset.length === cap && s.length.length === cap
+      && s.rawLength.length === cap && s.type.length === cap && (s.baseRef === undefined || s.baseRef.length === cap)
+      && s.bases.length % 8 === 0 && Number.isInteger(s.count) && s.count >= 0 && s.count * 10 <= cap * 7;
+    if (!fits) throw new Error('blob index state: arrays do not fit its capacity');
+    let count = 0;
+    const packs = s.packIds.length;
+    const baseCount = s.bases.length / 8;
+    for (let slot = 0; slot < cap; slot++) {
+      const p = s.pack[slot];
+      if (p === 0) continue;
+      count++;
+      if (p > packs || (s.baseRef !== undefined && s.baseRef[slot] > baseCount)) throw new Error(`blob index state: slot ${slot} refers past its packs or bases`);
+    }
+    if (count !== s.count) throw new Error(`blob index state: ${count} slots in use, ${s.count} counted`);
+    const index = new BlobIndex(MIN_CAPACITY);
+    index.#cap = cap;
+    index.#mask = cap - 1;
+    index.#count = count;
+    index.#ids = s.ids;
+    index.#pack = s.pack;
+    index.#off = s.offset;
+    index.#len = s.length;
+    index.#raw = s.rawLength;
+    index.#type = s.type;
+    index.#baseRef = s.baseRef;
+    index.#bases = s.bases;
+    index.#baseCount = baseCount;
+    for (const id of s.packIds) {
+      index.#packNumbers.set(id.toString('hex'), index.#packIds.length);
+      index.#packIds.push(id);
+    }
+    return index;
+  }
+}
+
+/** A blob index's arrays (BlobIndex.state); slot layout as in BlobIndex. */
+export interface BlobIndexState {
+  capacity: number;
+  count: number;
+  packIds: Buffer[];
+  ids: Uint32Array<ArrayBuffer>;
+  pack: Uint32Array<ArrayBuffer>;
+  offset: Uint32Array<ArrayBuffer>;
+  length: Uint32Array<ArrayBuffer>;
+  rawLength: Uint32Array<ArrayBuffer>;
+  type: Uint8Array<ArrayBuffer>;
+  baseRef?: Uint32Array<ArrayBuffer>;
+  /** Base ids in use: 8 words each. */
+  bases: Uint32Array<ArrayBuffer>;
 }
 
 function readU32(b: Uint8Array, o: number): number {

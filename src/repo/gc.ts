@@ -605,7 +605,7 @@ class GarbageCollection {
       const newKeys = (await this.#listManifestKeys()).filter((k) => !seen.has(k.slice('snapshots/'.length)));
       const manifests = (await mapLimit(newKeys, 16, (k) => this.#readManifest(k))).filter((m): m is SnapshotManifest => m !== undefined);
       repo.invalidateIndex();
-      const index = await repo.index();
+      const index = await repo.index({ fresh: true });
       const refs = new IdSet();
       await this.#mark(manifests, refs, index);
       const elsewhere = new IdSet();

@@ -27,6 +27,7 @@ import { packIdFromName, readPackHeader } from './pack.ts';
 import { mapLimit } from '../util/concurrency.ts';
 import { IdSet } from './id-set.ts';
 import { SnapshotCatalog } from './snapshot-catalog.ts';
+import { readIndexCache, writeIndexCache, type CachedIndex } from './index-cache.ts';
 import { loadReuseExclusions } from './reuse.ts';
 
 export const TOOL_VERSION = '0.1.0';
@@ -135,6 +136,16 @@ export class Repository {
   readonly damagedIndexFiles: Array<{ name: string; error: string }> = [];
   readonly indexFiles = new Set<string>();
   #catalog: SnapshotCatalog | undefined;
+  /** Directory of the local index cache (index-cache.ts), when loads may use it. */
+  #indexCacheDir: string | undefined;
+  /** Whether the loaded (or loading) index may have come from the cache. */
+  #indexMayBeCached = false;
+  /** Bumped by invalidateIndex: a load started before it does not become the index. */
+  #indexGeneration = 0;
+  /** How the last index was loaded: index files read, and whether the local cache gave the rest. */
+  indexLoadedFrom: { cache: boolean; filesRead: number } | undefined;
+  /** The cache being written in the background, if one is (tests wait for it). */
+  indexCacheWrite: Promise<void> | undefined;
 
   private constructor(store: BlobStore, config: RepoConfig, master: MasterKey | undefined, keySlot: string | undefined) {
     this.store = store;
@@ -292,11 +303,30 @@ export class Repository {
 
   // ---- index ------------------------------------------------------------------------------
 
-  /** The blob index, loaded on first use from every index file. */
-  index(): Promise<BlobIndex> {
+  /**
+   * The blob index, loaded on first use from every index file, or from the local index cache
+   * (useIndexCache) and the index files listed since. `fresh`: from the index files only, as
+   * verification, check and garbage collection need (they must see the files' own damage); an
+   * index that came from the cache is loaded again.
+   */
+  index(opts: { fresh?: boolean } = {}): Promise<BlobIndex> {
+    if (opts.fresh === true && this.#indexMayBeCached) this.invalidateIndex();
     if (this.#index) return Promise.resolve(this.#index);
-    this.#indexLoad ??= this.#loadIndex().then((i) => (this.#index = i));
+    if (this.#indexLoad === undefined) {
+      const generation = this.#indexGeneration;
+      const useCache = opts.fresh !== true && this.#indexCacheDir !== undefined;
+      this.#indexMayBeCached = useCache;
+      this.#indexLoad = this.#loadIndex(useCache).then((i) => {
+        if (generation === this.#indexGeneration) this.#index = i;
+        return i;
+      });
+    }
     return this.#indexLoad;
+  }
+
+  /** Lets index loads use (and keep up to date) the local index cache in `dir` (index-cache.ts). */
+  useIndexCache(dir: string): void {
+    this.#indexCacheDir = dir;
   }
 
   /**
@@ -345,6 +375,8 @@ export class Repository {
    * long-lived Repository reloads the index at the start of each locked operation.
    */
   invalidateIndex(): void {
+    this.#indexGeneration++;
+    this.#indexMayBeCached = false;
     this.#index = undefined;
     this.#indexLoad = undefined;
     this.#avoid = new IdSet();
@@ -352,21 +384,38 @@ export class Repository {
     this.damagedIndexFiles.length = 0;
   }
 
-  async #loadIndex(): Promise<BlobIndex> {
+  async #loadIndex(useCache: boolean): Promise<BlobIndex> {
     // Garbage collection deletes index files once a newer one supersedes them: a file listed
     // here may be gone when it is read. Then the superseding file exists: list again.
     for (let attempt = 1; ; attempt++) {
-      const index = await this.#tryLoadIndex(attempt < 4);
+      const index = await this.#tryLoadIndex(attempt < 4, useCache);
       if (index) return index;
     }
   }
 
-  async #tryLoadIndex(retryOnVanished: boolean): Promise<BlobIndex | undefined> {
+  async #tryLoadIndex(retryOnVanished: boolean, useCache: boolean): Promise<BlobIndex | undefined> {
     this.indexFiles.clear();
     this.damagedIndexFiles.length = 0;
-    const exclusions = await loadReuseExclusions(this.store, this.keys);
-    const names: string[] = [];
-    for await (const b of this.store.list('index/')) if (indexFileId(b.name)) names.push(b.name);
+    const cacheDir = useCache ? this.#indexCacheDir : undefined;
+    const [exclusions, names, cached] = await Promise.all([
+      loadReuseExclusions(this.store, this.keys),
+      (async () => {
+        const listed: string[] = [];
+        for await (const b of this.store.list('index/')) if (indexFileId(b.name)) listed.push(b.name);
+        return listed;
+      })(),
+      cacheDir !== undefined ? readIndexCache(cacheDir, this.config.id, this.keys) : undefined,
+    ]);
+    // Recorded damaged copies need the full load's ordering (they go in last).
+    if (cached !== undefined && exclusions.damaged.size === 0) {
+      const outcome = await this.#extendCachedIndex(cached, names);
+      if (outcome === 'vanished' && retryOnVanished) return undefined;
+      if (outcome instanceof BlobIndex) {
+        this.#avoid = exclusions.condemned;
+        return outcome;
+      }
+      this.indexFiles.clear(); // unusable: load from the files
+    }
     let vanished = false;
     const loaded = await mapLimit(names, 8, async (name) => {
       try {
@@ -407,7 +456,65 @@ export class Repository {
       if (loc && packs.has(loc.packId.toString('hex'))) avoid.add(Buffer.from(hex, 'hex'));
     }
     this.#avoid = avoid;
+    this.indexLoadedFrom = { cache: false, filesRead: names.length };
+    // A load from the files is what the cache holds next (also after verification or garbage
+    // collection, which load fresh), unless damage made it one the cache must not stand for.
+    if (this.damagedIndexFiles.length === 0 && exclusions.damaged.size === 0) {
+      this.#saveIndexCache({ index, files: new Set(this.indexFiles), skipped: new Set(names.filter((n) => superseded.has(n))) });
+    }
     return index;
+  }
+
+  /**
+   * The cached index with the index files listed since added, when the cache still describes the
+   * repository (index-cache.ts says when); 'vanished' when a file listed was gone when read;
+   * undefined when the cache cannot be used.
+   */
+  async #extendCachedIndex(cached: CachedIndex, names: string[]): Promise<BlobIndex | 'vanished' | undefined> {
+    const listed = new Set(names);
+    for (const f of cached.files) if (!listed.has(f)) return undefined; // superseded and deleted since
+    const added = names.filter((n) => !cached.files.has(n) && !cached.skipped.has(n));
+    let vanished = false;
+    let damaged = false;
+    const loaded = await mapLimit(added, 8, async (name) => {
+      try {
+        return { name, content: decodeIndexFileViews(this.keys, name, await this.store.read(name)) };
+      } catch (err) {
+        if ((err as TresorError).code === 'blob-not-found') vanished = true;
+        else damaged = true;
+        return undefined;
+      }
+    });
+    if (vanished) return 'vanished';
+    if (damaged) return undefined; // the load from the files reports it
+    const superseded = new Set<string>();
+    for (const l of loaded) for (const s of l!.content.supersedes) superseded.add(`index/${s.toString('hex')}`);
+    for (const f of cached.files) if (superseded.has(f)) return undefined; // garbage collection ran since
+    const index = cached.index;
+    for (const f of cached.files) this.indexFiles.add(f);
+    let addedEntries = 0;
+    for (const l of loaded) {
+      if (superseded.has(l!.name)) continue;
+      this.indexFiles.add(l!.name);
+      for (const p of l!.content.packs) {
+        index.addPackEntries(p);
+        addedEntries += p.count;
+      }
+    }
+    this.indexLoadedFrom = { cache: true, filesRead: added.length };
+    // Kept up to date only now and then: each file read costs little, and a save rewrites it all.
+    if (added.length > 16 || addedEntries * 8 > index.size) {
+      this.#saveIndexCache({ index, files: new Set(this.indexFiles), skipped: new Set([...cached.skipped, ...added.filter((n) => superseded.has(n))].filter((n) => listed.has(n))) });
+    }
+    return index;
+  }
+
+  /** Writes the index cache in the background (the arrays are copied before this returns). */
+  #saveIndexCache(cached: CachedIndex): void {
+    const dir = this.#indexCacheDir;
+    if (dir === undefined) return;
+    const write = writeIndexCache(dir, this.config.id, this.keys, cached);
+    this.indexCacheWrite = write;
   }
 
   /**

@@ -160,20 +160,23 @@ export class SnapshotCatalog {
  * is the modification time of SWEPT_MARKER, set before sweeping so concurrent savers do not all
  * sweep.
  */
-async function sweepDaily(dir: string, own: string): Promise<void> {
+export async function sweepDaily(dir: string, own: string, extension = '.json'): Promise<void> {
   const marker = join(dir, SWEPT_MARKER);
   const last = await stat(marker).then((st) => st.mtimeMs, () => 0);
   if (Date.now() - last < SWEEP_EVERY_MS) return;
   await writeFile(marker, '', { mode: 0o600 }); // (truncating it sets its time)
-  await removeStaleCatalogs(dir, own);
+  await removeStaleCatalogs(dir, own, extension);
 }
 
-/** Other repositories' catalogs untouched for CATALOG_MAX_AGE_MS, and dead writers' temporary files. */
-async function removeStaleCatalogs(dir: string, own: string): Promise<void> {
+/**
+ * Other repositories' files (catalogs, or what `extension` names: index-cache.ts) untouched for
+ * CATALOG_MAX_AGE_MS, and dead writers' temporary files.
+ */
+async function removeStaleCatalogs(dir: string, own: string, extension: string): Promise<void> {
   const now = Date.now();
   for (const name of await readdir(dir)) {
     const path = join(dir, name);
-    const maxAge = name.endsWith('.tmp') ? TMP_MAX_AGE_MS : name.endsWith('.json') ? CATALOG_MAX_AGE_MS : undefined;
+    const maxAge = name.endsWith('.tmp') ? TMP_MAX_AGE_MS : name.endsWith(extension) ? CATALOG_MAX_AGE_MS : undefined;
     if (maxAge === undefined || path === own) continue;
     const info = await stat(path).catch(() => undefined);
     if (info !== undefined && now - info.mtimeMs > maxAge) await rm(path, { force: true }).catch(() => undefined);

@@ -63,7 +63,7 @@ const SHARED_BASE_USES = 4;
 
 export async function verifyRepository(repo: Repository, pool: CodecPool, opts: VerifyOptions = {}): Promise<VerifyReport> {
   const damage: Damage[] = [];
-  const index = await repo.index();
+  const index = await repo.index({ fresh: true });
   for (const d of repo.damagedIndexFiles) damage.push({ kind: 'index-file', object: d.name, error: d.error, affects: [] });
 
   // Manifests.
