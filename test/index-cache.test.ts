@@ -11,6 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { copyFile, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { LocalStore } from '../src/store/local.ts';
+import type { BlobStore } from '../src/store/store.ts';
 import { Repository } from '../src/repo/repository.ts';
 import type { BlobIndex } from '../src/repo/blob-index.ts';
 import { CodecPool } from '../src/repo/codec-pool.ts';
@@ -128,6 +129,37 @@ describe('local index cache', { timeout: 120_000 }, () => {
     } finally {
       await writeFile(join(tmp.path, 'repo', newest), kept);
     }
+  });
+
+  it('a load that a fresh one overtakes does not become the index, nor report on it', async () => {
+    // The first (cached) load lists the index files only after the fresh one has finished.
+    let delay = true;
+    const slowFirst: BlobStore = {
+      location: store.location,
+      create: (name, data) => store.create(name, data),
+      read: (name, range) => store.read(name, range),
+      stat: (name) => store.stat(name),
+      list: (prefix) => {
+        if (prefix !== 'index/' || !delay) return store.list(prefix);
+        delay = false;
+        return (async function* () {
+          await new Promise((resolve) => setTimeout(resolve, 300));
+          yield* store.list(prefix);
+        })();
+      },
+      delete: (name) => store.delete(name),
+      close: () => store.close(),
+    };
+    const repo = await Repository.open(slowFirst, async () => PASS);
+    repo.useIndexCache(cache());
+    const first = repo.index();
+    const fresh = await repo.index({ fresh: true });
+    assert.deepEqual(repo.indexLoadedFrom?.cache, false);
+    const overtaken = await first;
+    assert.notEqual(overtaken, fresh, 'two loads ran');
+    assert.equal(await repo.index(), fresh, 'the fresh load stays the index');
+    assert.equal(repo.indexLoadedFrom?.cache, false, 'the overtaken load does not report');
+    assert.deepEqual([...repo.indexFiles].sort(), (await fromFiles()).files);
   });
 
   it('a cache that does not authenticate, or is another repository\'s, is ignored and replaced', async () => {

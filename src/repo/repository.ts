@@ -122,6 +122,18 @@ export interface SnapshotListing {
   damaged: Array<{ object: string; error: string }>;
 }
 
+/** What one load of the blob index found (published by `index()` unless invalidated meanwhile). */
+interface IndexLoad {
+  index: BlobIndex;
+  /** The index files whose entries it holds. */
+  files: Set<string>;
+  /** Index files that failed to load, with the reason. */
+  damaged: Array<{ name: string; error: string }>;
+  /** Ids writers must not deduplicate against. */
+  avoid: IdSet;
+  from: { cache: boolean; filesRead: number };
+}
+
 export class Repository {
   readonly store: BlobStore;
   readonly config: RepoConfig;
@@ -316,9 +328,17 @@ export class Repository {
       const generation = this.#indexGeneration;
       const useCache = opts.fresh !== true && this.#indexCacheDir !== undefined;
       this.#indexMayBeCached = useCache;
-      this.#indexLoad = this.#loadIndex(useCache).then((i) => {
-        if (generation === this.#indexGeneration) this.#index = i;
-        return i;
+      this.#indexLoad = this.#loadIndex(useCache).then((load) => {
+        // A load that invalidateIndex overtook neither becomes the index nor reports on it.
+        if (generation === this.#indexGeneration) {
+          this.#index = load.index;
+          this.#avoid = load.avoid;
+          this.indexFiles.clear();
+          for (const f of load.files) this.indexFiles.add(f);
+          this.damagedIndexFiles.splice(0, this.damagedIndexFiles.length, ...load.damaged);
+          this.indexLoadedFrom = load.from;
+        }
+        return load.index;
       });
     }
     return this.#indexLoad;
@@ -384,18 +404,18 @@ export class Repository {
     this.damagedIndexFiles.length = 0;
   }
 
-  async #loadIndex(useCache: boolean): Promise<BlobIndex> {
+  async #loadIndex(useCache: boolean): Promise<IndexLoad> {
     // Garbage collection deletes index files once a newer one supersedes them: a file listed
     // here may be gone when it is read. Then the superseding file exists: list again.
     for (let attempt = 1; ; attempt++) {
-      const index = await this.#tryLoadIndex(attempt < 4, useCache);
-      if (index) return index;
+      const load = await this.#tryLoadIndex(attempt < 4, useCache);
+      if (load) return load;
     }
   }
 
-  async #tryLoadIndex(retryOnVanished: boolean, useCache: boolean): Promise<BlobIndex | undefined> {
-    this.indexFiles.clear();
-    this.damagedIndexFiles.length = 0;
+  async #tryLoadIndex(retryOnVanished: boolean, useCache: boolean): Promise<IndexLoad | undefined> {
+    const files = new Set<string>();
+    let damaged: Array<{ name: string; error: string }> = [];
     const cacheDir = useCache ? this.#indexCacheDir : undefined;
     const [exclusions, names, cached] = await Promise.all([
       loadReuseExclusions(this.store, this.keys),
@@ -410,11 +430,8 @@ export class Repository {
     if (cached !== undefined && exclusions.damaged.size === 0) {
       const outcome = await this.#extendCachedIndex(cached, names);
       if (outcome === 'vanished' && retryOnVanished) return undefined;
-      if (outcome instanceof BlobIndex) {
-        this.#avoid = exclusions.condemned;
-        return outcome;
-      }
-      this.indexFiles.clear(); // unusable: load from the files
+      if (outcome !== undefined && outcome !== 'vanished') return { ...outcome, damaged: [], avoid: exclusions.condemned };
+      // Unusable: load from the files.
     }
     let vanished = false;
     const loaded = await mapLimit(names, 8, async (name) => {
@@ -425,14 +442,14 @@ export class Repository {
           vanished = true; // superseded and deleted meanwhile
           return undefined;
         }
-        this.damagedIndexFiles.push({ name, error: (err as Error).message });
+        damaged.push({ name, error: (err as Error).message });
         return undefined;
       }
     });
     if (vanished && retryOnVanished) return undefined;
     const superseded = new Set<string>();
     for (const l of loaded) for (const s of l?.content.supersedes ?? []) superseded.add(`index/${s.toString('hex')}`);
-    this.damagedIndexFiles.splice(0, this.damagedIndexFiles.length, ...this.damagedIndexFiles.filter((d) => !superseded.has(d.name)));
+    damaged = damaged.filter((d) => !superseded.has(d.name));
     let total = 0;
     for (const l of loaded) if (l && !superseded.has(l.name)) for (const p of l.content.packs) total += p.count;
     const index = new BlobIndex(Math.ceil(total / 0.6));
@@ -441,28 +458,26 @@ export class Repository {
     const add = (p: IndexedPack) => addPack(index, p, exclusions.damaged, deferred);
     for (const l of loaded) {
       if (!l || superseded.has(l.name)) continue;
-      this.indexFiles.add(l.name);
+      files.add(l.name);
       for (const p of l.content.packs) {
         // Read in place unless a damaged copy may be among them (they must be set aside).
         if (exclusions.damaged.size === 0) index.addPackEntries(p);
         else add({ packId: p.packId, entries: viewEntries(p) });
       }
     }
-    if (this.damagedIndexFiles.length > 0) await this.#indexUnindexedPacks(index, add);
+    if (damaged.length > 0) await this.#indexUnindexedPacks(index, add);
     for (const p of deferred) addPack(index, p);
     const avoid = exclusions.condemned;
     for (const [hex, packs] of exclusions.damaged) {
       const loc = index.get(Buffer.from(hex, 'hex'));
       if (loc && packs.has(loc.packId.toString('hex'))) avoid.add(Buffer.from(hex, 'hex'));
     }
-    this.#avoid = avoid;
-    this.indexLoadedFrom = { cache: false, filesRead: names.length };
     // A load from the files is what the cache holds next (also after verification or garbage
     // collection, which load fresh), unless damage made it one the cache must not stand for.
-    if (this.damagedIndexFiles.length === 0 && exclusions.damaged.size === 0) {
-      this.#saveIndexCache({ index, files: new Set(this.indexFiles), skipped: new Set(names.filter((n) => superseded.has(n))) });
+    if (damaged.length === 0 && exclusions.damaged.size === 0) {
+      this.#saveIndexCache({ index, files: new Set(files), skipped: new Set(names.filter((n) => superseded.has(n))) });
     }
-    return index;
+    return { index, files, damaged, avoid, from: { cache: false, filesRead: names.length } };
   }
 
   /**
@@ -470,7 +485,7 @@ export class Repository {
    * repository (index-cache.ts says when); 'vanished' when a file listed was gone when read;
    * undefined when the cache cannot be used.
    */
-  async #extendCachedIndex(cached: CachedIndex, names: string[]): Promise<BlobIndex | 'vanished' | undefined> {
+  async #extendCachedIndex(cached: CachedIndex, names: string[]): Promise<Pick<IndexLoad, 'index' | 'files' | 'from'> | 'vanished' | undefined> {
     const listed = new Set(names);
     for (const f of cached.files) if (!listed.has(f)) return undefined; // superseded and deleted since
     const added = names.filter((n) => !cached.files.has(n) && !cached.skipped.has(n));
@@ -491,22 +506,21 @@ export class Repository {
     for (const l of loaded) for (const s of l!.content.supersedes) superseded.add(`index/${s.toString('hex')}`);
     for (const f of cached.files) if (superseded.has(f)) return undefined; // garbage collection ran since
     const index = cached.index;
-    for (const f of cached.files) this.indexFiles.add(f);
+    const files = new Set(cached.files);
     let addedEntries = 0;
     for (const l of loaded) {
       if (superseded.has(l!.name)) continue;
-      this.indexFiles.add(l!.name);
+      files.add(l!.name);
       for (const p of l!.content.packs) {
         index.addPackEntries(p);
         addedEntries += p.count;
       }
     }
-    this.indexLoadedFrom = { cache: true, filesRead: added.length };
     // Kept up to date only now and then: each file read costs little, and a save rewrites it all.
     if (added.length > 16 || addedEntries * 8 > index.size) {
-      this.#saveIndexCache({ index, files: new Set(this.indexFiles), skipped: new Set([...cached.skipped, ...added.filter((n) => superseded.has(n))].filter((n) => listed.has(n))) });
+      this.#saveIndexCache({ index, files: new Set(files), skipped: new Set([...cached.skipped, ...added.filter((n) => superseded.has(n))].filter((n) => listed.has(n))) });
     }
-    return index;
+    return { index, files, from: { cache: true, filesRead: added.length } };
   }
 
   /** Writes the index cache in the background (the arrays are copied before this returns). */
