@@ -101,7 +101,7 @@ export async function writeIndexCache(dir: string, repositoryId: string, keys: C
     await mkdir(dirname(path), { recursive: true, mode: 0o700 });
     const fh = await open(tmp, 'w', 0o600);
     try {
-      await fh.writev(file);
+      await fh.writeFile(file); // (writes every piece whole, unlike one writev call)
     } finally {
       await fh.close();
     }
