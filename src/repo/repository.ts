@@ -415,7 +415,6 @@ export class Repository {
 
   async #tryLoadIndex(retryOnVanished: boolean, useCache: boolean): Promise<IndexLoad | undefined> {
     const files = new Set<string>();
-    let damaged: Array<{ name: string; error: string }> = [];
     const cacheDir = useCache ? this.#indexCacheDir : undefined;
     const [exclusions, names, cached] = await Promise.all([
       loadReuseExclusions(this.store, this.keys),
@@ -433,23 +432,9 @@ export class Repository {
       if (outcome !== undefined && outcome !== 'vanished') return { ...outcome, damaged: [], avoid: exclusions.condemned };
       // Unusable: load from the files.
     }
-    let vanished = false;
-    const loaded = await mapLimit(names, 8, async (name) => {
-      try {
-        return { name, content: decodeIndexFileViews(this.keys, name, await this.store.read(name)) };
-      } catch (err) {
-        if ((err as TresorError).code === 'blob-not-found') {
-          vanished = true; // superseded and deleted meanwhile
-          return undefined;
-        }
-        damaged.push({ name, error: (err as Error).message });
-        return undefined;
-      }
-    });
+    const { loaded, vanished, damaged: unreadable, superseded } = await this.#readIndexFiles(names);
     if (vanished && retryOnVanished) return undefined;
-    const superseded = new Set<string>();
-    for (const l of loaded) for (const s of l?.content.supersedes ?? []) superseded.add(`index/${s.toString('hex')}`);
-    damaged = damaged.filter((d) => !superseded.has(d.name));
+    const damaged = unreadable.filter((d) => !superseded.has(d.name));
     let total = 0;
     for (const l of loaded) if (l && !superseded.has(l.name)) for (const p of l.content.packs) total += p.count;
     const index = new BlobIndex(Math.ceil(total / 0.6));
@@ -489,21 +474,9 @@ export class Repository {
     const listed = new Set(names);
     for (const f of cached.files) if (!listed.has(f)) return undefined; // superseded and deleted since
     const added = names.filter((n) => !cached.files.has(n) && !cached.skipped.has(n));
-    let vanished = false;
-    let damaged = false;
-    const loaded = await mapLimit(added, 8, async (name) => {
-      try {
-        return { name, content: decodeIndexFileViews(this.keys, name, await this.store.read(name)) };
-      } catch (err) {
-        if ((err as TresorError).code === 'blob-not-found') vanished = true;
-        else damaged = true;
-        return undefined;
-      }
-    });
+    const { loaded, vanished, damaged, superseded } = await this.#readIndexFiles(added);
     if (vanished) return 'vanished';
-    if (damaged) return undefined; // the load from the files reports it
-    const superseded = new Set<string>();
-    for (const l of loaded) for (const s of l!.content.supersedes) superseded.add(`index/${s.toString('hex')}`);
+    if (damaged.length > 0) return undefined; // the load from the files reports it
     for (const f of cached.files) if (superseded.has(f)) return undefined; // garbage collection ran since
     const index = cached.index;
     const files = new Set(cached.files);
@@ -521,6 +494,31 @@ export class Repository {
       this.#saveIndexCache({ index, files: new Set(files), skipped: new Set([...cached.skipped, ...added.filter((n) => superseded.has(n))].filter((n) => listed.has(n))) });
     }
     return { index, files, from: { cache: true, filesRead: added.length } };
+  }
+
+  /**
+   * Reads and decodes index files: each one's content, or undefined where it was gone
+   * (`vanished`: superseded and deleted meanwhile) or unreadable (`damaged`, with the reason);
+   * and the files the ones read supersede.
+   */
+  async #readIndexFiles(names: string[]): Promise<{
+    loaded: Array<{ name: string; content: ReturnType<typeof decodeIndexFileViews> } | undefined>;
+    vanished: boolean; damaged: Array<{ name: string; error: string }>; superseded: Set<string>;
+  }> {
+    let vanished = false;
+    const damaged: Array<{ name: string; error: string }> = [];
+    const loaded = await mapLimit(names, 8, async (name) => {
+      try {
+        return { name, content: decodeIndexFileViews(this.keys, name, await this.store.read(name)) };
+      } catch (err) {
+        if ((err as TresorError).code === 'blob-not-found') vanished = true;
+        else damaged.push({ name, error: (err as Error).message });
+        return undefined;
+      }
+    });
+    const superseded = new Set<string>();
+    for (const l of loaded) for (const s of l?.content.supersedes ?? []) superseded.add(`index/${s.toString('hex')}`);
+    return { loaded, vanished, damaged, superseded };
   }
 
   /** Writes the index cache in the background (the arrays are copied before this returns). */
